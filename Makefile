@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh machine:
+#   make demo   - set up a virtualenv and run the demo (embedded scripted LLM, SQLite file, no API key)
+#   make test   - set up both AG2 lines (ag2 0.14.0 and cmbagent-autogen 0.0.91.post11) and run the whole suite on each
+PYTHON ?= python3
+VENV   ?= .venv
+AG2    := $(VENV)/ag2
+FORK   := $(VENV)/cmbagent
+PYTEST_ARGS ?= -q -rs
+
+.PHONY: demo test test-ag2 test-cmbagent bench clean
+
+$(AG2)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(AG2)
+	$(AG2)/bin/pip install -q --disable-pip-version-check -e ".[ag2,dev]"
+	touch $@
+
+$(FORK)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(FORK)
+	$(FORK)/bin/pip install -q --disable-pip-version-check -e ".[cmbagent,dev]"
+	touch $@
+
+demo: $(AG2)/.ready
+	$(AG2)/bin/python examples/quickstart.py
+
+test-ag2: $(AG2)/.ready
+	$(AG2)/bin/pytest $(PYTEST_ARGS)
+
+test-cmbagent: $(FORK)/.ready
+	$(FORK)/bin/pytest $(PYTEST_ARGS)
+
+# Both lines; the second runs even if the first fails, and the target fails if either did.
+test: $(AG2)/.ready $(FORK)/.ready
+	@status=0; \
+	echo "== ag2 0.14.0"; $(MAKE) --no-print-directory test-ag2 || status=1; \
+	echo "== cmbagent-autogen 0.0.91.post11"; $(MAKE) --no-print-directory test-cmbagent || status=1; \
+	exit $$status
+
+bench: $(AG2)/.ready
+	$(AG2)/bin/python benchmarks/bench_overhead.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,27 @@
+"""OpenTelemetry tracing for cmbagent's multi-agent runs on AG2 (classic ``autogen`` API).
+
+    import otel_cmbagent as oc
+    oc.instrument(tracer_provider=provider)   # provider has oc.SequencingSpanProcessor() first
+    with oc.run(name="analysis"):
+        user.initiate_chat(assistant, message="...")
+"""
+
+from .config import InstrumentationConfig
+from .context import RunIdentity, current_identity, propagate_context, run, step
+from .instrumentor import AG2Instrumentor, instrument, uninstrument
+from .processor import SequencingSpanProcessor
+from .version import __version__
+
+__all__ = [
+    "AG2Instrumentor",
+    "InstrumentationConfig",
+    "RunIdentity",
+    "SequencingSpanProcessor",
+    "__version__",
+    "current_identity",
+    "instrument",
+    "propagate_context",
+    "run",
+    "step",
+    "uninstrument",
+]

@@ -1,0 +1,242 @@
+"""``AG2Instrumentor``: class-level, idempotent, exactly undoable patches of the classic AG2 API."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from collections.abc import Collection
+from typing import Any
+
+import wrapt
+from opentelemetry import trace
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
+
+from .agent_patch import AgentWrappers
+from .code_patch import CodeWrappers
+from .config import InstrumentationConfig
+from .context import _TracerSource
+from .conversation_patch import ConversationWrappers
+from .groupchat_patch import GroupChatWrappers
+from .llm_patch import LLMWrappers
+from .package import installed_requirement
+from .patching import PatchSet
+from .spans import Runtime, before_call, traced
+from .utils import log_internal_error, register_secrets_from_config, register_secrets_from_environment
+from .version import __version__
+
+_logger = logging.getLogger(__name__)
+
+SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
+
+# Modules whose classes define ``execute_code_blocks``; patched when (and if) they are imported.
+EXECUTOR_MODULES = (
+    "autogen.coding.local_commandline_code_executor",
+    "autogen.coding.docker_commandline_code_executor",
+    "autogen.coding.jupyter.jupyter_code_executor",
+    "autogen.coding.jupyter.embedded_ipython_code_executor",
+    "autogen.coding.yepcode_code_executor",
+    "autogen.coding.daytona_code_executor",
+    "autogen.coding.remyx_code_executor",
+)
+
+
+class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """Trace AG2 (classic ``autogen`` API): conversations, agent turns, LLM calls, tools, code, files, handoffs.
+
+    ``instrument(tracer_provider=None, capture_content=None, max_value_length=None,
+    track_files=None, instrument_threading=True)``.
+    """
+
+    _lock = threading.RLock()
+
+    def __init__(self) -> None:
+        # BaseInstrumentor is a singleton: __init__ runs on every construction.
+        if getattr(self, "_patches", None) is not None:
+            return
+        super().__init__()
+        self._patches = PatchSet()
+        self._active = False
+        self._runtime: Runtime | None = None
+        self._threading: Any = None
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return (installed_requirement(),)
+
+    @property
+    def runtime(self) -> Runtime | None:
+        return self._runtime
+
+    def _instrument(self, **kwargs: Any) -> None:
+        with self._lock:
+            tracer_provider = kwargs.get("tracer_provider")
+            config = InstrumentationConfig.resolve(
+                capture_content=kwargs.get("capture_content"),
+                max_value_length=kwargs.get("max_value_length"),
+                track_files=kwargs.get("track_files"),
+            )
+            tracer = trace.get_tracer(__name__, __version__, tracer_provider=tracer_provider, schema_url=SCHEMA_URL)
+            self._runtime = runtime = Runtime(tracer=tracer, config=config)
+            _TracerSource.provider = tracer_provider
+            register_secrets_from_environment()
+            self._active = True
+            self._patch_agents(runtime)
+            for module in EXECUTOR_MODULES:
+                wrapt.register_post_import_hook(self._patch_executor_module, module)
+            if kwargs.get("instrument_threading", True):
+                self._instrument_threading()
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        with self._lock:
+            self._active = False
+            self._patches.restore()
+            _TracerSource.provider = None
+            if self._threading is not None:
+                try:
+                    self._threading.uninstrument()
+                except Exception as exc:  # noqa: BLE001
+                    log_internal_error("threading uninstrument", exc)
+                self._threading = None
+            self._runtime = None
+
+    # --- patch targets ---------------------------------------------------------
+    def _patch_agents(self, runtime: Runtime) -> None:
+        from autogen.agentchat.conversable_agent import ConversableAgent
+        from autogen.agentchat.groupchat import GroupChat, GroupChatManager
+        from autogen.oai.client import OpenAIWrapper
+
+        agent = AgentWrappers(runtime)
+        conversation = ConversationWrappers(runtime)
+        group = GroupChatWrappers(runtime)
+        llm = LLMWrappers(runtime)
+        code = CodeWrappers(runtime)
+
+        spans: list[tuple[type, str, Any, Any]] = [
+            (ConversableAgent, "initiate_chat", conversation.start_initiate_chat, conversation.finish),
+            (ConversableAgent, "a_initiate_chat", conversation.start_initiate_chat, conversation.finish),
+            (ConversableAgent, "initiate_chats", conversation.start_initiate_chats, conversation.finish),
+            (ConversableAgent, "a_initiate_chats", conversation.start_initiate_chats, conversation.finish),
+            (GroupChatManager, "run_chat", conversation.start_run_chat, conversation.finish),
+            (GroupChatManager, "a_run_chat", conversation.start_run_chat, conversation.finish),
+            (GroupChatManager, "resume", conversation.start_resume, conversation.finish),
+            (GroupChatManager, "a_resume", conversation.start_resume, conversation.finish),
+            (ConversableAgent, "generate_reply", agent.start_generate_reply, agent.finish_generate_reply),
+            (ConversableAgent, "a_generate_reply", agent.start_generate_reply, agent.finish_generate_reply),
+            (ConversableAgent, "execute_function", agent.start_execute_function, agent.finish_execute_function),
+            (ConversableAgent, "a_execute_function", agent.start_execute_function, agent.finish_execute_function),
+            (ConversableAgent, "get_human_input", agent.start_human_input, agent.finish_human_input),
+            (ConversableAgent, "a_get_human_input", agent.start_human_input, agent.finish_human_input),
+            (ConversableAgent, "execute_code_blocks", code.start_legacy, code.finish),
+            (GroupChat, "select_speaker", group.start_select_speaker, group.finish_select_speaker),
+            (GroupChat, "a_select_speaker", group.start_select_speaker, group.finish_select_speaker),
+            (OpenAIWrapper, "create", llm.start_create, llm.finish_create),
+        ]
+        for owner, name, start, finish in spans:
+            original = owner.__dict__.get(name)
+            if original is not None:
+                self._patches.wrap(owner, name, traced(runtime, start, finish, original))
+
+        hooks: list[tuple[type, str, Any]] = [
+            (ConversableAgent, "send", agent.record_send),
+            (ConversableAgent, "a_send", agent.record_send),
+            (ConversableAgent, "__init__", _register_agent_secrets),
+            (OpenAIWrapper, "__init__", _register_client_secrets),
+        ]
+        for owner, name, hook in hooks:
+            original = owner.__dict__.get(name)
+            if original is not None:
+                self._patches.wrap(owner, name, before_call(hook, original))
+        self._code_wrappers = code
+
+    def _patch_executor_module(self, module: Any) -> None:
+        with self._lock:
+            if not self._active:
+                return
+            try:
+                for value in list(vars(module).values()):
+                    if (
+                        inspect.isclass(value)
+                        and value.__module__ == module.__name__
+                        and "execute_code_blocks" in value.__dict__
+                    ):
+                        self.patch_code_executor(value)
+            except Exception as exc:  # noqa: BLE001
+                log_internal_error(f"patching {getattr(module, '__name__', module)}", exc)
+
+    def patch_code_executor(self, executor_class: type) -> bool:
+        """Trace ``executor_class.execute_code_blocks`` (for custom executors); undone by ``uninstrument()``."""
+        with self._lock:
+            if not self._active or self._runtime is None:
+                return False
+            code = CodeWrappers(self._runtime)
+            original = executor_class.__dict__.get("execute_code_blocks")
+            if original is None:
+                return False
+            return self._patches.wrap(
+                executor_class, "execute_code_blocks", traced(self._runtime, code.start_executor, code.finish, original)
+            )
+
+    def _instrument_threading(self) -> None:
+        try:
+            from opentelemetry.instrumentation.threading import ThreadingInstrumentor
+        except ImportError:  # pragma: no cover - declared dependency
+            _logger.warning("otel-cmbagent: opentelemetry-instrumentation-threading missing; threads start new traces")
+            return
+        threading_instrumentor = ThreadingInstrumentor()
+        if not threading_instrumentor.is_instrumented_by_opentelemetry:
+            threading_instrumentor.instrument()
+            self._threading = threading_instrumentor
+
+    @property
+    def patched_attributes(self) -> list[tuple[type, str, Any]]:
+        """``(class, attribute, original)`` for every patch in place (what ``uninstrument()`` restores)."""
+        return self._patches.patched
+
+
+def _bound_argument(function: Any, args: tuple, kwargs: dict, name: str) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    try:
+        return inspect.signature(function).bind_partial(None, *args, **kwargs).arguments.get(name)
+    except (TypeError, ValueError):
+        return None
+
+
+def _register_agent_secrets(agent: Any, args: tuple, kwargs: dict) -> None:
+    from autogen.agentchat.conversable_agent import ConversableAgent
+
+    init = ConversableAgent.__dict__["__init__"]
+    register_secrets_from_config(_bound_argument(getattr(init, "__wrapped__", init), args, kwargs, "llm_config"))
+
+
+def _register_client_secrets(client: Any, args: tuple, kwargs: dict) -> None:
+    register_secrets_from_config(kwargs)
+    for value in args:
+        register_secrets_from_config(value)
+
+
+_default_instrumentor: AG2Instrumentor | None = None
+
+
+def _instrumentor() -> AG2Instrumentor:
+    global _default_instrumentor
+    if _default_instrumentor is None:
+        _default_instrumentor = AG2Instrumentor()
+    return _default_instrumentor
+
+
+def instrument(tracer_provider: trace.TracerProvider | None = None, **options: Any) -> AG2Instrumentor:
+    """Instrument AG2 (idempotent: a second call while instrumented changes nothing)."""
+    instrumentor = _instrumentor()
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument(tracer_provider=tracer_provider, **options)
+    return instrumentor
+
+
+def uninstrument() -> None:
+    """Restore every patched attribute to the exact original object."""
+    instrumentor = _instrumentor()
+    if instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.uninstrument()
+
+

@@ -1,0 +1,112 @@
+"""The SpanProcessor that owns ordering: gapless per-run ``execution_order``, depth and identity."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+
+from . import semconv
+from .context import OrderSequence, current_identity
+from .utils import log_internal_error
+
+_trace_sequences: dict[int, OrderSequence] = {}
+_trace_sequences_lock = threading.Lock()
+
+
+def _trace_sequence_start(trace_id: int) -> OrderSequence:
+    with _trace_sequences_lock:
+        sequence = _trace_sequences.get(trace_id)
+        if sequence is None:
+            sequence = _trace_sequences[trace_id] = OrderSequence()
+        sequence.open_spans += 1
+        return sequence
+
+
+def _trace_sequence_end(trace_id: int) -> None:
+    with _trace_sequences_lock:
+        sequence = _trace_sequences.get(trace_id)
+        if sequence is not None:
+            sequence.open_spans -= 1
+            if sequence.open_spans <= 0:
+                del _trace_sequences[trace_id]
+
+
+def next_event_order(span: trace.Span) -> int | None:
+    """Take the next order of ``span``'s run for a span event (messages share the run's sequence)."""
+    identity = current_identity()
+    if identity is not None and identity.sequence is not None:
+        return identity.sequence.next()
+    with _trace_sequences_lock:
+        sequence = _trace_sequences.get(span.get_span_context().trace_id)
+    return sequence.next() if sequence is not None else None
+
+
+def open_trace_sequences() -> int:
+    """How many traces without a run have live counters (for memory checks)."""
+    return len(_trace_sequences)
+
+
+class SequencingSpanProcessor(SpanProcessor):
+    """Stamp every span with ``cmbagent.execution_order``, ``cmbagent.depth`` and run identity.
+
+    Add it to the ``TracerProvider`` before any exporting processor, so exporters
+    see the attributes. Order is per run (the run id in context), or per trace
+    when there is no run; strictly increasing in start order and gapless from 1.
+    No I/O here, and no exception ever escapes a hook.
+    """
+
+    def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
+        try:
+            ctx = parent_context if parent_context is not None else otel_context.get_current()
+            identity = current_identity(ctx)
+            attributes: dict[str, Any] = {}
+            if identity is not None:
+                if identity.run_id is not None:
+                    attributes[semconv.RUN_ID] = identity.run_id
+                if identity.session_id is not None:
+                    attributes[semconv.SESSION_ID] = identity.session_id
+                if identity.node_id is not None:
+                    attributes[semconv.NODE_ID] = identity.node_id
+                if identity.step_id is not None:
+                    attributes[semconv.STEP_ID] = identity.step_id
+            sequence = identity.sequence if identity is not None else None
+            if sequence is None:
+                sequence = _trace_sequence_start(span.get_span_context().trace_id)
+            attributes[semconv.EXECUTION_ORDER] = sequence.next()
+            attributes[semconv.DEPTH] = self._depth(span, ctx)
+            span.set_attributes(attributes)
+        except Exception as exc:  # noqa: BLE001
+            log_internal_error("SequencingSpanProcessor.on_start", exc)
+
+    @staticmethod
+    def _depth(span: Span, ctx: otel_context.Context) -> int:
+        own = span.attributes
+        if own is not None and own.get(semconv.EVENT_TYPE) == semconv.EVENT_RUN:
+            return 0
+        parent = trace.get_current_span(ctx)
+        parent_context = parent.get_span_context()
+        if not parent_context.is_valid or parent_context.trace_id != span.get_span_context().trace_id:
+            return 0
+        parent_attributes = getattr(parent, "attributes", None)
+        parent_depth = parent_attributes.get(semconv.DEPTH) if parent_attributes is not None else None
+        return parent_depth + 1 if isinstance(parent_depth, int) else 0
+
+    def on_end(self, span: ReadableSpan) -> None:
+        try:
+            attributes = span.attributes
+            if attributes is None or attributes.get(semconv.RUN_ID) is None:
+                context = span.get_span_context()
+                if context is not None:
+                    _trace_sequence_end(context.trace_id)
+        except Exception as exc:  # noqa: BLE001
+            log_internal_error("SequencingSpanProcessor.on_end", exc)
+
+    def shutdown(self) -> None:
+        return None
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
