@@ -1,0 +1,250 @@
+"""Overhead of otel-cmbagent: per-span processor cost, AG2 chat wall time, span data size.
+
+Run:  make bench      (= .venv/ag2/bin/python benchmarks/bench_overhead.py)
+      .venv/ag2/bin/python benchmarks/bench_overhead.py --quick    (smoke run, a few seconds)
+
+Every ratio is against a baseline measured in the same run; timings are printed, never asserted.
+
+1. Per-span cost of ``SequencingSpanProcessor`` at 1, 2 and 8 threads: the same loop
+   (spans started under a per-thread parent, inside one ``oc.run()`` shared by all
+   threads) on a bare SDK provider, on SDK + SimpleSpanProcessor(InMemorySpanExporter),
+   and on that plus our processor first. Also "ours, no oc.run" (per-trace counters).
+2. Wall time of scripted zero-latency AG2 chats (two agents, 60-char replies, never
+   TERMINATE; and a 4-agent round-robin GroupChat) in three modes: uninstrumented,
+   ours (``oc.instrument(capture_content=True)`` + ``oc.run()``), and AG2's own
+   ``autogen.opentelemetry`` (``instrument_agent`` on every agent +
+   ``instrument_llm_wrapper(capture_messages=True)``). ``instrument_llm_wrapper`` patches
+   ``OpenAIWrapper.create`` for good, so every mode runs in its own child process
+   (this script re-invoked with ``--child MODE``, which prints JSON); modes are
+   interleaved round by round and each cell keeps its best round.
+3. Span data size per run (json.dumps of every span attribute value and span event
+   attribute value), ours vs AG2-native, and its growth from the shortest to the longest chat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import otel_cmbagent as oc
+
+SPAN_TARGET_US = 3.0
+MODES = ("plain", "ours", "ag2")
+
+
+# --- 1. per-span processor cost ------------------------------------------------------------
+def _provider(config: str) -> tuple[TracerProvider, InMemorySpanExporter]:
+    provider, exporter = TracerProvider(), InMemorySpanExporter()
+    if config.startswith("ours"):
+        provider.add_span_processor(oc.SequencingSpanProcessor())
+    if config != "bare":
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+def _time_spans(config: str, threads: int, total: int) -> float:
+    """Wall µs per span for ``total`` spans split over ``threads`` threads."""
+    provider, exporter = _provider(config)
+    tracer = provider.get_tracer("bench")
+    per_thread = total // threads
+    barrier = threading.Barrier(threads + 1)
+    attributes = {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": "engineer"}
+
+    def work() -> None:
+        with tracer.start_as_current_span("parent"):
+            barrier.wait()
+            for _ in range(per_thread):
+                tracer.start_span("child", attributes=attributes).end()
+
+    scope = contextlib.nullcontext() if config == "ours, no oc.run" else oc.run(name="bench")
+    with scope:
+        workers = [threading.Thread(target=oc.propagate_context(work)) for _ in range(threads)]
+        gc.collect()
+        for worker in workers:
+            worker.start()
+        barrier.wait()
+        start = time.perf_counter()
+        for worker in workers:
+            worker.join()
+        elapsed = time.perf_counter() - start
+    exporter.clear()
+    provider.shutdown()
+    return elapsed / (per_thread * threads) * 1e6
+
+
+def bench_spans(total: int, repeats: int) -> None:
+    configs = ("bare", "sdk+mem", "ours", "ours, no oc.run")
+    thread_counts = (1, 2, 8)
+    best = {(c, t): float("inf") for c in configs for t in thread_counts}
+    for _ in range(repeats):  # interleaved, best of `repeats`
+        for threads in thread_counts:
+            for config in configs:
+                best[config, threads] = min(best[config, threads], _time_spans(config, threads, total))
+    print(f"1. Per-span cost, µs/span (wall; {total:,} spans per cell split over the threads, best of {repeats})")
+    head = ("threads", "bare SDK", "SDK+in-mem", "ours", "Δ vs in-mem", "ours×", "ours no-run", "Δ no-run", "≤+3µs?")
+    print("  " + "".join(f"{h:>12}" for h in head))
+    for t in thread_counts:
+        bare, mem, ours, norun = (best[c, t] for c in configs)
+        cells = (t, f"{bare:.2f}", f"{mem:.2f}", f"{ours:.2f}", f"{ours - mem:+.2f}", f"{ours / mem:.2f}",
+                 f"{norun:.2f}", f"{norun - mem:+.2f}", "yes" if ours - mem <= SPAN_TARGET_US else "NO")
+        print("  " + "".join(f"{c:>12}" for c in cells))
+    print(f"  target: ours - (SDK+in-mem) ≤ +{SPAN_TARGET_US:.0f} µs/span\n")
+
+
+# --- 2/3. AG2 chats, one child process per mode per round ---------------------------------
+def _attr_bytes(attributes) -> int:
+    return sum(len(json.dumps(v, default=str)) for v in (attributes or {}).values())
+
+
+def _span_stats(exporter: InMemorySpanExporter | None) -> dict:
+    if exporter is None:
+        return {"bytes": 0, "spans": 0, "events": 0, "dropped_events": 0}
+    spans = exporter.get_finished_spans()
+    size = sum(_attr_bytes(s.attributes) + sum(_attr_bytes(e.attributes) for e in s.events) for s in spans)
+    return {"bytes": size, "spans": len(spans), "events": sum(len(s.events) for s in spans),
+            "dropped_events": sum(s.dropped_events for s in spans)}
+
+
+def run_child(mode: str, workloads: list[str]) -> dict:
+    """Run each workload once (after a warm-up) in ``mode``; returns {workload: {seconds, bytes, ...}}."""
+    from autogen import AssistantAgent, ConversableAgent, GroupChat, GroupChatManager
+    from otel_cmbagent.testing.scripted_llm import ScriptedLLM, text
+
+    logging.getLogger("autogen.oai.client").setLevel(logging.ERROR)
+    exporter = InMemorySpanExporter() if mode != "plain" else None
+    tp = TracerProvider()
+    if mode == "ours":
+        tp.add_span_processor(oc.SequencingSpanProcessor())
+        tp.add_span_processor(SimpleSpanProcessor(exporter))
+        oc.instrument(tracer_provider=tp, capture_content=True)
+    elif mode == "ag2":
+        from autogen.opentelemetry import instrument_agent, instrument_llm_wrapper
+
+        tp.add_span_processor(SimpleSpanProcessor(exporter))
+        instrument_llm_wrapper(tracer_provider=tp, capture_messages=True)
+
+    def prepare(agents: list) -> list:
+        if mode == "ag2":
+            for agent in agents:
+                instrument_agent(agent, tracer_provider=tp)
+        return agents
+
+    def build(workload: str, cfg: dict):
+        kind = workload.rstrip("0123456789")
+        n = int(workload[len(kind):])
+        if kind == "chat":
+            a, b = prepare([ConversableAgent(name, llm_config=cfg, human_input_mode="NEVER") for name in "ab"])
+            return lambda: a.initiate_chat(b, message="Start the analysis. " * 3, max_turns=n, silent=True)
+        members = [AssistantAgent(f"agent{i}", llm_config=cfg, human_input_mode="NEVER") for i in range(4)]
+        group = GroupChat(members, messages=[], max_round=n, speaker_selection_method="round_robin")
+        manager, = prepare(members + [GroupChatManager(group, llm_config=False)])[-1:]
+        return lambda: members[0].initiate_chat(manager, message="Start the analysis. " * 3, silent=True)
+
+    results = {}
+    with ScriptedLLM(lambda req: text("The estimate converges; residuals stay below tolerance. ok")) as server, \
+            tempfile.TemporaryDirectory() as cwd, open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        os.chdir(cwd)
+        cfg = server.llm_config(price=[0, 0])
+        for workload in ["chat2", "group4"] + workloads:  # the first two warm up lazy imports and clients
+            chat = build(workload, cfg)
+            scope = oc.run(name=workload) if mode == "ours" else contextlib.nullcontext()
+            gc.collect()
+            start = time.perf_counter()
+            with scope:
+                chat()
+            seconds = time.perf_counter() - start
+            results[workload] = {"seconds": seconds, **_span_stats(exporter)}
+            if exporter is not None:
+                exporter.clear()
+    if mode == "ours":
+        oc.uninstrument()
+    return {w: results[w] for w in workloads}
+
+
+def _spawn(mode: str, workloads: list[str]) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--workloads", ",".join(workloads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"child {mode} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_chats(turns: tuple[int, ...], group_rounds: int, rounds: int) -> None:
+    workloads = [f"chat{t}" for t in turns] + [f"group{group_rounds}"]
+    best: dict[tuple[str, str], float] = {}
+    sizes: dict[tuple[str, str], dict] = {}
+    for _ in range(rounds):
+        for mode in MODES:
+            for workload, r in _spawn(mode, workloads).items():
+                best[mode, workload] = min(best.get((mode, workload), float("inf")), r["seconds"])
+                sizes[mode, workload] = r
+    label = {w: (f"2 agents, {w[4:]} turns" if w.startswith("chat") else f"group chat 4×{w[5:]} rounds")
+             for w in workloads}
+
+    print(f"2. Wall time of a scripted zero-latency AG2 chat (s, best of {rounds}; × = over uninstrumented)")
+    print(f"  {'workload':<26}{'uninstr. s':>12}{'ours s':>10}{'ours ×':>9}{'AG2-native s':>14}{'AG2 ×':>9}")
+    ratio = {}
+    for w in workloads:
+        plain = best["plain", w]
+        ratio["ours", w], ratio["ag2", w] = best["ours", w] / plain, best["ag2", w] / plain
+        print(f"  {label[w]:<26}{plain:>12.3f}{best['ours', w]:>10.3f}{ratio['ours', w]:>9.3f}"
+              f"{best['ag2', w]:>14.3f}{ratio['ag2', w]:>9.3f}")
+    lo, mid, hi, group = workloads[0], workloads[1], workloads[2], workloads[-1]
+    for mode, name in (("ours", "ours"), ("ag2", "AG2-native")):
+        flat = ratio[mode, hi] / ratio[mode, lo]
+        verdict = f"   target ≤ 1.1: {'met' if flat <= 1.1 else 'MISSED'}" if mode == "ours" else ""
+        print(f"  flatness {name:<11} (× at {hi[4:]} turns)/(× at {lo[4:]} turns) = {flat:.3f}{verdict}")
+    print(f"  target ours ≤ ×1.3 at {mid[4:]} turns: {ratio['ours', mid]:.3f} "
+          f"{'met' if ratio['ours', mid] <= 1.3 else 'MISSED'};"
+          f"  ours ≤ ×1.2 on the group chat: {ratio['ours', group]:.3f} "
+          f"{'met' if ratio['ours', group] <= 1.2 else 'MISSED'}\n")
+
+    print("3. Span data per run: bytes of json.dumps(value) over span + event attributes (spans/events/dropped)")
+    print(f"  {'workload':<26}{'ours bytes':>12}{'ours s/e/drop':>16}{'AG2 bytes':>12}{'AG2 s/e/drop':>15}{'AG2/ours':>10}")
+    for w in workloads:
+        o, a = sizes["ours", w], sizes["ag2", w]
+        print(f"  {label[w]:<26}{o['bytes']:>12,}{'%d/%d/%d' % (o['spans'], o['events'], o['dropped_events']):>16}"
+              f"{a['bytes']:>12,}{'%d/%d/%d' % (a['spans'], a['events'], a['dropped_events']):>15}"
+              f"{a['bytes'] / max(o['bytes'], 1):>10.2f}")
+    k = turns[-1] // turns[0]
+    growth = {m: sizes[m, hi]["bytes"] / max(sizes[m, lo]["bytes"], 1) for m in ("ours", "ag2")}
+    print(f"  growth {lo[4:]}→{hi[4:]} turns (linear ≈ {k}, quadratic ≈ {k * k}): "
+          f"ours ×{growth['ours']:.2f}, AG2-native ×{growth['ag2']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, one repeat")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats/rounds (default 3, quick 1)")
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--workloads", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_child(args.child, args.workloads.split(","))))
+        return
+    repeats = args.repeats or (1 if args.quick else 3)
+    started = time.perf_counter()
+    print(f"otel-cmbagent overhead benchmark (python {sys.version.split()[0]}, {os.cpu_count()} CPUs)\n")
+    bench_spans(total=2_000 if args.quick else 20_000, repeats=repeats)
+    if args.quick:
+        bench_chats(turns=(4, 8, 16), group_rounds=12, rounds=repeats)
+    else:
+        bench_chats(turns=(25, 50, 100), group_rounds=60, rounds=repeats)
+    print(f"\n(total {time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
