@@ -89,6 +89,8 @@ def bench_spans(total: int, repeats: int) -> None:
     configs = ("bare", "sdk+mem", "ours", "ours, no oc.run")
     thread_counts = (1, 2, 8)
     best = {(c, t): float("inf") for c in configs for t in thread_counts}
+    for config in configs:  # warm-up: first-use costs (imports, caches) are not per-span costs
+        _time_spans(config, 2, total // 4)
     for _ in range(repeats):  # interleaved, best of `repeats`
         for threads in thread_counts:
             for config in configs:
