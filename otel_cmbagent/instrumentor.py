@@ -45,7 +45,9 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
     """Trace AG2 (classic ``autogen`` API): conversations, agent turns, LLM calls, tools, code, files, handoffs.
 
     ``instrument(tracer_provider=None, capture_content=None, max_value_length=None,
-    track_files=None, instrument_threading=True)``.
+    track_files=None, instrument_threading=True, add_sequencer=True)``. With
+    ``add_sequencer`` an SDK provider that has no ``SequencingSpanProcessor`` gets
+    one, so zero-code (``opentelemetry-instrument``) runs are ordered too.
     """
 
     _lock = threading.RLock()
@@ -78,6 +80,8 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
             tracer = trace.get_tracer(__name__, __version__, tracer_provider=tracer_provider, schema_url=SCHEMA_URL)
             self._runtime = runtime = Runtime(tracer=tracer, config=config)
             _TracerSource.provider = tracer_provider
+            if kwargs.get("add_sequencer", True):
+                ensure_sequencer(tracer_provider or trace.get_tracer_provider())
             register_secrets_from_environment()
             self._active = True
             self._patch_agents(runtime)
@@ -191,6 +195,33 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
     def patched_attributes(self) -> list[tuple[type, str, Any]]:
         """``(class, attribute, original)`` for every patch in place (what ``uninstrument()`` restores)."""
         return self._patches.patched
+
+
+def ensure_sequencer(provider: Any) -> bool:
+    """Add a ``SequencingSpanProcessor`` to an SDK provider that lacks one (zero-code setups).
+
+    Returns True when one was added. Exporters that read attributes at span end
+    see the order either way; sinks that act on span start want it added first,
+    which ``setup_tracing()`` does.
+    """
+    from .processor import SequencingSpanProcessor
+
+    try:
+        from opentelemetry.sdk.trace import TracerProvider
+    except ImportError:  # pragma: no cover
+        return False
+    if not isinstance(provider, TracerProvider):
+        return False
+    try:
+        processors = getattr(provider._active_span_processor, "_span_processors", ())
+        if any(isinstance(p, SequencingSpanProcessor) for p in processors):
+            return False
+        provider.add_span_processor(SequencingSpanProcessor())
+        _logger.debug("otel-cmbagent: added a SequencingSpanProcessor to %r", provider)
+        return True
+    except Exception as exc:  # noqa: BLE001
+        log_internal_error("ensure_sequencer", exc)
+        return False
 
 
 def _bound_argument(function: Any, args: tuple, kwargs: dict, name: str) -> Any:
