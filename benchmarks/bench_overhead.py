@@ -123,8 +123,12 @@ def _span_stats(exporter: InMemorySpanExporter | None) -> dict:
 def run_child(mode: str, workloads: list[str]) -> dict:
     """Run each workload once (after a warm-up) in ``mode``; returns {workload: {seconds, bytes, ...}}."""
     from autogen import AssistantAgent, ConversableAgent, GroupChat, GroupChatManager
+    from otel_cmbagent.testing import scripted_llm
     from otel_cmbagent.testing.scripted_llm import ScriptedLLM, text
 
+    # The handler writes headers and body separately: with Nagle's algorithm on, each call
+    # waits out the client's delayed ACK (~20-40 ms), which would swamp what we measure.
+    scripted_llm._Handler.disable_nagle_algorithm = True
     logging.getLogger("autogen.oai.client").setLevel(logging.ERROR)
     exporter = InMemorySpanExporter() if mode != "plain" else None
     tp = TracerProvider()
@@ -221,6 +225,9 @@ def bench_chats(turns: tuple[int, ...], group_rounds: int, rounds: int) -> None:
         print(f"  {label[w]:<26}{o['bytes']:>12,}{'%d/%d/%d' % (o['spans'], o['events'], o['dropped_events']):>16}"
               f"{a['bytes']:>12,}{'%d/%d/%d' % (a['spans'], a['events'], a['dropped_events']):>15}"
               f"{a['bytes'] / max(o['bytes'], 1):>10.2f}")
+    if any(sizes[m, w]["dropped_events"] for m in ("ours", "ag2") for w in workloads):
+        print("  note: 'drop' = span events discarded by the SDK's default limit of 128 events per span"
+              " (OTEL_SPAN_EVENT_COUNT_LIMIT); their bytes are not counted")
     k = turns[-1] // turns[0]
     growth = {m: sizes[m, hi]["bytes"] / max(sizes[m, lo]["bytes"], 1) for m in ("ours", "ag2")}
     print(f"  growth {lo[4:]}→{hi[4:]} turns (linear ≈ {k}, quadratic ≈ {k * k}): "

@@ -10,6 +10,7 @@ from .config import InstrumentationConfig
 from .context import RunIdentity, current_identity, propagate_context, run, step
 from .instrumentor import AG2Instrumentor, instrument, uninstrument
 from .processor import SequencingSpanProcessor
+from .setup import Tracing, setup_tracing
 from .version import __version__
 
 __all__ = [
@@ -17,11 +18,13 @@ __all__ = [
     "InstrumentationConfig",
     "RunIdentity",
     "SequencingSpanProcessor",
+    "Tracing",
     "__version__",
     "current_identity",
     "instrument",
     "propagate_context",
     "run",
+    "setup_tracing",
     "step",
     "uninstrument",
 ]

@@ -10,6 +10,7 @@ passes through as the same object after being recorded on the span.
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -22,6 +23,7 @@ from . import semconv
 from .config import InstrumentationConfig
 from .context import UsageTotals, conversation_values, current_conversation_id, usage_chain, with_new_usage  # noqa: F401
 from .errors import record_exception
+from .live import notify_message
 from .processor import next_event_order
 from .utils import log_internal_error
 
@@ -164,7 +166,9 @@ def add_ordered_event(span: trace.Span, name: str, attributes: dict[str, Any]) -
     depth = span_attributes.get(semconv.DEPTH) if span_attributes is not None else None
     if isinstance(depth, int):
         attributes[semconv.DEPTH] = depth + 1
-    span.add_event(name, attributes)
+    timestamp = time.time_ns()
+    span.add_event(name, attributes, timestamp=timestamp)
+    notify_message(span, attributes, timestamp)
 
 
 def argument(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:

@@ -1,0 +1,388 @@
+"""The SQL event table sink: cmbagent's ``execution_events`` rows, live, batched, idempotent.
+
+Rows are written when a span starts (``status=running``) and completed when it
+ends, so a crashed or hung run is visible in the table. A background worker
+writes batches in one transaction with executemany upserts (SQLAlchemy Core);
+a failing database is retried with backoff, then the batch is spilled to a JSONL
+file that ``replay()`` writes back idempotently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from opentelemetry import context as otel_context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from sqlalchemy.engine import Engine
+
+from otel_cmbagent.live import add_message_listener, remove_message_listener
+from otel_cmbagent.utils import log_internal_error
+
+from .rows import LINK_COLUMNS, STATUS_RUNNING, message_row, span_row
+from .worker import BackgroundWorker
+
+_logger = logging.getLogger("otel_cmbagent.exporters")
+
+DEFAULT_TABLE_NAME = "execution_events"
+_TIME_COLUMNS = ("timestamp", "started_at", "completed_at")
+
+
+def execution_events_table(metadata: sa.MetaData | None = None, name: str = DEFAULT_TABLE_NAME) -> sa.Table:
+    """cmbagent's ``execution_events`` columns (same names and types) plus ``trace_id``/``span_id``."""
+    metadata = metadata if metadata is not None else sa.MetaData()
+    table = sa.Table(
+        name,
+        metadata,
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("run_id", sa.String(36), index=True),
+        sa.Column("node_id", sa.String(36), index=True),
+        sa.Column("step_id", sa.String(36), index=True),
+        sa.Column("session_id", sa.String(36), index=True),
+        sa.Column("parent_event_id", sa.String(36)),
+        sa.Column("event_type", sa.String(50), nullable=False, index=True),
+        sa.Column("event_subtype", sa.String(50)),
+        sa.Column("agent_name", sa.String(100), index=True),
+        sa.Column("agent_role", sa.String(50)),
+        sa.Column("timestamp", sa.DateTime(timezone=True), nullable=False, index=True),
+        sa.Column("started_at", sa.DateTime(timezone=True)),
+        sa.Column("completed_at", sa.DateTime(timezone=True)),
+        sa.Column("duration_ms", sa.Integer),
+        sa.Column("inputs", sa.JSON(none_as_null=True)),
+        sa.Column("outputs", sa.JSON(none_as_null=True)),
+        sa.Column("error_message", sa.Text),
+        sa.Column("meta", sa.JSON(none_as_null=True)),
+        sa.Column("execution_order", sa.Integer, nullable=False),
+        sa.Column("depth", sa.Integer, nullable=False, default=0),
+        sa.Column("status", sa.String(50), default="completed"),
+        sa.Column("trace_id", sa.String(32), index=True),
+        sa.Column("span_id", sa.String(16)),
+    )
+    sa.Index(f"ix_{name}_run_order", table.c.run_id, table.c.execution_order)
+    return table
+
+
+def make_engine(target: str | Engine) -> Engine:
+    """An Engine for a URL (SQLite: WAL, busy timeout, safe for several writer processes)."""
+    if isinstance(target, Engine):
+        return target
+    if not isinstance(target, str) or not target.strip():
+        raise ValueError(f"sql_url must be a SQLAlchemy URL string or an Engine, not {target!r}")
+    try:
+        url = sa.engine.make_url(target)
+    except sa.exc.ArgumentError as exc:
+        raise ValueError(f"invalid sql_url {target!r}: {exc}") from None
+    try:
+        if url.get_backend_name() == "sqlite":
+            database = url.database
+            if database and database != ":memory:" and not database.startswith("file:"):
+                Path(database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+            engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+            sa.event.listen(engine, "connect", _sqlite_pragmas)
+            return engine
+        return sa.create_engine(url, pool_pre_ping=True)
+    except (sa.exc.NoSuchModuleError, ImportError) as exc:
+        raise ValueError(f"cannot use sql_url {url.render_as_string(hide_password=True)}: {exc}") from None
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def default_spill_path(engine: Engine) -> Path:
+    """Next to a SQLite file; otherwise in the working directory."""
+    url = engine.url
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        return Path(url.database).expanduser().resolve().with_suffix(".spill.jsonl")
+    return Path.cwd() / "otel_cmbagent.spill.jsonl"
+
+
+class _TableWriter:
+    """Maps rows onto a table's columns and upserts them in one transaction."""
+
+    def __init__(self, engine: Engine, table: sa.Table) -> None:
+        self.engine = engine
+        self.table = table
+        columns = set(table.c.keys())
+        self.meta_column = "meta" if "meta" in columns else ("metadata" if "metadata" in columns else None)
+        self.links_in_meta = not set(LINK_COLUMNS) <= columns
+        self.columns = columns
+        self.required = {c.name for c in table.c if not c.nullable and c.default is None and c.server_default is None}
+        self.skipped = 0
+
+    def to_table(self, row: Mapping[str, Any]) -> dict[str, Any] | None:
+        out: dict[str, Any] = {}
+        meta = dict(row.get("meta") or {})
+        if self.links_in_meta:
+            for key in LINK_COLUMNS:
+                meta[key] = row.get(key)
+        for key, value in row.items():
+            if key == "meta":
+                continue
+            if key in self.columns:
+                out[key] = value
+        if self.meta_column:
+            out[self.meta_column] = meta
+        missing = [name for name in self.required if out.get(name) is None]
+        if missing:  # e.g. cmbagent's table needs a run_id: spans outside a run cannot go there
+            self.skipped += 1
+            return None
+        return out
+
+    def write(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        final: dict[str, dict[str, Any]] = {}
+        running: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            mapped = self.to_table(row)
+            if mapped is None:
+                continue
+            if row.get("status") == STATUS_RUNNING:
+                if mapped["id"] not in final:
+                    running[mapped["id"]] = mapped
+            else:
+                running.pop(mapped["id"], None)
+                final[mapped["id"]] = mapped
+        with self.engine.begin() as connection:
+            if running:
+                self._insert(connection, list(running.values()), update=False)
+            if final:
+                self._insert(connection, list(final.values()), update=True)
+        return len(running) + len(final)
+
+    def _insert(self, connection: sa.Connection, rows: list[dict[str, Any]], update: bool) -> None:
+        # executemany needs one key set: fill the gaps with None
+        keys = set().union(*(row.keys() for row in rows))
+        rows = [{key: row.get(key) for key in keys} for row in rows]
+        dialect = connection.dialect.name
+        if dialect in ("sqlite", "postgresql"):
+            module = sa.dialects.sqlite if dialect == "sqlite" else sa.dialects.postgresql
+            statement = module.insert(self.table)
+            if update:
+                # A final row replaces whatever is there; a running row never overwrites anything
+                # (so a replayed start cannot undo a completed row).
+                statement = statement.on_conflict_do_update(
+                    index_elements=[self.table.c.id],
+                    set_={key: statement.excluded[key] for key in keys if key != "id"},
+                )
+            else:
+                statement = statement.on_conflict_do_nothing(index_elements=[self.table.c.id])
+            connection.execute(statement, rows)
+            return
+        ids = [row["id"] for row in rows]
+        existing = {r[0] for r in connection.execute(sa.select(self.table.c.id).where(self.table.c.id.in_(ids)))}
+        new_rows = [row for row in rows if row["id"] not in existing]
+        if new_rows:
+            connection.execute(sa.insert(self.table), new_rows)
+        if update:
+            for row in rows:
+                if row["id"] in existing:
+                    connection.execute(sa.update(self.table).where(self.table.c.id == row["id"]).values(**row))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def _from_json(row: dict[str, Any]) -> dict[str, Any]:
+    for key in _TIME_COLUMNS:
+        if isinstance(row.get(key), str):
+            row[key] = datetime.fromisoformat(row[key])
+    return row
+
+
+class SQLEventSink(SpanProcessor):
+    """A SpanProcessor that writes cmbagent ``execution_events`` rows (add it after the sequencer).
+
+    ``table``: None for our default table (created if missing), or an existing
+    SQLAlchemy ``Table`` with cmbagent's columns (e.g. ``ExecutionEvent.__table__``),
+    which is used as it is; without ``trace_id``/``span_id`` columns those go in ``meta``.
+    """
+
+    def __init__(
+        self,
+        target: str | Engine,
+        *,
+        table: sa.Table | None = None,
+        capture_content: bool = True,
+        write_on_start: bool = True,
+        spill_path: str | os.PathLike[str] | None = None,
+        max_queue: int = 100_000,
+        max_batch: int = 512,
+        max_retries: int = 5,
+        retry_backoff: float = 0.1,
+    ) -> None:
+        self.engine = make_engine(target)
+        self.table = table if table is not None else execution_events_table()
+        self._create_table = table is None
+        self._table_ready = False
+        self.capture_content = capture_content
+        self.write_on_start = write_on_start
+        self.spill_path = Path(spill_path) if spill_path else default_spill_path(self.engine)
+        self.max_retries = max_retries
+        self.retry_backoff = retry_backoff
+        self._writer = _TableWriter(self.engine, self.table)
+        self._open_spans: set[int] = set()
+        self._open_lock = threading.Lock()
+        self._degraded = False
+        self.rows_written = 0
+        self.rows_spilled = 0
+        self.retries = 0
+        self._ensure_table(log=True)
+        self._worker = BackgroundWorker("otel-cmbagent-sql", self._write_batch, max_queue=max_queue, max_batch=max_batch)
+        add_message_listener(self._on_message)
+        self._shut_down = False
+
+    # --- SpanProcessor --------------------------------------------------------
+    def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
+        try:
+            with self._open_lock:
+                self._open_spans.add(span.get_span_context().span_id)
+            if self.write_on_start:
+                self._worker.put(span_row(span, ended=False, capture_content=self.capture_content))
+        except Exception as exc:  # noqa: BLE001
+            log_internal_error("SQLEventSink.on_start", exc)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        try:
+            with self._open_lock:
+                self._open_spans.discard(span.get_span_context().span_id)
+            self._worker.put(span_row(span, ended=True, capture_content=self.capture_content))
+        except Exception as exc:  # noqa: BLE001
+            log_internal_error("SQLEventSink.on_end", exc)
+
+    def _on_message(self, span: Any, attributes: Mapping[str, Any], timestamp_ns: int) -> None:
+        if span.get_span_context().span_id in self._open_spans:
+            self._worker.put(message_row(span, attributes, timestamp_ns, capture_content=self.capture_content))
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self._worker.flush(timeout_millis / 1000)
+
+    def shutdown(self) -> None:
+        if self._shut_down:
+            return
+        self._shut_down = True
+        remove_message_listener(self._on_message)
+        self._worker.shutdown()
+
+    # --- writing ----------------------------------------------------------------
+    @property
+    def stats(self) -> dict[str, int]:
+        return {
+            **self._worker.stats.as_dict(),
+            "rows_written": self.rows_written,
+            "rows_spilled": self.rows_spilled,
+            "rows_skipped": self._writer.skipped,
+            "retries": self.retries,
+        }
+
+    def _ensure_table(self, log: bool = False) -> bool:
+        if self._table_ready:
+            return True
+        try:
+            if self._create_table:
+                self.table.metadata.create_all(self.engine, tables=[self.table], checkfirst=True)
+            else:
+                with self.engine.connect() as connection:
+                    if not sa.inspect(connection).has_table(self.table.name, schema=self.table.schema):
+                        raise ValueError(f"table {self.table.name!r} does not exist in the target database")
+            self._table_ready = True
+        except ValueError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - database down at setup: rows retry/spill later
+            if log:
+                _logger.warning(
+                    "otel-cmbagent: database %s not reachable at setup (%s); rows will be retried or spilled",
+                    self.engine.url.render_as_string(hide_password=True),
+                    type(exc).__name__,
+                )
+            return False
+        return True
+
+    def _write_batch(self, rows: list[dict[str, Any]]) -> None:
+        attempts = 1 if self._degraded else self.max_retries
+        delay = self.retry_backoff
+        for attempt in range(attempts):
+            try:
+                if not self._ensure_table():
+                    raise RuntimeError("table not ready")
+                self.rows_written += self._writer.write(rows)
+                self._degraded = False
+                return
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+                if attempt + 1 < attempts:
+                    self.retries += 1
+                    time.sleep(delay)
+                    delay *= 2
+        self._degraded = True
+        self._spill(rows, error)
+
+    def _spill(self, rows: list[dict[str, Any]], error: BaseException) -> None:
+        try:
+            self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.spill_path, "a", encoding="utf-8") as handle:
+                for row in rows:
+                    handle.write(json.dumps(row, default=_json_default) + "\n")
+            self.rows_spilled += len(rows)
+            _logger.warning(
+                "otel-cmbagent: database write failed (%s: %s); spilled %d rows to %s (replay with replay())",
+                type(error).__name__,
+                str(error).splitlines()[0][:200] if str(error) else "",
+                len(rows),
+                self.spill_path,
+            )
+        except OSError as exc:
+            self._worker.stats.dropped += len(rows)
+            _logger.error("otel-cmbagent: could not spill %d rows to %s: %s", len(rows), self.spill_path, exc)
+
+
+def replay(
+    spill_path: str | os.PathLike[str],
+    target: str | Engine,
+    *,
+    table: sa.Table | None = None,
+    batch_size: int = 512,
+    remove: bool = True,
+) -> int:
+    """Write a spill file back into the table (idempotent upserts); returns the rows written.
+
+    With ``remove`` the file is renamed ``*.replayed`` once every row is in.
+    """
+    path = Path(spill_path)
+    engine = make_engine(target)
+    if table is None:
+        table = execution_events_table()
+        table.metadata.create_all(engine, tables=[table], checkfirst=True)
+    writer = _TableWriter(engine, table)
+    written = 0
+    batch: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                batch.append(_from_json(json.loads(line)))
+            except ValueError as exc:
+                raise ValueError(f"{path}:{line_number}: not a spilled row ({exc})") from None
+            if len(batch) >= batch_size:
+                written += writer.write(batch)
+                batch = []
+    if batch:
+        written += writer.write(batch)
+    if remove:
+        path.rename(path.with_name(path.name + ".replayed"))
+    return written

@@ -1,0 +1,147 @@
+"""A bounded queue drained by one daemon thread: how sinks stay off the agent's path.
+
+``put`` never blocks: when the queue is full the item is dropped and counted.
+Like the SDK's batch processor, the worker is re-created in a forked child.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from opentelemetry import context as otel_context
+from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY
+
+_logger = logging.getLogger("otel_cmbagent.exporters")
+
+
+@dataclass
+class WorkerStats:
+    enqueued: int = 0
+    processed: int = 0
+    dropped: int = 0
+    failed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"enqueued": self.enqueued, "processed": self.processed, "dropped": self.dropped, "failed": self.failed}
+
+
+class BackgroundWorker:
+    """Calls ``handle(batch)`` on a daemon thread with up to ``max_batch`` queued items at a time.
+
+    ``handle`` owns retries; if it raises, the batch is counted as failed (and logged).
+    The worker thread runs under OTel's suppress-instrumentation key, so nothing a
+    sink does (HTTP, SQL drivers) produces spans of its own.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        handle: Callable[[list[Any]], None],
+        *,
+        max_queue: int = 100_000,
+        max_batch: int = 512,
+        delay: float = 0.1,
+    ) -> None:
+        if max_queue <= 0 or max_batch <= 0:
+            raise ValueError("max_queue and max_batch must be positive")
+        self.name = name
+        self._handle = handle
+        self.max_queue = max_queue
+        self.max_batch = max_batch
+        self.delay = delay
+        self.stats = WorkerStats()
+        self._last_drop_log = 0.0
+        self._init_state()
+        weak_self = weakref.ref(self)
+
+        def _after_fork() -> None:
+            worker = weak_self()
+            if worker is not None:
+                worker._init_state()
+
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_after_fork)
+
+    def _init_state(self) -> None:
+        self._queue: collections.deque[Any] = collections.deque()
+        self._condition = threading.Condition()
+        self._shutdown = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def put(self, item: Any) -> bool:
+        """Queue ``item``; False (and counted) if the queue is full or the worker is shut down."""
+        with self._condition:
+            if self._shutdown or len(self._queue) >= self.max_queue:
+                self.stats.dropped += 1
+                drop = True
+            else:
+                self._queue.append(item)
+                self.stats.enqueued += 1
+                drop = False
+                if len(self._queue) >= self.max_batch:
+                    self._condition.notify_all()
+        if drop:
+            now = time.monotonic()
+            if now - self._last_drop_log > 10:
+                self._last_drop_log = now
+                _logger.warning("otel-cmbagent: %s queue full, dropped %d items so far", self.name, self.stats.dropped)
+        return not drop
+
+    def _run(self) -> None:
+        otel_context.attach(otel_context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
+        while True:
+            with self._condition:
+                if not self._queue and not self._shutdown:
+                    self._condition.wait(self.delay)
+                if not self._queue:
+                    if self._shutdown:
+                        return
+                    continue
+                batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+                self._busy = True
+            try:
+                self._handle(batch)
+                self.stats.processed += len(batch)
+            except Exception:  # noqa: BLE001
+                self.stats.failed += len(batch)
+                _logger.exception("otel-cmbagent: %s failed on a batch of %d items", self.name, len(batch))
+            finally:
+                with self._condition:
+                    self._busy = False
+                    self._condition.notify_all()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until everything queued so far has been handled (True) or ``timeout`` passed (False)."""
+        deadline = time.monotonic() + timeout
+        with self._condition:
+            self._condition.notify_all()
+            while self._queue or self._busy:
+                if not self._thread.is_alive():
+                    return False
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._condition.wait(min(remaining, 0.05))
+                self._condition.notify_all()
+        return True
+
+    def shutdown(self, timeout: float = 30.0) -> bool:
+        flushed = self.flush(timeout)
+        with self._condition:
+            self._shutdown = True
+            self._condition.notify_all()
+        self._thread.join(timeout=max(0.0, timeout))
+        return flushed
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)

@@ -1,0 +1,178 @@
+"""``setup_tracing()``: one call from nothing to spans in SQL, OTLP and a live callback."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+
+from .config import CAPTURE_CONTENT_ENV, parse_bool_env
+from .instrumentor import AG2Instrumentor
+from .processor import SequencingSpanProcessor
+
+_logger = logging.getLogger(__name__)
+
+SQL_URL_ENV = "OTEL_CMBAGENT_SQL_URL"
+DEFAULT_SQL_URL = "sqlite:///otel_cmbagent.db"
+DEFAULT_SERVICE_NAME = "cmbagent"
+_DEFAULT: Any = object()
+
+
+@dataclass(eq=False)
+class Tracing:
+    """What ``setup_tracing()`` built. ``shutdown()`` is idempotent and flushes every sink."""
+
+    tracer_provider: TracerProvider
+    sql: SpanProcessor | None = None
+    otlp: SpanProcessor | None = None
+    websocket: SpanProcessor | None = None
+    instrumentor: AG2Instrumentor | None = None
+    _shut_down: bool = field(default=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self.tracer_provider.force_flush(timeout_millis)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._shut_down:
+                return
+            self._shut_down = True
+        try:
+            if self.instrumentor is not None and self.instrumentor.is_instrumented_by_opentelemetry:
+                self.instrumentor.uninstrument()
+        finally:
+            self.tracer_provider.shutdown()
+
+    @property
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per sink: what was written, dropped, failed or spilled (nothing is lost silently)."""
+        return {
+            name: dict(getattr(sink, "stats", {}))
+            for name, sink in (("sql", self.sql), ("otlp", self.otlp), ("websocket", self.websocket))
+            if sink is not None
+        }
+
+
+def _resource(service_name: str | None) -> Resource:
+    resource = Resource.create({SERVICE_NAME: service_name} if service_name else {})
+    if not service_name and str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
+    return resource
+
+
+def setup_tracing(
+    service_name: str | None = None,
+    sql_url: Any = _DEFAULT,
+    sql_table: Any = None,
+    otlp: bool | None = None,
+    ws_callback: Callable[[str, dict[str, Any]], Any] | None = None,
+    capture_content: bool | None = None,
+    *,
+    ws_loop: Any = None,
+    write_on_start: bool = True,
+    spill_path: str | os.PathLike[str] | None = None,
+    instrument: bool = True,
+    set_global: bool = True,
+    handle_sigterm: bool = True,
+) -> Tracing:
+    """Build a TracerProvider with the sequencer first and one processor per sink, and instrument AG2.
+
+    - ``sql_url``: a URL, an Engine, or None (off); default ``$OTEL_CMBAGENT_SQL_URL`` or a SQLite file.
+    - ``otlp``: None = on when ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` is set; True/False forces.
+    - ``capture_content``: None = content in the instrumentation (unless the GenAI content variable
+      says false) and in SQL/websocket, stripped from OTLP unless that variable says true;
+      True = content everywhere; False = nowhere.
+    """
+    from otel_cmbagent.exporters.otlp import otlp_configured, otlp_span_processor
+
+    if ws_callback is not None and not callable(ws_callback):
+        raise TypeError(f"ws_callback must be callable(event_type, data), not {ws_callback!r}")
+    if capture_content is not None and not isinstance(capture_content, bool):
+        raise TypeError(f"capture_content must be True, False or None, not {capture_content!r}")
+    content_in_spans = capture_content if capture_content is not None else parse_bool_env(CAPTURE_CONTENT_ENV, True)
+
+    provider = TracerProvider(resource=_resource(service_name))
+    provider.add_span_processor(SequencingSpanProcessor())
+    tracing = Tracing(tracer_provider=provider)
+    try:
+        if sql_url is _DEFAULT:
+            sql_url = os.environ.get(SQL_URL_ENV) or DEFAULT_SQL_URL
+        if sql_url is not None:
+            from otel_cmbagent.exporters.sql import SQLEventSink
+
+            tracing.sql = SQLEventSink(
+                sql_url, table=sql_table, capture_content=content_in_spans, write_on_start=write_on_start,
+                spill_path=spill_path,
+            )
+            provider.add_span_processor(tracing.sql)
+        if otlp if otlp is not None else otlp_configured():
+            tracing.otlp = otlp_span_processor(capture_content=capture_content)
+            provider.add_span_processor(tracing.otlp)
+        if ws_callback is not None:
+            from otel_cmbagent.exporters.websocket import WebsocketCallbackProcessor
+
+            tracing.websocket = WebsocketCallbackProcessor(ws_callback, capture_content=content_in_spans, loop=ws_loop)
+            provider.add_span_processor(tracing.websocket)
+    except BaseException:
+        provider.shutdown()
+        raise
+
+    if set_global:
+        _set_global_provider(provider)
+    if instrument:
+        instrumentor = AG2Instrumentor()
+        if instrumentor.is_instrumented_by_opentelemetry:  # re-setup: move the patches to the new provider
+            instrumentor.uninstrument()
+        instrumentor.instrument(tracer_provider=provider, capture_content=content_in_spans, add_sequencer=False)
+        tracing.instrumentor = instrumentor
+    _register_exit_hooks(tracing, handle_sigterm)
+    return tracing
+
+
+def _set_global_provider(provider: TracerProvider) -> None:
+    current = trace.get_tracer_provider()
+    if isinstance(current, trace.ProxyTracerProvider):
+        trace.set_tracer_provider(provider)
+    else:
+        _logger.debug("otel-cmbagent: a global TracerProvider is already set; not replacing it")
+
+
+_live_tracings: weakref.WeakSet[Tracing] = weakref.WeakSet()
+_hooks_installed = False
+
+
+def _shutdown_all() -> None:
+    for tracing in list(_live_tracings):
+        try:
+            tracing.shutdown()
+        except Exception:  # noqa: BLE001
+            _logger.exception("otel-cmbagent: shutdown at exit failed")
+
+
+def _register_exit_hooks(tracing: Tracing, handle_sigterm: bool) -> None:
+    global _hooks_installed
+    _live_tracings.add(tracing)
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    atexit.register(_shutdown_all)
+    if handle_sigterm and threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous in (signal.SIG_DFL, None):
+
+            def _on_sigterm(signum: int, frame: Any) -> None:
+                _shutdown_all()
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+            signal.signal(signal.SIGTERM, _on_sigterm)

@@ -1,0 +1,38 @@
+"""A scripted AG2 run used by the sink tests, and helpers to read the event table."""
+
+from __future__ import annotations
+
+import threading
+
+import sqlalchemy as sa
+from autogen import ConversableAgent, register_function
+
+import otel_cmbagent as oc
+from otel_cmbagent.testing import text, tool_call
+
+from conftest import FAKE_KEY
+
+
+def scripted_run(llm, *, name="sinks", gate: threading.Event | None = None, reached: threading.Event | None = None):
+    """A traced two-agent chat with a tool call; with ``gate`` the tool waits for it (the run stays live)."""
+    llm.push(tool_call("add", {"a": 20, "b": 22, "token": FAKE_KEY}), text(f"42 {FAKE_KEY}"), text("TERMINATE"))
+
+    def add(a: int, b: int, token: str = "") -> int:
+        if reached is not None:
+            reached.set()
+        if gate is not None:
+            gate.wait(30)
+        return a + b
+
+    assistant = ConversableAgent("assistant", llm_config=llm.llm_config(api_key=FAKE_KEY))
+    user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER", code_execution_config=False)
+    register_function(add, caller=assistant, executor=user, description="Add.")
+    with oc.run(name=name) as run:
+        user.initiate_chat(assistant, message=f"add 20 and 22, key {FAKE_KEY}", max_turns=3, silent=True)
+    return run
+
+
+def table_rows(engine, table="execution_events", where="") -> list[dict]:
+    with engine.connect() as connection:
+        result = connection.execute(sa.text(f"select * from {table} {where} order by execution_order"))
+        return [dict(row._mapping) for row in result]

@@ -1,0 +1,218 @@
+"""The SQL event table sink on real SQLite: live rows, gapless order, idempotent upserts, spill and replay."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+import otel_cmbagent as oc
+from otel_cmbagent.exporters.rows import event_id
+from otel_cmbagent.exporters.sql import SQLEventSink, execution_events_table, make_engine, replay
+from sinks_util import scripted_run, table_rows
+
+from conftest import FAKE_KEY
+
+
+@pytest.fixture
+def tracing(tmp_path):
+    tracing = oc.setup_tracing(sql_url=f"sqlite:///{tmp_path / 'events.db'}", set_global=False, handle_sigterm=False)
+    yield tracing
+    tracing.shutdown()
+
+
+def test_rows_match_spans(tracing, scripted_llm):
+    """Every span and message becomes one row; orders gapless per run; parents are the parent spans' rows."""
+    run = scripted_run(scripted_llm)
+    assert tracing.force_flush()
+    rows = table_rows(tracing.sql.engine)
+    assert [r["execution_order"] for r in rows] == list(range(1, len(rows) + 1))
+    assert {r["run_id"] for r in rows} == {run.run_id}
+    assert {r["status"] for r in rows} == {"completed"}
+    types = [r["event_type"] for r in rows]
+    assert {"run", "conversation", "agent_call", "llm_call", "tool_call", "message"} <= set(types)
+    ids = {r["id"] for r in rows}
+    by_id = {r["id"]: r for r in rows}
+    assert rows[0]["parent_event_id"] is None
+    for row in rows[1:]:
+        assert row["parent_event_id"] in ids
+        assert row["depth"] == by_id[row["parent_event_id"]]["depth"] + 1
+    (tool,) = [r for r in rows if r["event_type"] == "tool_call"]
+    context_span = tool["span_id"]
+    assert tool["id"] == event_id(int(tool["trace_id"], 16), int(context_span, 16))
+    assert json.loads(tool["inputs"])["arguments"]["a"] == 20
+    assert json.loads(tool["outputs"])["result"] == "42"
+    assert tool["agent_name"] == "user" and tool["duration_ms"] is not None
+    llm = [r for r in rows if r["event_type"] == "llm_call"]
+    assert all(json.loads(r["meta"])["gen_ai.usage.output_tokens"] > 0 for r in llm)
+    assert FAKE_KEY not in json.dumps(rows, default=str)
+    assert tracing.stats["sql"]["dropped"] == 0
+
+
+def test_rows_are_visible_while_the_run_is_live(tracing, scripted_llm):
+    """A running run shows up at once: the run, conversation and tool rows are 'running' while the tool blocks."""
+    gate, reached = threading.Event(), threading.Event()
+    worker = threading.Thread(target=scripted_run, args=(scripted_llm,), kwargs={"gate": gate, "reached": reached})
+    worker.start()
+    try:
+        assert reached.wait(30)
+        assert tracing.force_flush()
+        live = {r["event_type"]: r for r in table_rows(tracing.sql.engine) if r["status"] == "running"}
+        assert {"run", "conversation", "agent_call", "tool_call"} <= set(live)
+        messages = [r for r in table_rows(tracing.sql.engine) if r["event_type"] == "message"]
+        assert messages, "messages are written as they are sent, not when the conversation ends"
+    finally:
+        gate.set()
+        worker.join(30)
+    tracing.force_flush()
+    assert {r["status"] for r in table_rows(tracing.sql.engine)} == {"completed"}
+
+
+def test_rewrites_are_idempotent(tmp_path, tracer_provider, span_exporter, monkeypatch):
+    """The same spans written twice (a retry, a duplicate) leave one row each."""
+    monkeypatch.setattr(oc.context._TracerSource, "provider", tracer_provider)
+    engine = make_engine(f"sqlite:///{tmp_path / 'dup.db'}")
+    sink = SQLEventSink(engine)
+    tracer_provider.add_span_processor(sink)
+    tracer = tracer_provider.get_tracer("t")
+    with oc.run(name="dup"):
+        with tracer.start_as_current_span("a"):
+            pass
+    spans = span_exporter.get_finished_spans()
+    for span in spans:  # a duplicated delivery of every end
+        sink.on_end(span)
+    sink.force_flush()
+    rows = table_rows(engine)
+    assert len(rows) == len({r["id"] for r in rows}) == 2
+    sink.shutdown()
+
+
+def test_late_start_row_never_overwrites_a_completed_row(tmp_path, tracer_provider, span_exporter):
+    """A replayed 'running' row after the 'completed' one keeps the row completed."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'late.db'}")
+    sink = SQLEventSink(engine)
+    tracer_provider.add_span_processor(sink)
+    with tracer_provider.get_tracer("t").start_as_current_span("a") as span:
+        pass
+    sink.force_flush()
+    sink.on_start(span)  # late start delivery
+    sink.force_flush()
+    assert [r["status"] for r in table_rows(engine)] == ["completed"]
+    sink.shutdown()
+
+
+def test_failing_database_spills_and_replay_restores_everything(tmp_path, tracer_provider, scripted_llm):
+    """Table gone mid-run: batches are retried, spilled to JSONL, counted; replay writes each event once."""
+    db = tmp_path / "faulty.db"
+    spill = tmp_path / "spill.jsonl"
+    sink = SQLEventSink(f"sqlite:///{db}", spill_path=spill, max_retries=2, retry_backoff=0.01)
+    tracer_provider.add_span_processor(sink)
+    instrumentor = oc.AG2Instrumentor()
+    instrumentor.instrument(tracer_provider=tracer_provider)
+    try:
+        gate, reached = threading.Event(), threading.Event()
+        worker = threading.Thread(target=scripted_run, args=(scripted_llm,), kwargs={"gate": gate, "reached": reached})
+        worker.start()
+        assert reached.wait(30)
+        sink.force_flush()
+        before = len(table_rows(sink.engine))
+        with sink.engine.begin() as connection:  # the database "fails": its table disappears
+            connection.execute(sa.text("drop table execution_events"))
+        gate.set()
+        worker.join(30)
+        sink.force_flush()
+    finally:
+        instrumentor.uninstrument()
+    assert sink.stats["rows_spilled"] > 0 and sink.stats["retries"] > 0
+    assert spill.exists()
+    spilled = [json.loads(line) for line in spill.read_text().splitlines()]
+    assert FAKE_KEY not in spill.read_text()
+    written = replay(spill, sink.engine)
+    assert written == len({r["id"] for r in spilled})
+    assert not spill.exists() and spill.with_name(spill.name + ".replayed").exists()
+    rows = table_rows(sink.engine)
+    assert len(rows) == len({r["id"] for r in rows})
+    # the rows written before the failure were lost with the table; everything after it is back, completed
+    assert {r["status"] for r in rows if r["event_type"] == "run"} == {"completed"}
+    assert before > 0
+    sink.shutdown()
+
+
+def test_replay_twice_is_idempotent(tmp_path):
+    """Replaying the same spill file again changes nothing."""
+    spill = tmp_path / "s.jsonl"
+    row = {
+        "id": str(uuid.uuid4()), "run_id": "r", "session_id": "s", "event_type": "tool_call",
+        "timestamp": "2026-01-01T00:00:00+00:00", "execution_order": 1, "depth": 1, "status": "completed",
+    }
+    spill.write_text(json.dumps(row) + "\n")
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    assert replay(spill, url, remove=False) == 1
+    assert replay(spill, url, remove=False) == 1
+    assert len(table_rows(make_engine(url))) == 1
+
+
+def test_bad_sql_url_is_a_clear_error():
+    """Malformed URLs and unknown drivers fail at setup with the URL named (password hidden)."""
+    with pytest.raises(ValueError, match="invalid sql_url"):
+        oc.setup_tracing(sql_url="not a url", set_global=False, instrument=False)
+    with pytest.raises(ValueError, match="cannot use sql_url"):
+        oc.setup_tracing(sql_url="nosuchdb://user:hunter2@host/db", set_global=False, instrument=False)
+    with pytest.raises(ValueError) as excinfo:
+        oc.setup_tracing(sql_url="nosuchdb://user:hunter2@host/db", set_global=False, instrument=False)
+    assert "hunter2" not in str(excinfo.value)
+
+
+def test_unreachable_database_at_setup_does_not_crash(tmp_path, scripted_llm):
+    """A database that is down at setup: the agent runs, rows are spilled and counted."""
+    spill = tmp_path / "down.jsonl"
+    tracing = oc.setup_tracing(
+        sql_url="postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=1",
+        spill_path=spill, set_global=False, handle_sigterm=False,
+    )
+    tracing.sql.max_retries = 1
+    try:
+        scripted_run(scripted_llm)
+        tracing.force_flush()
+        assert tracing.stats["sql"]["rows_spilled"] > 0
+    finally:
+        tracing.shutdown()
+
+
+def test_several_processes_write_one_sqlite_file(tmp_path):
+    """Two processes tracing into one SQLite file (WAL, busy timeout): every row lands, orders gapless per run."""
+    db = tmp_path / "shared.db"
+    script = (
+        "import otel_cmbagent as oc, sys\n"
+        f"t = oc.setup_tracing(sql_url='sqlite:///{db}', set_global=False, instrument=False)\n"
+        "tracer = t.tracer_provider.get_tracer('p')\n"
+        "oc.context._TracerSource.provider = t.tracer_provider\n"
+        "with oc.run(run_id=sys.argv[1]):\n"
+        "    for i in range(300):\n"
+        "        with tracer.start_as_current_span(f's{i}'): pass\n"
+        "t.shutdown()\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, f"run-{n}"]) for n in range(2)]
+    assert [p.wait(120) for p in procs] == [0, 0]
+    engine = make_engine(f"sqlite:///{db}")
+    for n in range(2):
+        rows = table_rows(engine, where=f"where run_id = 'run-{n}'")
+        assert [r["execution_order"] for r in rows] == list(range(1, 302))
+
+
+def test_default_table_shape():
+    """cmbagent's columns with their types, plus trace/span ids and the documented indexes."""
+    table = execution_events_table()
+    assert isinstance(table.c.id.type, sa.String) and table.c.id.type.length == 36
+    assert isinstance(table.c.timestamp.type, sa.DateTime) and table.c.timestamp.type.timezone
+    assert isinstance(table.c.inputs.type, sa.JSON)
+    indexed = {tuple(c.name for c in index.columns) for index in table.indexes}
+    for wanted in [("run_id",), ("session_id",), ("run_id", "execution_order"), ("event_type",), ("agent_name",)]:
+        assert wanted in indexed
+    assert {"trace_id", "span_id"} <= set(table.c.keys())
