@@ -427,10 +427,12 @@ class WebsocketBroadcaster:
     # --- server loop thread -----------------------------------------------------------
     def _run(self, ws_serve: Any, host: str, port: int) -> None:
         asyncio.set_event_loop(self._loop)
+
+        async def start() -> Any:
+            return await ws_serve(self._handler, host, port, process_request=self._process_request)
+
         try:
-            self._server = self._loop.run_until_complete(
-                ws_serve(self._handler, host, port, process_request=self._process_request)
-            )
+            self._server = self._loop.run_until_complete(start())
         except BaseException as exc:  # noqa: BLE001 - reported to serve()'s caller
             self._error = exc
             self._started.set()
