@@ -322,6 +322,12 @@ class SQLEventSink(SpanProcessor):
                 self.rows_written += self._writer.write(rows)
                 self._degraded = False
                 return
+            except sa.exc.IntegrityError as exc:
+                # Some rows break a constraint of the user's table (e.g. a foreign key to a run
+                # that is not in workflow_runs): retrying cannot help, but the other rows must land.
+                self._degraded = False
+                self._write_one_by_one(rows, exc)
+                return
             except Exception as exc:  # noqa: BLE001
                 error = exc
                 if attempt + 1 < attempts:
@@ -330,6 +336,16 @@ class SQLEventSink(SpanProcessor):
                     delay *= 2
         self._degraded = True
         self._spill(rows, error)
+
+    def _write_one_by_one(self, rows: list[dict[str, Any]], error: BaseException) -> None:
+        rejected: list[dict[str, Any]] = []
+        for row in rows:
+            try:
+                self.rows_written += self._writer.write([row])
+            except sa.exc.IntegrityError:
+                rejected.append(row)
+        if rejected:
+            self._spill(rejected, error)
 
     def _spill(self, rows: list[dict[str, Any]], error: BaseException) -> None:
         try:

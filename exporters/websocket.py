@@ -112,7 +112,10 @@ def _data(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def envelope(data: Mapping[str, Any], event_type: str = EVENT_CAPTURED) -> dict[str, Any]:
-    """The message cmbagent's UI receives for one event: ``{"event_type", "timestamp", "run_id", "session_id", "data"}``."""
+    """The message cmbagent's UI receives for one event.
+
+    ``{"event_type": "event_captured", "timestamp": <now, ISO 8601>, "run_id", "session_id", "data": data}``
+    """
     return {
         "event_type": event_type,
         "timestamp": datetime.now(timezone.utc).isoformat(),
@@ -454,7 +457,7 @@ class WebsocketBroadcaster:
         if presented is not None and hmac.compare_digest(presented.encode("utf-8"), self._token_bytes):
             return None
         self._rejected += 1
-        response = connection.respond(401, "Unauthorized: present the token as ?token=... or 'Authorization: Bearer ...'\n")
+        response = connection.respond(401, "Unauthorized: send ?token=... or 'Authorization: Bearer ...'\n")
         response.headers["WWW-Authenticate"] = 'Bearer realm="otel-cmbagent"'
         return response
 

@@ -57,7 +57,7 @@ class BackgroundWorker:
         self.max_batch = max_batch
         self.delay = delay
         self.stats = WorkerStats()
-        self._last_drop_log = 0.0
+        self._last_drop_log: float | None = None
         self._init_state()
         weak_self = weakref.ref(self)
 
@@ -74,6 +74,7 @@ class BackgroundWorker:
         self._condition = threading.Condition()
         self._shutdown = False
         self._busy = False
+        self._flushers = 0
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
@@ -91,7 +92,7 @@ class BackgroundWorker:
                     self._condition.notify_all()
         if drop:
             now = time.monotonic()
-            if now - self._last_drop_log > 10:
+            if self._last_drop_log is None or now - self._last_drop_log > 10:
                 self._last_drop_log = now
                 _logger.warning("otel-cmbagent: %s queue full, dropped %d items so far", self.name, self.stats.dropped)
         return not drop
@@ -101,6 +102,10 @@ class BackgroundWorker:
         while True:
             with self._condition:
                 if not self._queue and not self._shutdown:
+                    self._condition.wait(self.delay)  # idle
+                # Like the SDK's batch processor: gather up to ``delay`` for a fuller batch,
+                # unless a flush or shutdown is waiting.
+                if self._queue and len(self._queue) < self.max_batch and not (self._flushers or self._shutdown):
                     self._condition.wait(self.delay)
                 if not self._queue:
                     if self._shutdown:
@@ -123,23 +128,29 @@ class BackgroundWorker:
         """Wait until everything queued so far has been handled (True) or ``timeout`` passed (False)."""
         deadline = time.monotonic() + timeout
         with self._condition:
-            self._condition.notify_all()
-            while self._queue or self._busy:
-                if not self._thread.is_alive():
-                    return False
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._condition.wait(min(remaining, 0.05))
+            self._flushers += 1
+            try:
                 self._condition.notify_all()
+                while self._queue or self._busy:
+                    if not self._thread.is_alive():
+                        return False
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._condition.wait(min(remaining, 0.05))
+                    self._condition.notify_all()
+            finally:
+                self._flushers -= 1
         return True
 
     def shutdown(self, timeout: float = 30.0) -> bool:
+        """Flush, then stop the thread; the whole call takes at most ``timeout``."""
+        deadline = time.monotonic() + timeout
         flushed = self.flush(timeout)
         with self._condition:
             self._shutdown = True
             self._condition.notify_all()
-        self._thread.join(timeout=max(0.0, timeout))
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
         return flushed
 
     @property

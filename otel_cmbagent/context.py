@@ -138,16 +138,17 @@ class _TracerSource:
     """The tracer provider that ``run``/``step`` use: the instrumented one, else the global one."""
 
     provider: trace.TracerProvider | None = None
-    _tracers: dict[int, trace.Tracer] = {}
+    _cached: tuple[trace.TracerProvider, trace.Tracer] | None = None
 
     @classmethod
     def tracer(cls) -> trace.Tracer:
         provider = cls.provider or trace.get_tracer_provider()
-        key = id(provider)
-        tracer = cls._tracers.get(key)
-        if tracer is None:
-            tracer = trace.get_tracer("otel_cmbagent", __version__, tracer_provider=provider)
-            cls._tracers = {key: tracer}  # only the latest provider is kept
+        cached = cls._cached
+        # Compare the provider object itself: an id() can be reused by a new provider.
+        if cached is not None and cached[0] is provider:
+            return cached[1]
+        tracer = trace.get_tracer("otel_cmbagent", __version__, tracer_provider=provider)
+        cls._cached = (provider, tracer)
         return tracer
 
 
@@ -211,16 +212,18 @@ class run(_Scope):  # noqa: N801 - used like a function: ``with oc.run(): ...``
         self, run_id: str | None = None, session_id: str | None = None, name: str | None = None, **attributes: Any
     ) -> None:
         self.run_id = str(run_id) if run_id is not None else _new_id()
-        outer = current_identity()
-        if session_id is None and outer is not None and outer.session_id is not None:
-            session_id = outer.session_id
-        self.session_id = str(session_id) if session_id is not None else _new_id()
+        self._given_session_id = None if session_id is None else str(session_id)
+        self.session_id = self._given_session_id or ""
         self.name = name
         self.attributes = attributes
         self._token = None
         self.usage = UsageTotals()
 
     def __enter__(self) -> run:
+        # A nested run inherits the session of the run it is entered in (not created in).
+        outer = current_identity()
+        inherited = outer.session_id if outer is not None else None
+        self.session_id = self._given_session_id or inherited or _new_id()
         identity = RunIdentity(self.run_id, self.session_id, sequence=sequence_for_run(self.run_id))
         attributes = {
             **self.attributes,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import threading
 from typing import Any
 
@@ -14,6 +15,10 @@ from .context import OrderSequence, current_identity
 from .utils import log_internal_error
 
 _trace_sequences: dict[int, OrderSequence] = {}
+# Traces whose spans have all ended keep their counter a while, so a late span
+# (a fire-and-forget task whose parent already ended) continues the order.
+_ended_trace_sequences: collections.OrderedDict[int, OrderSequence] = collections.OrderedDict()
+_MAX_ENDED_TRACES = 4096
 _trace_sequences_lock = threading.Lock()
 
 
@@ -21,7 +26,8 @@ def _trace_sequence_start(trace_id: int) -> OrderSequence:
     with _trace_sequences_lock:
         sequence = _trace_sequences.get(trace_id)
         if sequence is None:
-            sequence = _trace_sequences[trace_id] = OrderSequence()
+            sequence = _ended_trace_sequences.pop(trace_id, None) or OrderSequence()
+            _trace_sequences[trace_id] = sequence
         sequence.open_spans += 1
         return sequence
 
@@ -33,6 +39,9 @@ def _trace_sequence_end(trace_id: int) -> None:
             sequence.open_spans -= 1
             if sequence.open_spans <= 0:
                 del _trace_sequences[trace_id]
+                _ended_trace_sequences[trace_id] = sequence
+                if len(_ended_trace_sequences) > _MAX_ENDED_TRACES:
+                    _ended_trace_sequences.popitem(last=False)
 
 
 def next_event_order(span: trace.Span) -> int | None:

@@ -140,8 +140,9 @@ def jsonable(value: Any, limit: int, _depth: int = 0, _seen: set[int] | None = N
     Strings are cut at ``limit`` so a huge message costs O(limit), not O(size).
     """
     if value is None or isinstance(value, (bool, int, float)):
-        if isinstance(value, float) and value != value:  # NaN is not JSON
-            return "NaN"
+        if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+            # NaN and infinities are not JSON: keep them readable as strings
+            return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
         return value
     if isinstance(value, str):
         return truncate(value, limit)

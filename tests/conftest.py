@@ -62,3 +62,32 @@ def chats_cwd(tmp_path, monkeypatch) -> str:
     (tmp_path / "chats").mkdir()
     monkeypatch.chdir(tmp_path)
     return os.fspath(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway PostgreSQL cluster on 127.0.0.1 for the session (initdb/pg_ctl; never skipped)."""
+    from otel_cmbagent.testing.postgres import PostgresServer
+
+    server = PostgresServer().start()
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh database per test on the session cluster (restarted first if a fault test stopped it)."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    if not postgres_server.running:
+        postgres_server.restart()
+        postgres_server.wait_ready()
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(postgres_server.url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f"create database {name}"))
+    admin.dispose()
+    return postgres_server.url.rsplit("/", 1)[0] + "/" + name

@@ -13,7 +13,15 @@ from otel_cmbagent.testing import text, tool_call
 from conftest import FAKE_KEY
 
 
-def scripted_run(llm, *, name="sinks", gate: threading.Event | None = None, reached: threading.Event | None = None):
+def scripted_run(
+    llm,
+    *,
+    name="sinks",
+    gate: threading.Event | None = None,
+    reached: threading.Event | None = None,
+    run_id: str | None = None,
+    session_id: str | None = None,
+):
     """A traced two-agent chat with a tool call; with ``gate`` the tool waits for it (the run stays live)."""
     llm.push(tool_call("add", {"a": 20, "b": 22, "token": FAKE_KEY}), text(f"42 {FAKE_KEY}"), text("TERMINATE"))
 
@@ -27,7 +35,7 @@ def scripted_run(llm, *, name="sinks", gate: threading.Event | None = None, reac
     assistant = ConversableAgent("assistant", llm_config=llm.llm_config(api_key=FAKE_KEY))
     user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER", code_execution_config=False)
     register_function(add, caller=assistant, executor=user, description="Add.")
-    with oc.run(name=name) as run:
+    with oc.run(name=name, run_id=run_id, session_id=session_id) as run:
         user.initiate_chat(assistant, message=f"add 20 and 22, key {FAKE_KEY}", max_turns=3, silent=True)
     return run
 

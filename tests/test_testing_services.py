@@ -8,11 +8,16 @@ import threading
 import time
 
 import pytest
-
-# ---- PostgresServer ---------------------------------------------------------------------
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.trace import StatusCode
 
 from otel_cmbagent.testing import postgres as pg_mod
+from otel_cmbagent.testing.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
 from otel_cmbagent.testing.postgres import PostgresServer, find_postgres_bin
+
+# ---- PostgresServer ---------------------------------------------------------------------
 
 
 def _need_postgres() -> None:
@@ -97,13 +102,6 @@ def test_postgres_keep_leaves_data_dir():
 
 
 # ---- OTLP receivers ---------------------------------------------------------------------
-
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
-from opentelemetry.trace import StatusCode
-
-from otel_cmbagent.testing.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
 
 
 def _http_exporter(rx, timeout=10.0, gzip=False):

@@ -1,4 +1,4 @@
-"""WebsocketCallbackProcessor and the websocket server: real AG2 chats against the scripted LLM, a real websocket client."""
+"""WebsocketCallbackProcessor and the websocket server: real AG2 chats, scripted LLM, a real websocket client."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ IDENTITY_FIELDS = {
 @pytest.fixture(autouse=True)
 def _fresh_tracer_cache(monkeypatch):
     # run() caches its tracer by id(provider); each test here builds its own provider.
-    monkeypatch.setattr(oc_context._TracerSource, "_tracers", {})
+    monkeypatch.setattr(oc_context._TracerSource, "_cached", None)
 
 
 def add(a: int, b: int) -> int:
@@ -293,14 +293,9 @@ def test_async_callback_runs_on_the_given_loop(scripted_llm, running_loop):
 
 def test_hung_async_callback_times_out_and_counts_failed(running_loop):
     loop, _ = running_loop
-    cancelled = []
 
     async def hung(event_type, data):
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            cancelled.append(data["event_id"])
-            raise
+        await asyncio.Event().wait()  # never set
 
     provider = TracerProvider()
     provider.add_span_processor(oc.SequencingSpanProcessor())
