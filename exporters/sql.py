@@ -142,26 +142,22 @@ class _TableWriter:
         return out
 
     def write(self, rows: Iterable[Mapping[str, Any]]) -> int:
-        final: dict[str, dict[str, Any]] = {}
-        running: dict[str, dict[str, Any]] = {}
+        """Upsert rows in one transaction, one row per id, in first-seen order (parents before children)."""
+        latest: dict[str, dict[str, Any]] = {}
         for row in rows:
             mapped = self.to_table(row)
             if mapped is None:
                 continue
-            if row.get("status") == STATUS_RUNNING:
-                if mapped["id"] not in final:
-                    running[mapped["id"]] = mapped
-            else:
-                running.pop(mapped["id"], None)
-                final[mapped["id"]] = mapped
+            previous = latest.get(mapped["id"])
+            if previous is None or row.get("status") != STATUS_RUNNING:
+                latest[mapped["id"]] = mapped  # a final row wins; the position stays the first one
+        if not latest:
+            return 0
         with self.engine.begin() as connection:
-            if running:
-                self._insert(connection, list(running.values()), update=False)
-            if final:
-                self._insert(connection, list(final.values()), update=True)
-        return len(running) + len(final)
+            self._upsert(connection, list(latest.values()))
+        return len(latest)
 
-    def _insert(self, connection: sa.Connection, rows: list[dict[str, Any]], update: bool) -> None:
+    def _upsert(self, connection: sa.Connection, rows: list[dict[str, Any]]) -> None:
         # executemany needs one key set: fill the gaps with None
         keys = set().union(*(row.keys() for row in rows))
         rows = [{key: row.get(key) for key in keys} for row in rows]
@@ -169,26 +165,23 @@ class _TableWriter:
         if dialect in ("sqlite", "postgresql"):
             module = sa.dialects.sqlite if dialect == "sqlite" else sa.dialects.postgresql
             statement = module.insert(self.table)
-            if update:
-                # A final row replaces whatever is there; a running row never overwrites anything
-                # (so a replayed start cannot undo a completed row).
-                statement = statement.on_conflict_do_update(
-                    index_elements=[self.table.c.id],
-                    set_={key: statement.excluded[key] for key in keys if key != "id"},
-                )
-            else:
-                statement = statement.on_conflict_do_nothing(index_elements=[self.table.c.id])
+            # A final row replaces whatever is there; a running row never overwrites anything
+            # (so a late or replayed start cannot undo a completed row).
+            only_final = statement.excluded.status != STATUS_RUNNING if "status" in self.columns else None
+            statement = statement.on_conflict_do_update(
+                index_elements=[self.table.c.id],
+                set_={key: statement.excluded[key] for key in keys if key != "id"},
+                where=only_final,
+            )
             connection.execute(statement, rows)
             return
         ids = [row["id"] for row in rows]
         existing = {r[0] for r in connection.execute(sa.select(self.table.c.id).where(self.table.c.id.in_(ids)))}
-        new_rows = [row for row in rows if row["id"] not in existing]
-        if new_rows:
-            connection.execute(sa.insert(self.table), new_rows)
-        if update:
-            for row in rows:
-                if row["id"] in existing:
-                    connection.execute(sa.update(self.table).where(self.table.c.id == row["id"]).values(**row))
+        for row in rows:  # other dialects: row by row, in order
+            if row["id"] not in existing:
+                connection.execute(sa.insert(self.table), [row])
+            elif row.get("status") != STATUS_RUNNING:
+                connection.execute(sa.update(self.table).where(self.table.c.id == row["id"]).values(**row))
 
 
 def _json_default(value: Any) -> Any:

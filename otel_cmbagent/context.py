@@ -85,6 +85,17 @@ class RunIdentity:
     step_id: str | None = None
     sequence: OrderSequence | None = None
 
+    @functools.cached_property
+    def attributes(self) -> dict[str, str]:
+        """The identity attributes every span of this scope carries (computed once per scope)."""
+        values = {
+            semconv.RUN_ID: self.run_id,
+            semconv.SESSION_ID: self.session_id,
+            semconv.NODE_ID: self.node_id,
+            semconv.STEP_ID: self.step_id,
+        }
+        return {key: value for key, value in values.items() if value is not None}
+
 
 def current_identity(ctx: otel_context.Context | None = None) -> RunIdentity | None:
     return otel_context.get_value(_IDENTITY_KEY, ctx)  # type: ignore[return-value]

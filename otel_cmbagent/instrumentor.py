@@ -213,6 +213,14 @@ def ensure_sequencer(provider: Any) -> bool:
     if not isinstance(provider, TracerProvider):
         return False
     try:
+        max_events = getattr(getattr(provider, "_span_limits", None), "max_events", None)
+        if isinstance(max_events, int) and max_events < 10_000:
+            _logger.info(
+                "otel-cmbagent: this TracerProvider keeps %d events per span; conversations longer than that "
+                "lose their oldest message events in exported spans (raise OTEL_SPAN_EVENT_COUNT_LIMIT; "
+                "setup_tracing() does). The SQL and websocket sinks receive every message regardless.",
+                max_events,
+            )
         processors = getattr(provider._active_span_processor, "_span_processors", ())
         if any(isinstance(p, SequencingSpanProcessor) for p in processors):
             return False

@@ -14,6 +14,8 @@ from .messages import messages_json, to_otel_message
 from .spans import Runtime, SpanStart, agent_name, usage_chain
 from .utils import register_secrets_from_config, to_json
 
+_NOT_CONFIG = frozenset({"messages", "agent", "context", "tools", "functions", "cache", "response_format"})
+
 _REQUEST_PARAMS = (
     ("temperature", semconv.GEN_AI_REQUEST_TEMPERATURE, (int, float)),
     ("max_tokens", semconv.GEN_AI_REQUEST_MAX_TOKENS, int),
@@ -39,7 +41,9 @@ class LLMWrappers:
 
     def start_create(self, client: Any, args: tuple, kwargs: dict) -> SpanStart:
         self._remember_secrets(client)
-        register_secrets_from_config(kwargs)
+        # Per-call overrides may carry an api_key; the message history is content, not config
+        # (walking it on every call would cost O(history) per call).
+        register_secrets_from_config({k: v for k, v in kwargs.items() if k not in _NOT_CONFIG})
         config_list = getattr(client, "_config_list", None) or [{}]
         first = config_list[0] if isinstance(config_list[0], dict) else {}
         model = kwargs.get("model") or first.get("model")

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 
 from .config import CAPTURE_CONTENT_ENV, parse_bool_env
 from .instrumentor import AG2Instrumentor
@@ -101,7 +101,7 @@ def setup_tracing(
         raise TypeError(f"capture_content must be True, False or None, not {capture_content!r}")
     content_in_spans = capture_content if capture_content is not None else parse_bool_env(CAPTURE_CONTENT_ENV, True)
 
-    provider = TracerProvider(resource=_resource(service_name))
+    provider = TracerProvider(resource=_resource(service_name), span_limits=_span_limits())
     provider.add_span_processor(SequencingSpanProcessor())
     tracing = Tracing(tracer_provider=provider)
     try:
@@ -137,6 +137,18 @@ def setup_tracing(
         tracing.instrumentor = instrumentor
     _register_exit_hooks(tracing, handle_sigterm)
     return tracing
+
+
+# A conversation span carries one event per message; the SDK's default of 128 events
+# per span would drop the oldest messages of a long chat (and leave gaps in the order
+# that OTLP backends see). The SQL and websocket sinks get every message regardless.
+DEFAULT_MAX_EVENTS_PER_SPAN = 100_000
+
+
+def _span_limits() -> SpanLimits:
+    if os.environ.get("OTEL_SPAN_EVENT_COUNT_LIMIT"):
+        return SpanLimits()
+    return SpanLimits(max_events=DEFAULT_MAX_EVENTS_PER_SPAN)
 
 
 def _set_global_provider(provider: TracerProvider) -> None:

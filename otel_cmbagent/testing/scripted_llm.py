@@ -109,6 +109,7 @@ class _Server(ThreadingHTTPServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
+    disable_nagle_algorithm = True  # headers and body go out at once: no delayed-ACK stalls
     """Routes the few OpenAI endpoints AG2 uses; everything else is 404."""
 
     protocol_version = "HTTP/1.1"  # keep-alive for httpx; every response sends Content-Length

@@ -1,0 +1,305 @@
+"""Throughput of the sinks: SQL ``execution_events`` rows/s against cmbagent's legacy path, and an OTLP burst.
+
+Run:  make bench      (from the repo: .venv/ag2/bin/python benchmarks/bench_sinks.py)
+      .venv/ag2/bin/python benchmarks/bench_sinks.py --quick     (smoke run, a few seconds)
+      .venv/ag2/bin/python benchmarks/bench_sinks.py --grpc      (part 2 over OTLP/gRPC instead of HTTP)
+
+Every ratio is against a baseline measured in the same run; timings are printed, never asserted.
+
+1. SQL rows/s on SQLite (a temp file) and PostgreSQL (a throwaway ``PostgresServer`` on loopback,
+   fsync=off), every path into its own fresh table on the same engine (``make_engine``):
+   - legacy: cmbagent's ``EventCaptureManager`` pattern, an ORM model with the ``execution_events``
+     columns and ``session.add(row); session.commit()`` per event;
+   - raw SQLAlchemy Core executemany of prebuilt rows in 512-row transactions (context);
+   - ours, sink writer only: prebuilt start+end rows into ``sink._writer.write`` 512 at a time (the ceiling);
+   - ours, end to end: spans inside ``oc.run`` into a TracerProvider with ``SequencingSpanProcessor`` +
+     ``SQLEventSink`` (2 events per span: a ``running`` row at start, completed at end), timed from
+     the first span start until ``force_flush()`` returns; includes creating the spans (~20-30 µs each).
+   rows/s = rows in the table at the end / elapsed; events/s = row writes submitted / elapsed.
+2. OTLP burst: spans started as fast as possible in one thread inside ``oc.run``, sequencer +
+   OTLP exporter, then ``force_flush``; our ``otlp_span_processor`` (default queue) vs the SDK's
+   default sizes (queue 2048, batch 512, drops counted). The receiver (``OTLPHTTPReceiver`` /
+   ``OTLPGRPCReceiver``, which decodes every span into dicts) runs in a child process so its CPU
+   does not compete with the exporter for this process's GIL; its CPU time is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from sqlalchemy import orm
+
+import otel_cmbagent as oc
+from otel_cmbagent import context as oc_context
+from otel_cmbagent import semconv
+from otel_cmbagent.exporters.otlp import (ContentPolicyExporter, CountingBatchSpanProcessor, make_otlp_exporter,
+                                          otlp_span_processor)
+from otel_cmbagent.exporters.rows import EXECUTION_EVENT_COLUMNS, span_row
+from otel_cmbagent.exporters.sql import SQLEventSink, execution_events_table, make_engine
+from otel_cmbagent.testing.postgres import PostgresServer
+
+BATCH = 512
+SPAN_ATTRIBUTES = {
+    semconv.GEN_AI_OPERATION_NAME: semconv.OP_EXECUTE_TOOL,
+    semconv.EVENT_TYPE: semconv.EVENT_TOOL_CALL,
+    semconv.GEN_AI_AGENT_NAME: "engineer",
+    semconv.GEN_AI_TOOL_NAME: "add",
+    semconv.GEN_AI_TOOL_CALL_ARGUMENTS: '{"a": 20, "b": 22}',
+}
+
+
+class LegacyBase(orm.DeclarativeBase):
+    pass
+
+
+class LegacyExecutionEvent(LegacyBase):
+    """cmbagent's ExecutionEvent: the columns of ``execution_events_table`` (without trace_id/span_id)."""
+
+    __tablename__ = "legacy_execution_events"
+    id = sa.Column(sa.String(36), primary_key=True)
+    run_id = sa.Column(sa.String(36), index=True)
+    node_id = sa.Column(sa.String(36), index=True)
+    step_id = sa.Column(sa.String(36), index=True)
+    session_id = sa.Column(sa.String(36), index=True)
+    parent_event_id = sa.Column(sa.String(36))
+    event_type = sa.Column(sa.String(50), nullable=False, index=True)
+    event_subtype = sa.Column(sa.String(50))
+    agent_name = sa.Column(sa.String(100), index=True)
+    agent_role = sa.Column(sa.String(50))
+    timestamp = sa.Column(sa.DateTime(timezone=True), nullable=False, index=True)
+    started_at = sa.Column(sa.DateTime(timezone=True))
+    completed_at = sa.Column(sa.DateTime(timezone=True))
+    duration_ms = sa.Column(sa.Integer)
+    inputs = sa.Column(sa.JSON(none_as_null=True))
+    outputs = sa.Column(sa.JSON(none_as_null=True))
+    error_message = sa.Column(sa.Text)
+    meta = sa.Column(sa.JSON(none_as_null=True))
+    execution_order = sa.Column(sa.Integer, nullable=False)
+    depth = sa.Column(sa.Integer, nullable=False, default=0)
+    status = sa.Column(sa.String(50), default="completed")
+    __table_args__ = (sa.Index("ix_legacy_run_order", "run_id", "execution_order"),)
+
+
+class _RowCollector(SpanProcessor):
+    """Keeps the rows the sink would queue (start and end), to prebuild the baselines' input."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def on_start(self, span, parent_context=None) -> None:
+        self.rows.append(span_row(span, ended=False))
+
+    def on_end(self, span) -> None:
+        self.rows.append(span_row(span, ended=True))
+
+
+def use_provider(*processors: SpanProcessor) -> TracerProvider:
+    provider = TracerProvider()
+    provider.add_span_processor(oc.SequencingSpanProcessor())
+    for processor in processors:
+        provider.add_span_processor(processor)
+    oc_context._TracerSource.provider = provider  # what oc.instrument(tracer_provider=...) sets; oc.run uses it
+    return provider
+
+
+def emit(provider: TracerProvider, n: int) -> float:
+    """``n`` tool-call spans under one run span, started as fast as possible; returns the seconds taken."""
+    tracer = provider.get_tracer("bench")
+    start = time.perf_counter()
+    with oc.run(name="bench"):
+        for _ in range(n):
+            tracer.start_span("execute_tool add", attributes=SPAN_ATTRIBUTES).end()
+    return time.perf_counter() - start
+
+
+def count(engine: sa.Engine, table: sa.Table) -> int:
+    with engine.connect() as connection:
+        return connection.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+
+
+# --- 1. SQL ---------------------------------------------------------------------------------
+def bench_sql(label: str, engine: sa.Engine, n: int, n_legacy: int, spill: Path) -> None:
+    collector = _RowCollector()
+    emit(use_provider(collector), n)
+    prebuilt = collector.rows  # 2 rows per span (+ the run span), in queue order
+    final = [row for row in prebuilt if row["status"] != "running"]
+    with engine.connect():
+        pass  # open the pool's first connection outside any timing
+    results = []  # (name, rows, seconds, events)
+
+    LegacyBase.metadata.create_all(engine)
+    legacy = LegacyExecutionEvent.__table__
+    gc.collect()
+    start = time.perf_counter()
+    with orm.Session(engine) as session:
+        for row in final[:n_legacy]:
+            session.add(LegacyExecutionEvent(**{key: row[key] for key in EXECUTION_EVENT_COLUMNS}))
+            session.commit()
+    seconds = time.perf_counter() - start
+    results.append(("legacy: ORM add+commit per event", count(engine, legacy), seconds, n_legacy))
+
+    core = execution_events_table(sa.MetaData(), name="core_execution_events")
+    core.create(engine)
+    sink = SQLEventSink(engine, table=core, spill_path=spill)  # only for its row mapping (and sink-only below)
+    mapped = [sink._writer.to_table(row) for row in final]
+    sink.shutdown()
+    gc.collect()
+    start = time.perf_counter()
+    for i in range(0, len(mapped), BATCH):
+        with engine.begin() as connection:
+            connection.execute(core.insert(), mapped[i:i + BATCH])
+    results.append(("raw Core executemany, 512-row txns", count(engine, core), time.perf_counter() - start,
+                    len(mapped)))
+
+    table = execution_events_table(sa.MetaData(), name="sink_only_execution_events")
+    table.create(engine)
+    sink = SQLEventSink(engine, table=table, spill_path=spill)
+    gc.collect()
+    start = time.perf_counter()
+    upserts = sum(sink._writer.write(prebuilt[i:i + BATCH]) for i in range(0, len(prebuilt), BATCH))
+    results.append(("ours: sink writer only (prebuilt)", count(engine, table), time.perf_counter() - start,
+                    len(prebuilt)))
+    sink.shutdown()
+
+    sink = SQLEventSink(engine, spill_path=spill)  # our default table, created by the sink
+    provider = use_provider(sink)
+    gc.collect()
+    start = time.perf_counter()
+    created = emit(provider, n)
+    flushed = provider.force_flush(600_000)
+    seconds = time.perf_counter() - start
+    stats = sink.stats
+    results.append(("ours: spans → sequencer → SQLEventSink", count(engine, sink.table), seconds, stats["enqueued"]))
+    provider.shutdown()
+
+    legacy_rate = results[0][1] / results[0][2]
+    print(f"  {label}")
+    for name, rows, secs, events in results:
+        print(f"    {name:<40}{rows:>9,}{secs:>10.3f}{rows / secs:>11,.0f}{events / secs:>11,.0f}"
+              f"{rows / secs / legacy_rate:>10.1f}×")
+    verdict = "met" if results[3][1] / results[3][2] >= 100 * legacy_rate else "MISSED"
+    print(f"    ours end to end: spans created in {created:.3f} s ({created / (n + 1) * 1e6:.1f} µs/span), "
+          f"flushed={flushed}, upserts executed {stats['rows_written']:,} (sink-only {upserts:,}; start+end of a "
+          f"span in one batch coalesce), dropped {stats['dropped']}, spilled {stats['rows_spilled']}, "
+          f"failed {stats['failed']}; target ≥ 100× legacy: {verdict}")
+
+
+def run_sql(n: int, n_legacy: int) -> None:
+    print(f"1. SQL execution_events: legacy {n_legacy:,} events, ours {n:,} spans (+1 run span); "
+          "rows = rows in the table, events = row writes submitted")
+    print(f"    {'path':<40}{'rows':>9}{'elapsed s':>10}{'rows/s':>11}{'events/s':>11}{'× legacy':>11}")
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = make_engine(f"sqlite:///{tmp}/bench.sqlite")
+        bench_sql("SQLite (temp file; WAL, synchronous=NORMAL)", engine, n, n_legacy, Path(tmp, "spill.jsonl"))
+        engine.dispose()
+        try:
+            pg = PostgresServer().start()
+        except RuntimeError as exc:
+            print(f"  PostgreSQL: skipped ({exc})")
+            return
+        try:
+            engine = make_engine(pg.url)
+            with engine.connect() as connection:
+                version = connection.execute(sa.text("show server_version")).scalar_one().split()[0]
+            bench_sql(f"PostgreSQL {version} (loopback, fsync=off)", engine, n, n_legacy, Path(tmp, "spill.jsonl"))
+            engine.dispose()
+        finally:
+            pg.stop()
+
+
+# --- 2. OTLP burst ------------------------------------------------------------------------------
+def receiver_child(kind: str) -> None:
+    """Child process: serve a receiver; each stdin line is answered with 'spans received, CPU seconds'."""
+    from otel_cmbagent.testing.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
+
+    receiver = (OTLPGRPCReceiver if kind == "grpc" else OTLPHTTPReceiver)().start()
+    print(receiver.endpoint, flush=True)
+    for _ in sys.stdin:
+        print(len(receiver.spans), time.process_time(), flush=True)
+    receiver.stop()
+
+
+@contextlib.contextmanager
+def child_receiver(kind: str):
+    proc = subprocess.Popen([sys.executable, __file__, "--receiver-child", kind],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def poll() -> tuple[int, float]:
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        spans, cpu = proc.stdout.readline().split()
+        return int(spans), float(cpu)
+
+    try:
+        yield proc.stdout.readline().strip(), poll
+    finally:
+        proc.stdin.close()
+        proc.wait(30)
+
+
+def run_burst(n: int, protocol: str) -> None:
+    kind = "grpc" if protocol == "grpc" else "http"
+    print(f"\n2. OTLP burst: {n:,} spans (+1 run span) in one thread inside oc.run → OTLP {protocol} → "
+          f"OTLP{kind.upper()}Receiver in a child process")
+    print(f"    {'processor':<30}{'queue/batch':>13}{'create s':>10}{'elapsed s':>10}{'spans/s':>9}{'dropped':>9}"
+          f"{'exported':>10}{'failed':>8}{'received':>10}{'rx CPU s':>10}{'our CPU s':>10}")
+    configs = {
+        "ours: otlp_span_processor()": lambda endpoint: otlp_span_processor(
+            capture_content=True, protocol=protocol, endpoint=endpoint),
+        "SDK default sizes": lambda endpoint: CountingBatchSpanProcessor(
+            ContentPolicyExporter(make_otlp_exporter(protocol, endpoint), capture_content=True),
+            max_queue_size=2048, max_export_batch_size=512),
+    }
+    for name, make in configs.items():
+        with child_receiver(kind) as (endpoint, poll):
+            processor = make(endpoint)
+            provider = use_provider(processor)
+            sizes = f"{processor._batch_processor._max_queue_size}/{processor._batch_processor._max_export_batch_size}"
+            _, rx_cpu = poll()
+            gc.collect()
+            start, cpu = time.perf_counter(), time.process_time()
+            created = emit(provider, n)
+            provider.force_flush(600_000)
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+            received, rx_cpu_end = poll()
+            stats = processor.stats
+            provider.shutdown()
+        print(f"    {name:<30}{sizes:>13}{created:>10.2f}{seconds:>10.2f}{stats['exported'] / seconds:>9,.0f}"
+              f"{stats['dropped']:>9,}{stats['exported']:>10,}{stats['failed']:>8,}{received:>10,}"
+              f"{rx_cpu_end - rx_cpu:>10.2f}{cpu:>10.2f}")
+    print("    spans/s = exported / elapsed (first span start → force_flush returns); target: 0 dropped for ours. "
+          "rx CPU ≈ elapsed would mean the receiver is the bottleneck; our CPU ≈ elapsed, this process (GIL).")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2,000 spans, 200 legacy rows, 10,000 burst")
+    parser.add_argument("--grpc", action="store_true", help="OTLP burst over gRPC instead of HTTP/protobuf")
+    parser.add_argument("--receiver-child", choices=("http", "grpc"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.receiver_child:
+        receiver_child(args.receiver_child)
+        return
+    # Drops and failures are counted and printed: the SDK's per-span "Queue full" warnings would flood stderr.
+    logging.getLogger("opentelemetry").setLevel(logging.CRITICAL)
+    logging.getLogger("otel_cmbagent").setLevel(logging.ERROR)
+    n, n_legacy, n_burst = (2_000, 200, 10_000) if args.quick else (20_000, 2_000, 100_000)
+    started = time.perf_counter()
+    print(f"otel-cmbagent sink throughput benchmark (python {sys.version.split()[0]}, sqlalchemy {sa.__version__})\n")
+    run_sql(n, n_legacy)
+    run_burst(n_burst, "grpc" if args.grpc else "http/protobuf")
+    print(f"\n(total {time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
