@@ -60,9 +60,13 @@ def open_trace_sequences() -> int:
 
 
 def _raw_attributes(span: Any) -> Any:
-    """The span's attribute mapping without the read-only view the public property builds."""
-    raw = getattr(span, "_attributes", None)
-    return raw if raw is not None else getattr(span, "attributes", None)
+    """The span's attributes as a plain dict when the SDK keeps one (a ``get`` on the SDK's
+    mapping raises and catches KeyError for a missing key: ~0.6 µs, measured here)."""
+    bounded = getattr(span, "_attributes", None)
+    raw = getattr(bounded, "_dict", None)
+    if isinstance(raw, dict):
+        return raw
+    return bounded if bounded is not None else getattr(span, "attributes", None)
 
 
 def _depth_below(parent: Any, span: Span) -> int:
@@ -74,7 +78,7 @@ def _depth_below(parent: Any, span: Span) -> int:
     return parent_depth + 1 if isinstance(parent_depth, int) else 0
 
 
-def _write_attributes(span: Span, values: dict[str, Any]) -> None:
+def _write_attributes(span: Span, identity: dict[str, Any] | None, order: int, depth: int) -> None:
     """Set our (already valid) attributes on a span that only this thread holds yet.
 
     The SDK's ``set_attributes`` validates every value under the span's lock (~3 µs
@@ -85,11 +89,14 @@ def _write_attributes(span: Span, values: dict[str, Any]) -> None:
     raw = getattr(bounded, "_dict", None)
     maxlen = getattr(bounded, "maxlen", None)
     if isinstance(raw, dict) and not getattr(bounded, "_immutable", True) and (
-        maxlen is None or len(raw) + len(values) <= maxlen
+        maxlen is None or len(raw) + 6 <= maxlen
     ):
-        raw.update(values)
+        if identity:
+            raw.update(identity)
+        raw[semconv.EXECUTION_ORDER] = order
+        raw[semconv.DEPTH] = depth
     else:
-        span.set_attributes(values)
+        span.set_attributes({**(identity or {}), semconv.EXECUTION_ORDER: order, semconv.DEPTH: depth})
 
 
 class SequencingSpanProcessor(SpanProcessor):
@@ -114,10 +121,7 @@ class SequencingSpanProcessor(SpanProcessor):
                 depth = 0
             else:
                 depth = _depth_below(trace.get_current_span(ctx), span)
-            stamped = dict(identity.attributes) if identity is not None else {}
-            stamped[semconv.EXECUTION_ORDER] = order
-            stamped[semconv.DEPTH] = depth
-            _write_attributes(span, stamped)
+            _write_attributes(span, identity.attributes if identity is not None else None, order, depth)
         except Exception as exc:  # noqa: BLE001
             log_internal_error("SequencingSpanProcessor.on_start", exc)
 
