@@ -33,6 +33,8 @@ from .spans import add_ordered_event
 from .utils import log_internal_error, safe_text, to_json
 from .version import __version__
 
+_LIMIT = 16 * 1024  # per value, as the instrumentation's default
+
 _event_captor_var: contextvars.ContextVar[EventCaptureManager | None] = contextvars.ContextVar(
     "event_captor", default=None
 )
@@ -253,61 +255,67 @@ class EventCaptureManager:
             log_internal_error(f"capture {event_type}", exc)
             return None
 
-    def _meta(self, metadata: dict[str, Any] | None) -> dict[str, Any]:
-        return {"cmbagent.metadata": to_json(metadata, 16384)} if metadata else {}
-
-    # --- legacy capture methods -------------------------------------------------------
-    def capture_agent_call(self, agent_name: str, message: Any, context: Any = None, metadata: Any = None) -> str | None:
+    def _open_event(self, name: str, event_type: str, attributes: dict[str, Any]) -> str | None:
+        """Start a span that stays open (agent call, code run): later captures nest under it."""
         if not self.enabled:
             return None
         try:
-            span = self._start(
-                f"invoke_agent {agent_name}",
-                semconv.EVENT_AGENT_CALL,
-                {
-                    semconv.GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_AGENT,
-                    semconv.GEN_AI_AGENT_NAME: agent_name,
-                    semconv.GEN_AI_INPUT_MESSAGES: to_json([{"role": "user", "content": message}], 16384),
-                    **({"cmbagent.context": to_json(context, 16384)} if context else {}),
-                    **self._meta(metadata),
-                },
-            )
+            span = self._start(name, event_type, attributes)
             event_id = self._id(span)
             self._open[event_id] = span
             self.event_stack.append(event_id)
             self._rescope()
             return event_id
         except Exception as exc:  # noqa: BLE001
-            log_internal_error("capture_agent_call", exc)
+            log_internal_error(f"capture {event_type} start", exc)
             return None
+
+    def _close_event(self, event_id: str | None, attributes: dict[str, Any], failure: str | None = None) -> bool:
+        span = self._open.pop(event_id, None) if event_id else None
+        if span is None:
+            return False
+        try:
+            span.set_attributes(attributes)
+            if failure:
+                mark_failed(span, "code_execution_error", failure)
+            span.end()
+            if event_id in self.event_stack:
+                self.event_stack.remove(event_id)
+            self._rescope()
+        except Exception as exc:  # noqa: BLE001
+            log_internal_error("capture end", exc)
+        return True
+
+    def _meta(self, metadata: dict[str, Any] | None) -> dict[str, Any]:
+        return {"cmbagent.metadata": to_json(metadata, _LIMIT)} if metadata else {}
+
+    # --- legacy capture methods -------------------------------------------------------
+    def capture_agent_call(self, agent_name: str, message: Any, context: Any = None, metadata: Any = None) -> str | None:
+        return self._open_event(
+            f"invoke_agent {agent_name}",
+            semconv.EVENT_AGENT_CALL,
+            {
+                semconv.GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_AGENT,
+                semconv.GEN_AI_AGENT_NAME: agent_name,
+                semconv.GEN_AI_INPUT_MESSAGES: to_json([{"role": "user", "content": message}], _LIMIT),
+                **({"cmbagent.context": to_json(context, _LIMIT)} if context else {}),
+                **self._meta(metadata),
+            },
+        )
 
     def capture_agent_response(
         self, agent_name: str, response: Any, event_id: str | None = None, metadata: Any = None
     ) -> str | None:
         if not self.enabled:
             return None
-        span = self._open.pop(event_id, None) if event_id else None
-        if span is None:
-            return self._emit(
-                f"invoke_agent {agent_name}",
-                semconv.EVENT_AGENT_CALL,
-                {
-                    semconv.GEN_AI_AGENT_NAME: agent_name,
-                    semconv.GEN_AI_OUTPUT_MESSAGES: to_json([{"role": "assistant", "content": response}], 16384),
-                    **self._meta(metadata),
-                },
-            )
-        try:
-            span.set_attribute(
-                semconv.GEN_AI_OUTPUT_MESSAGES, to_json([{"role": "assistant", "content": response}], 16384)
-            )
-            span.end()
-            if event_id in self.event_stack:
-                self.event_stack.remove(event_id)
-            self._rescope()
-        except Exception as exc:  # noqa: BLE001
-            log_internal_error("capture_agent_response", exc)
-        return event_id
+        output = {semconv.GEN_AI_OUTPUT_MESSAGES: to_json([{"role": "assistant", "content": response}], _LIMIT)}
+        if self._close_event(event_id, output):
+            return event_id
+        return self._emit(
+            f"invoke_agent {agent_name}",
+            semconv.EVENT_AGENT_CALL,
+            {semconv.GEN_AI_AGENT_NAME: agent_name, **output, **self._meta(metadata)},
+        )
 
     def capture_tool_call(
         self, agent_name: str, tool_name: str, arguments: Any, result: Any = None, metadata: Any = None
@@ -319,8 +327,8 @@ class EventCaptureManager:
                 semconv.GEN_AI_OPERATION_NAME: semconv.OP_EXECUTE_TOOL,
                 semconv.GEN_AI_AGENT_NAME: agent_name,
                 semconv.GEN_AI_TOOL_NAME: tool_name,
-                semconv.GEN_AI_TOOL_CALL_ARGUMENTS: to_json(arguments, 16384),
-                **({semconv.GEN_AI_TOOL_CALL_RESULT: safe_text(result, 16384)} if result is not None else {}),
+                semconv.GEN_AI_TOOL_CALL_ARGUMENTS: to_json(arguments, _LIMIT),
+                **({semconv.GEN_AI_TOOL_CALL_RESULT: safe_text(result, _LIMIT)} if result is not None else {}),
                 **self._meta(metadata),
             },
         )
@@ -330,7 +338,7 @@ class EventCaptureManager:
             semconv.GEN_AI_OPERATION_NAME: semconv.OP_EXECUTE_CODE,
             semconv.GEN_AI_AGENT_NAME: agent_name,
             semconv.CODE_LANGUAGE: language,
-            semconv.CODE_BLOCKS: to_json([{"language": language, "code": code}], 16384),
+            semconv.CODE_BLOCKS: to_json([{"language": language, "code": code}], _LIMIT),
             **self._meta(metadata),
         }
 
@@ -348,7 +356,7 @@ class EventCaptureManager:
         if exit_code is not None:
             attributes[semconv.CODE_EXIT_CODE] = int(exit_code)
         if result is not None:
-            attributes[semconv.CODE_OUTPUT] = safe_text(result, 16384)
+            attributes[semconv.CODE_OUTPUT] = safe_text(result, _LIMIT)
         failed = exit_code not in (None, 0)
         return self._emit(
             f"execute_code {agent_name}",
@@ -362,43 +370,20 @@ class EventCaptureManager:
     def capture_code_execution_start(
         self, agent_name: str, code: str, language: str = "python", metadata: Any = None
     ) -> str | None:
-        if not self.enabled:
-            return None
-        try:
-            span = self._start(
-                f"execute_code {agent_name}",
-                semconv.EVENT_CODE_EXEC,
-                self._code_attributes(agent_name, code, language, metadata),
-            )
-            event_id = self._id(span)
-            self._open[event_id] = span
-            self.event_stack.append(event_id)
-            self._rescope()
-            return event_id
-        except Exception as exc:  # noqa: BLE001
-            log_internal_error("capture_code_execution_start", exc)
-            return None
+        return self._open_event(
+            f"execute_code {agent_name}", semconv.EVENT_CODE_EXEC, self._code_attributes(agent_name, code, language, metadata)
+        )
 
     def capture_code_execution_end(
         self, event_id: str | None, result: Any = None, exit_code: int | None = None, metadata: Any = None
     ) -> str | None:
-        span = self._open.pop(event_id, None) if event_id else None
-        if span is None:
-            return None
-        try:
-            if exit_code is not None:
-                span.set_attribute(semconv.CODE_EXIT_CODE, int(exit_code))
-                if exit_code != 0:
-                    mark_failed(span, "code_execution_error", f"exit code {exit_code}")
-            if result is not None:
-                span.set_attribute(semconv.CODE_OUTPUT, safe_text(result, 16384))
-            span.end()
-            if event_id in self.event_stack:
-                self.event_stack.remove(event_id)
-            self._rescope()
-        except Exception as exc:  # noqa: BLE001
-            log_internal_error("capture_code_execution_end", exc)
-        return event_id
+        attributes: dict[str, Any] = {}
+        if exit_code is not None:
+            attributes[semconv.CODE_EXIT_CODE] = int(exit_code)
+        if result is not None:
+            attributes[semconv.CODE_OUTPUT] = safe_text(result, _LIMIT)
+        failure = f"exit code {exit_code}" if exit_code not in (None, 0) else None
+        return event_id if self._close_event(event_id, attributes, failure) else None
 
     def capture_file_generation(
         self, agent_name: str, file_path: str, file_type: str, size_bytes: int | None = None, metadata: Any = None
@@ -424,7 +409,7 @@ class EventCaptureManager:
         if reason:
             attributes["cmbagent.handoff.reason"] = reason
         if context:
-            attributes["cmbagent.context"] = to_json(context, 16384)
+            attributes["cmbagent.context"] = to_json(context, _LIMIT)
         return self._emit(f"handoff {from_agent} -> {to_agent}", semconv.EVENT_HANDOFF, attributes)
 
     def capture_message(
@@ -440,7 +425,7 @@ class EventCaptureManager:
                 semconv.EVENT_TYPE: semconv.EVENT_MESSAGE,
                 semconv.MESSAGE_SENDER: sender,
                 semconv.MESSAGE_RECIPIENT: recipient,
-                semconv.MESSAGE_CONTENT: to_json([{"type": "text", "content": content}], 16384),
+                semconv.MESSAGE_CONTENT: to_json([{"type": "text", "content": content}], _LIMIT),
                 **self._meta(metadata),
             }
             if tokens is not None:

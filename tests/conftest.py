@@ -91,3 +91,12 @@ def postgres_url(postgres_server) -> str:
         connection.execute(sa.text(f"create database {name}"))
     admin.dispose()
     return postgres_server.url.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture
+def tracer(tracer_provider, monkeypatch):
+    """A test tracer on the fixture provider, which oc.run()/oc.step() also use (no instrumentation)."""
+    import otel_cmbagent.context as oc_context
+
+    monkeypatch.setattr(oc_context._TracerSource, "provider", tracer_provider)
+    return tracer_provider.get_tracer("test")

@@ -27,19 +27,6 @@ SESSION_ID = "cmbagent.session_id"
 EVENT_TYPE = "cmbagent.event_type"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_tracer_cache(monkeypatch):
-    # Work around the id(provider)-keyed tracer cache (see test_run_follows_a_new_provider_at_a_reused_address).
-    monkeypatch.setattr(oc_context._TracerSource, "_cached", None)
-
-
-@pytest.fixture
-def tracer(tracer_provider, monkeypatch):
-    """A test tracer on the fixture provider, which oc.run()/oc.step() also use (no instrumentation)."""
-    monkeypatch.setattr(oc_context._TracerSource, "provider", tracer_provider)
-    return tracer_provider.get_tracer("test")
-
-
 def _by_name(span_exporter):
     return {s.name: s for s in span_exporter.get_finished_spans()}
 

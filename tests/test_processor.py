@@ -28,20 +28,6 @@ THREADS = 10
 SPANS_PER_THREAD = 100
 
 
-@pytest.fixture(autouse=True)
-def _fresh_tracer_cache(monkeypatch):
-    # run()/step() cache their tracer by id(provider); a provider from an earlier test can
-    # leave a stale entry at a reused address (see test_context.py::test_run_follows_a_new_provider_at_a_reused_address).
-    monkeypatch.setattr(oc_context._TracerSource, "_cached", None)
-
-
-@pytest.fixture
-def tracer(tracer_provider, monkeypatch):
-    """A test tracer on the fixture provider, which oc.run()/oc.step() also use (no instrumentation)."""
-    monkeypatch.setattr(oc_context._TracerSource, "provider", tracer_provider)
-    return tracer_provider.get_tracer("test")
-
-
 def _emit(tracer, thread_no: int, barrier: threading.Barrier) -> None:
     barrier.wait(timeout=60)  # all threads run at once: maximum contention on the run's counter
     for index in range(SPANS_PER_THREAD):

@@ -44,12 +44,6 @@ IDENTITY_FIELDS = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _fresh_tracer_cache(monkeypatch):
-    # run() caches its tracer by id(provider); each test here builds its own provider.
-    monkeypatch.setattr(oc_context._TracerSource, "_cached", None)
-
-
 def add(a: int, b: int) -> int:
     return a + b
 
