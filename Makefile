@@ -37,6 +37,7 @@ test: $(AG2)/.ready $(FORK)/.ready
 
 bench: $(AG2)/.ready
 	$(AG2)/bin/python benchmarks/bench_overhead.py
+	$(AG2)/bin/python benchmarks/bench_sinks.py
 
 clean:
 	rm -rf $(VENV)

@@ -7,7 +7,8 @@ Ratios are against baselines measured in the same run; timings are printed, neve
 
 1. SQLite (temp file) and PostgreSQL (a throwaway ``PostgresServer`` on loopback), one ``make_engine``
    engine per backend, a fresh table per path. legacy = cmbagent's EventCaptureManager pattern (ORM model
-   with the execution_events columns, ``session.add(row); session.commit()`` per event); raw Core =
+   with the execution_events columns, ``session.add(row); session.commit()`` per event; cmbagent's
+   EventRepository also ran ``session.refresh(event)``, one more SELECT, not counted here); raw Core =
    executemany of prebuilt rows, 512-row transactions; writer only = prebuilt start+end rows into
    ``sink._writer.write``, 512 at a time; ours = spans in ``oc.run`` → ``SequencingSpanProcessor`` +
    ``SQLEventSink``, from the first span start until ``force_flush()`` returns (span creation included).
@@ -54,31 +55,9 @@ class LegacyBase(orm.DeclarativeBase):
 
 
 class LegacyExecutionEvent(LegacyBase):
-    """cmbagent's ExecutionEvent: the columns of ``execution_events_table`` (without trace_id/span_id)."""
+    """cmbagent's ExecutionEvent model: the same columns (plus trace_id/span_id, left NULL here)."""
 
-    __tablename__ = "legacy_execution_events"
-    id = sa.Column(sa.String(36), primary_key=True)
-    run_id = sa.Column(sa.String(36), index=True)
-    node_id = sa.Column(sa.String(36), index=True)
-    step_id = sa.Column(sa.String(36), index=True)
-    session_id = sa.Column(sa.String(36), index=True)
-    parent_event_id = sa.Column(sa.String(36))
-    event_type = sa.Column(sa.String(50), nullable=False, index=True)
-    event_subtype = sa.Column(sa.String(50))
-    agent_name = sa.Column(sa.String(100), index=True)
-    agent_role = sa.Column(sa.String(50))
-    timestamp = sa.Column(sa.DateTime(timezone=True), nullable=False, index=True)
-    started_at = sa.Column(sa.DateTime(timezone=True))
-    completed_at = sa.Column(sa.DateTime(timezone=True))
-    duration_ms = sa.Column(sa.Integer)
-    inputs = sa.Column(sa.JSON(none_as_null=True))
-    outputs = sa.Column(sa.JSON(none_as_null=True))
-    error_message = sa.Column(sa.Text)
-    meta = sa.Column(sa.JSON(none_as_null=True))
-    execution_order = sa.Column(sa.Integer, nullable=False)
-    depth = sa.Column(sa.Integer, nullable=False, default=0)
-    status = sa.Column(sa.String(50), default="completed")
-    __table_args__ = (sa.Index("ix_legacy_run_order", "run_id", "execution_order"),)
+    __table__ = execution_events_table(LegacyBase.metadata, name="legacy_execution_events")
 
 
 class RowCollector(SpanProcessor):
@@ -193,8 +172,9 @@ def run_sql(n: int, n_legacy: int, durable: bool) -> None:
         engine = make_engine(f"sqlite:///{tmp}/bench.sqlite")
         if durable:  # after make_engine's pragmas: cmbagent's engine sets WAL only, so synchronous stays FULL
             sa.event.listen(engine, "connect", lambda dbapi, _: dbapi.execute("PRAGMA synchronous=FULL"))
+        spill = Path(tmp, "spill.jsonl")
         sync = "FULL" if durable else "NORMAL"
-        bench_sql(f"SQLite (temp file; WAL, synchronous={sync})", engine, n, n_legacy, Path(tmp, "spill.jsonl"))
+        bench_sql(f"SQLite (temp file; WAL, synchronous={sync})", engine, n, n_legacy, spill)
         engine.dispose()
         try:
             pg = PostgresServer(settings={} if durable else None).start()
@@ -206,7 +186,7 @@ def run_sql(n: int, n_legacy: int, durable: bool) -> None:
             with engine.connect() as connection:
                 version, fsync = (connection.execute(sa.text(f"show {name}")).scalar_one().split()[0]
                                   for name in ("server_version", "fsync"))
-            bench_sql(f"PostgreSQL {version} (loopback, fsync={fsync})", engine, n, n_legacy, Path(tmp, "spill.jsonl"))
+            bench_sql(f"PostgreSQL {version} (loopback, fsync={fsync})", engine, n, n_legacy, spill)
             engine.dispose()
         finally:
             pg.stop()

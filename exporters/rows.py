@@ -6,6 +6,7 @@ is its parent span's row id and a re-written row is an idempotent upsert.
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Iterable, Mapping
@@ -91,9 +92,25 @@ _JSON_ATTRIBUTES = {
 }
 
 
+@functools.lru_cache(maxsize=65_536)
 def event_id(trace_id: int, span_id: int, suffix: str = "") -> str:
-    """The row id of a span (or, with a suffix, of one of its events)."""
+    """The row id of a span (or, with a suffix, of one of its events); cached: parents recur in every row."""
     return str(uuid.uuid5(_NAMESPACE, f"{trace_id:032x}{span_id:016x}{suffix}"))
+
+
+def snapshot(span: Any) -> ReadableSpan:
+    """A frozen copy of a live span (its attributes change after a processor hook returns)."""
+    return ReadableSpan(
+        name=span.name,
+        context=span.get_span_context(),
+        parent=span.parent,
+        resource=span.resource,
+        attributes=dict(span.attributes or {}),
+        kind=span.kind,
+        status=span.status,
+        start_time=span.start_time,
+        instrumentation_scope=getattr(span, "instrumentation_scope", None),
+    )
 
 
 def _time(ns: int | None) -> datetime | None:

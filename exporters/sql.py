@@ -27,12 +27,13 @@ from sqlalchemy.engine import Engine
 from otel_cmbagent.live import add_message_listener, remove_message_listener
 from otel_cmbagent.utils import log_internal_error
 
-from .rows import LINK_COLUMNS, STATUS_RUNNING, message_row, span_row
+from .rows import LINK_COLUMNS, STATUS_RUNNING, message_row, snapshot, span_row
 from .worker import BackgroundWorker
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
 
 DEFAULT_TABLE_NAME = "execution_events"
+_START, _END, _ROW = "start", "end", "row"
 _TIME_COLUMNS = ("timestamp", "started_at", "completed_at")
 
 
@@ -235,7 +236,7 @@ class SQLEventSink(SpanProcessor):
         self.rows_spilled = 0
         self.retries = 0
         self._ensure_table(log=True)
-        self._worker = BackgroundWorker("otel-cmbagent-sql", self._write_batch, max_queue=max_queue, max_batch=max_batch)
+        self._worker = BackgroundWorker("otel-cmbagent-sql", self._handle, max_queue=max_queue, max_batch=max_batch)
         add_message_listener(self._on_message)
         self._shut_down = False
 
@@ -245,7 +246,8 @@ class SQLEventSink(SpanProcessor):
             with self._open_lock:
                 self._open_spans.add(span.get_span_context().span_id)
             if self.write_on_start:
-                self._worker.put(span_row(span, ended=False, capture_content=self.capture_content))
+                # Only a frozen copy here: rows are built on the worker thread, off the agent's path.
+                self._worker.put((_START, snapshot(span)))
         except Exception as exc:  # noqa: BLE001
             log_internal_error("SQLEventSink.on_start", exc)
 
@@ -253,13 +255,13 @@ class SQLEventSink(SpanProcessor):
         try:
             with self._open_lock:
                 self._open_spans.discard(span.get_span_context().span_id)
-            self._worker.put(span_row(span, ended=True, capture_content=self.capture_content))
+            self._worker.put((_END, span))  # an ended span no longer changes
         except Exception as exc:  # noqa: BLE001
             log_internal_error("SQLEventSink.on_end", exc)
 
     def _on_message(self, span: Any, attributes: Mapping[str, Any], timestamp_ns: int) -> None:
         if span.get_span_context().span_id in self._open_spans:
-            self._worker.put(message_row(span, attributes, timestamp_ns, capture_content=self.capture_content))
+            self._worker.put((_ROW, message_row(span, attributes, timestamp_ns, capture_content=self.capture_content)))
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return self._worker.flush(timeout_millis / 1000)
@@ -304,6 +306,30 @@ class SQLEventSink(SpanProcessor):
                 )
             return False
         return True
+
+    def _handle(self, items: list[tuple[str, Any]]) -> None:
+        """Build the batch's rows on the worker thread.
+
+        A span that starts and ends within one batch is written once, completed, at its
+        start position (parents stay before children: foreign keys on parent_event_id hold).
+        """
+        ends = {item.get_span_context().span_id: item for kind, item in items if kind == _END}
+        written: set[int] = set()
+        rows: list[dict[str, Any]] = []
+        for kind, item in items:
+            if kind == _ROW:
+                rows.append(item)
+                continue
+            span_id = item.get_span_context().span_id
+            if span_id in written:
+                continue
+            ended = ends.get(span_id)
+            if ended is not None:
+                written.add(span_id)
+                rows.append(span_row(ended, ended=True, capture_content=self.capture_content))
+            else:
+                rows.append(span_row(item, ended=False, capture_content=self.capture_content))
+        self._write_batch(rows)
 
     def _write_batch(self, rows: list[dict[str, Any]]) -> None:
         attempts = 1 if self._degraded else self.max_retries

@@ -42,7 +42,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from otel_cmbagent.live import add_message_listener, remove_message_listener
 from otel_cmbagent.utils import log_internal_error
 
-from .rows import message_row, span_row
+from .rows import message_row, snapshot, span_row
 from .worker import BackgroundWorker
 
 __all__ = [
@@ -137,21 +137,6 @@ def _span_key(span: Any) -> tuple[int, int]:
     return context.trace_id, context.span_id
 
 
-def _snapshot(span: Any) -> ReadableSpan:
-    """A frozen copy of a live span (its attributes change after this hook returns)."""
-    return ReadableSpan(
-        name=span.name,
-        context=span.get_span_context(),
-        parent=span.parent,
-        resource=span.resource,
-        attributes=dict(span.attributes or {}),
-        kind=span.kind,
-        status=span.status,
-        start_time=span.start_time,
-        instrumentation_scope=getattr(span, "instrumentation_scope", None),
-    )
-
-
 class WebsocketCallbackProcessor(SpanProcessor):
     """Call ``callback("event_captured", data)`` for every span start, span end and live message event.
 
@@ -215,7 +200,7 @@ class WebsocketCallbackProcessor(SpanProcessor):
             key = _span_key(span)
             with self._lock:
                 self._open.add(key)
-            self._worker.put((_KIND_START, _snapshot(span), None, None))
+            self._worker.put((_KIND_START, snapshot(span), None, None))
         except Exception as exc:  # noqa: BLE001
             log_internal_error("WebsocketCallbackProcessor.on_start", exc)
 
@@ -238,7 +223,7 @@ class WebsocketCallbackProcessor(SpanProcessor):
         try:
             if _span_key(span) not in self._open:
                 return
-            self._worker.put((_KIND_MESSAGE, _snapshot(span), dict(attributes), timestamp_ns))
+            self._worker.put((_KIND_MESSAGE, snapshot(span), dict(attributes), timestamp_ns))
         except Exception as exc:  # noqa: BLE001
             log_internal_error("WebsocketCallbackProcessor message listener", exc)
 

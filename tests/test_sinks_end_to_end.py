@@ -194,7 +194,10 @@ def test_rows_land_in_cmbagents_own_table(backend, tmp_path, postgres_url, scrip
     with engine.begin() as connection:
         connection.execute(sa.insert(WorkflowRun.__table__).values(id="run-cmb"))
         connection.execute(sa.insert(Session.__table__).values(id="session-cmb"))
-    tracing = oc.setup_tracing(sql_url=engine, sql_table=ExecutionEvent.__table__, set_global=False, handle_sigterm=False)
+    tracing = oc.setup_tracing(
+        sql_url=engine, sql_table=ExecutionEvent.__table__, spill_path=tmp_path / "cmb.spill.jsonl",
+        set_global=False, handle_sigterm=False,
+    )
     try:
         scripted_run(scripted_llm, run_id="run-cmb", session_id="session-cmb")
         with oc.run(run_id="run-without-parent-row", session_id="session-cmb"):
