@@ -5,6 +5,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 AG2    := $(VENV)/ag2
 FORK   := $(VENV)/cmbagent
+PHOENIX := $(VENV)/phoenix
+PHOENIX_SPEC ?= arize-phoenix==20.26.1
+# Arize Phoenix, a real trace backend for tests/test_phoenix_e2e.py, runs from its own virtualenv
+# (its dependencies are not the project's). The test skips without it, and fails under CI.
+export OTEL_CMBAGENT_PHOENIX ?= $(abspath $(PHOENIX))/bin/phoenix
 PYTEST_ARGS ?= -q -rs
 
 .PHONY: demo test test-ag2 test-cmbagent bench clean
@@ -19,17 +24,22 @@ $(FORK)/.ready: pyproject.toml
 	$(FORK)/bin/pip install -q --disable-pip-version-check -e ".[cmbagent,dev]"
 	touch $@
 
+$(PHOENIX)/.ready:
+	$(PYTHON) -m venv $(PHOENIX)
+	$(PHOENIX)/bin/pip install -q --disable-pip-version-check "$(PHOENIX_SPEC)"
+	touch $@
+
 demo: $(AG2)/.ready
 	$(AG2)/bin/python examples/quickstart.py
 
-test-ag2: $(AG2)/.ready
+test-ag2: $(AG2)/.ready $(PHOENIX)/.ready
 	$(AG2)/bin/pytest $(PYTEST_ARGS)
 
-test-cmbagent: $(FORK)/.ready
+test-cmbagent: $(FORK)/.ready $(PHOENIX)/.ready
 	$(FORK)/bin/pytest $(PYTEST_ARGS)
 
 # Both lines; the second runs even if the first fails, and the target fails if either did.
-test: $(AG2)/.ready $(FORK)/.ready
+test: $(AG2)/.ready $(FORK)/.ready $(PHOENIX)/.ready
 	@status=0; \
 	echo "== ag2 0.14.0"; $(MAKE) --no-print-directory test-ag2 || status=1; \
 	echo "== cmbagent-autogen 0.0.91.post11"; $(MAKE) --no-print-directory test-cmbagent || status=1; \

@@ -30,8 +30,9 @@ EXPECTED_NAMES = {
 }
 # Namespaces of the attributes otel-cmbagent sends (Phoenix may add others, derived from these).
 OUR_NAMESPACES = ("gen_ai.", "cmbagent.", "ag2.")
-# Pieces of the scripted chat's content: user message, tool arguments, tool result, the assistant's reply.
-CONTENT_TEXTS = ("add 20 and 22", '"token"', "REDACTED", "42 ")
+# Pieces of the scripted chat's content: the user's message, a tool argument's name, and the marker that
+# replaces the key inside content (content only: in no attribute that OTLP may carry).
+CONTENT_TEXTS = ("add 20 and 22", '"token"', "REDACTED")
 # Variables that would override the ones this test sets (or turn content on in OTLP).
 _OVERRIDES = (
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",

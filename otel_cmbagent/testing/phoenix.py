@@ -100,7 +100,8 @@ def find_phoenix() -> list[str]:
     """The command that starts a Phoenix server (``[..., "serve"]``); raises ``PhoenixNotFound``."""
     configured = os.environ.get(PHOENIX_ENV, "").strip()
     if configured:
-        path = Path(configured).expanduser()
+        # absolute (the server runs in its temp dir) but not resolved: a venv's python is a symlink
+        path = Path(os.path.abspath(os.path.expanduser(configured)))
         if not path.exists():
             raise PhoenixNotFound(f"{PHOENIX_ENV}={configured!r} does not exist: {_INSTALL_HINT}")
         if path.is_file() and not os.access(path, os.X_OK):
