@@ -37,11 +37,12 @@ import tempfile
 import threading
 import time
 
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_cmbagent as oc
+from otel_cmbagent.setup import DEFAULT_MAX_EVENTS_PER_SPAN
 
 SPAN_TARGET_US = 3.0
 MODES = ("plain", "ours", "ag2")
@@ -132,15 +133,12 @@ def _span_stats(exporter: InMemorySpanExporter | None) -> dict:
 def run_child(mode: str, workloads: list[str]) -> dict:
     """Run each workload once (after a warm-up) in ``mode``; returns {workload: {seconds, bytes, ...}}."""
     from autogen import AssistantAgent, ConversableAgent, GroupChat, GroupChatManager
-    from otel_cmbagent.testing import scripted_llm
     from otel_cmbagent.testing.scripted_llm import ScriptedLLM, text
 
-    # The handler writes headers and body separately: with Nagle's algorithm on, each call
-    # waits out the client's delayed ACK (~20-40 ms), which would swamp what we measure.
-    scripted_llm._Handler.disable_nagle_algorithm = True
     logging.getLogger("autogen.oai.client").setLevel(logging.ERROR)
     exporter = InMemorySpanExporter() if mode != "plain" else None
-    tp = TracerProvider()
+    # The span event limit setup_tracing() uses (the SDK default of 128 drops old messages of long chats).
+    tp = TracerProvider(span_limits=SpanLimits(max_events=DEFAULT_MAX_EVENTS_PER_SPAN))
     if mode == "ours":
         tp.add_span_processor(oc.SequencingSpanProcessor())
         tp.add_span_processor(SimpleSpanProcessor(exporter))
