@@ -30,7 +30,7 @@ $(PHOENIX)/.ready:
 	touch $@
 
 demo: $(AG2)/.ready
-	$(AG2)/bin/python examples/quickstart.py
+	$(AG2)/bin/otel-cmbagent demo
 
 test-ag2: $(AG2)/.ready $(PHOENIX)/.ready
 	$(AG2)/bin/pytest $(PYTEST_ARGS)
