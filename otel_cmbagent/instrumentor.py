@@ -61,6 +61,7 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._active = False
         self._runtime: Runtime | None = None
         self._threading: Any = None
+        self.tracer_provider: Any = None  # the provider the live patches report to
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return (installed_requirement(),)
@@ -79,6 +80,7 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
             )
             tracer = trace.get_tracer(__name__, __version__, tracer_provider=tracer_provider, schema_url=SCHEMA_URL)
             self._runtime = runtime = Runtime(tracer=tracer, config=config)
+            self.tracer_provider = tracer_provider
             _TracerSource.provider = tracer_provider
             if kwargs.get("add_sequencer", True):
                 ensure_sequencer(tracer_provider or trace.get_tracer_provider())
@@ -102,6 +104,7 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
                     log_internal_error("threading uninstrument", exc)
                 self._threading = None
             self._runtime = None
+            self.tracer_provider = None
 
     # --- patch targets ---------------------------------------------------------
     def _patch_agents(self, runtime: Runtime) -> None:

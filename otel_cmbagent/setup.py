@@ -48,8 +48,14 @@ class Tracing:
                 return
             self._shut_down = True
         try:
-            if self.instrumentor is not None and self.instrumentor.is_instrumented_by_opentelemetry:
-                self.instrumentor.uninstrument()
+            instrumentor = self.instrumentor
+            # Only undo the patches if they still report to this provider (a later setup may own them).
+            if (
+                instrumentor is not None
+                and instrumentor.is_instrumented_by_opentelemetry
+                and instrumentor.tracer_provider is self.tracer_provider
+            ):
+                instrumentor.uninstrument()
         finally:
             self.tracer_provider.shutdown()
 

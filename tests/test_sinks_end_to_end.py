@@ -272,3 +272,16 @@ def test_default_service_name(monkeypatch):
     assert t3.tracer_provider.resource.attributes["service.name"] == "explicit"
     for t_ in (t, t2, t3):
         t_.shutdown()
+
+
+def test_shutting_down_an_old_setup_keeps_the_new_one_instrumented(scripted_llm):
+    """A second setup_tracing() owns the patches: shutting the first one down does not uninstrument it."""
+    first = oc.setup_tracing(sql_url=None, set_global=False, handle_sigterm=False)
+    second = oc.setup_tracing(sql_url=None, set_global=False, handle_sigterm=False)
+    try:
+        first.shutdown()
+        assert oc.AG2Instrumentor().is_instrumented_by_opentelemetry
+        assert oc.AG2Instrumentor().tracer_provider is second.tracer_provider
+    finally:
+        second.shutdown()
+    assert not oc.AG2Instrumentor().is_instrumented_by_opentelemetry
