@@ -359,3 +359,29 @@ async def test_async_human_input(instrument_with_content, span_exporter, scripte
         await user.a_initiate_chat(assistant, message="write", max_turns=3, silent=True)
     human = by_event_type(span_exporter.get_finished_spans(), "human_input")
     assert human and human[0].attributes["ag2.human_input.response"] == "fine"
+
+
+async def test_async_chat_with_code_execution(instrument_with_content, span_exporter, scripted_llm, tmp_path):
+    """In an async chat the executor's code run and its files nest under the executor's turn, in the run."""
+    scripted_llm.push(code(WRITE_FILES), text("TERMINATE"))
+    assistant, user = make_pair(scripted_llm, work_dir=tmp_path / "async-work")
+    async with oc.run(name="async-code") as run:
+        await user.a_initiate_chat(assistant, message="write files", max_turns=2, silent=True)
+    spans = span_exporter.get_finished_spans()
+    (code_span,) = by_event_type(spans, "code_exec")
+    assert parent_of(code_span, spans).name == "invoke_agent user"
+    assert {f.name for f in by_event_type(spans, "file_gen")} == {"file data.csv", "file plot.png"}
+    assert {s.attributes["cmbagent.run_id"] for s in spans} == {run.run_id}
+    orders = all_orders(spans)
+    assert orders == list(range(1, len(orders) + 1))
+
+
+async def test_async_group_chat_resume(instrument_with_content, span_exporter, scripted_llm):
+    """GroupChatManager.a_resume opens a resumed conversation span too."""
+    scripted_llm.push(text("code"), text("review"), text("TERMINATE"))
+    agents, _, manager = _group(scripted_llm)
+    previous = [{"content": "start", "role": "user", "name": "planner"}, {"content": "plan", "role": "user", "name": "planner"}]
+    await manager.a_resume(messages=previous, silent=True)
+    resumed = [c for c in by_event_type(span_exporter.get_finished_spans(), "conversation")
+               if c.attributes.get("gen_ai.conversation.resumed")]
+    assert resumed and resumed[0].name == "conversation chat_manager"
