@@ -880,17 +880,21 @@ def _is_loopback(host: str) -> bool:
 
 
 @cli.command(context_settings=_CONTEXT)
+@db_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free).")
 @click.option("--token", default=None, envvar="OTEL_CMBAGENT_WS_TOKEN",
-              help="Clients must send ?token=... or 'Authorization: Bearer ...' (required off loopback) "
-                   "[env: OTEL_CMBAGENT_WS_TOKEN].")
-def serve(host: str, port: int, token: str | None) -> None:
-    """Run the websocket broadcaster of live events until Ctrl-C.
+              help="Every request must send ?token=..., 'Authorization: Bearer ...' or X-Token (required off "
+                   "loopback) [env: OTEL_CMBAGENT_WS_TOKEN].")
+@click.option("--jaeger-url", default=None, metavar="URL",
+              help="Base URL of a Jaeger UI: the viewer links each run to {URL}/trace/{trace_id}.")
+def serve(db: str | None, host: str, port: int, token: str | None, jaeger_url: str | None) -> None:
+    """Serve the live run viewer (web page, JSON API, websocket /ws) until Ctrl-C.
 
-    Clients receive cmbagent's `event_captured` envelopes (JSON) for every event passed to its callback.
+    The page lists runs and shows a live waterfall of a run's events; runs written by other processes
+    into the same database appear and update live. /ws streams cmbagent's `event_captured` envelopes.
     """
-    from otel_cmbagent.exporters.websocket import serve as ws_serve
+    from otel_cmbagent.viewer.app import check_bind, serve_viewer
 
     if not token and not _is_loopback(host):
         raise click.UsageError(
@@ -898,27 +902,13 @@ def serve(host: str, port: int, token: str | None) -> None:
             "(bind 127.0.0.1, or pass --token)"
         )
     try:
-        broadcaster = ws_serve(host=host, port=port, token=token or None)
+        check_bind(host, token or None)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    stop = threading.Event()
-
-    def _stop(signum: int, frame: Any) -> None:
-        stop.set()
-
-    previous = signal.signal(signal.SIGTERM, _stop)
     try:
-        console.print(f"serving live events on {broadcaster.url}  (Ctrl-C to stop)", soft_wrap=True)
-        if token:
-            console.print("clients must send ?token=... or 'Authorization: Bearer ...'", style="dim")
-        sys.stdout.flush()
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        broadcaster.close()
+        serve_viewer(_db(db), host=host, port=port, token=token or None, jaeger_url=jaeger_url)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     console.print("stopped")
 
 
@@ -941,7 +931,12 @@ def _sqlite_path(db: str) -> str:
 @click.option("--otlp/--no-otlp", default=None,
               help="Also export over OTLP [default: on when OTEL_EXPORTER_OTLP_ENDPOINT is set].")
 @click.option("--live/--no-live", default=True, show_default=True, help="Print events as they happen.")
-def demo(db: str | None, llm_url: str | None, model: str | None, otlp: bool | None, live: bool) -> None:
+@click.option("--serve", "serve_port", default=None, is_flag=False, flag_value=8765, type=click.IntRange(0, 65535),
+              metavar="[PORT]", help="Also start the web viewer (on 127.0.0.1, port 8765 or PORT) before the run, "
+                                    "print its URL, and keep serving after the run until Ctrl-C.")
+def demo(
+    db: str | None, llm_url: str | None, model: str | None, otlp: bool | None, live: bool, serve_port: int | None
+) -> None:
     """Run a traced multi-agent cmbagent-style workflow (group chat, code, tools, parallel steps).
 
     No API key needed: an embedded scripted LLM answers unless --llm-url is given.
@@ -954,8 +949,37 @@ def demo(db: str | None, llm_url: str | None, model: str | None, otlp: bool | No
         from otel_cmbagent import demo as demo_module
     except ImportError as exc:
         raise StoreError(f"the demo is not available in this installation ({exc})") from None
-    result = demo_module.run_demo(db_path, llm_url=llm_url, model=model, otlp=otlp, live=live, console=console)
+    viewer = None
+    if serve_port is not None:
+        from otel_cmbagent.viewer.app import ViewerServer
 
+        viewer = ViewerServer(db_path, port=serve_port).start()
+        console.print(f"viewer: {viewer.url}  (the run appears there live)", soft_wrap=True)
+    try:
+        result = demo_module.run_demo(db_path, llm_url=llm_url, model=model, otlp=otlp, live=live, console=console)
+        _print_demo_summary(result, db, target, db_path)
+        if viewer is not None:
+            console.print(f"\nviewer still serving on {viewer.url} - Ctrl-C to stop", soft_wrap=True)
+            sys.stdout.flush()
+            _wait_for_interrupt()
+    finally:
+        if viewer is not None:
+            viewer.stop()
+
+
+def _wait_for_interrupt() -> None:
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _print_demo_summary(result: Any, db: str | None, target: str, db_path: str) -> None:
     engine = store.open_store(db_path)
     summary = store.run_summary(engine, result.run_id)
     console.print()

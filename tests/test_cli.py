@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import sys
 import threading
 from datetime import datetime, timezone
@@ -386,20 +387,46 @@ def test_errors_are_one_clear_line(traced, tmp_path):
 
 
 # --- serve ---------------------------------------------------------------------------------------
-def test_serve_until_interrupted():
+def _first_url(process) -> str:
+    for line in process.stdout:
+        for word in line.split():
+            if word.startswith("http://127.0.0.1:"):
+                return _wait_until_up(word.rstrip("/"))
+    raise AssertionError(process.stderr.read())
+
+
+def _wait_until_up(url: str) -> str:
+    """The URL is printed just before the server accepts connections: poll (bounded) until it does."""
+    import httpx
+
+    for _ in range(100):
+        try:
+            httpx.get(url + "/api/config", timeout=2)
+            return url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError(f"viewer at {url} never came up")
+
+
+def test_serve_until_interrupted(tmp_path):
+    """`serve` runs the viewer (page, API, /ws) on loopback with a token until SIGINT."""
+    import httpx
     from websockets.sync.client import connect
 
+    db = make_traced_db(tmp_path)["path"]
     environment = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    process = subprocess.Popen([str(CLI), "serve", "--port", "0", "--token", "t0ken"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=environment)
+    process = subprocess.Popen([str(CLI), "serve", "--db", str(db), "--port", "0", "--token", "t0ken"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
     try:
-        line = process.stdout.readline()
-        assert "ws://127.0.0.1:" in line, (line, process.stderr.read() if process.poll() is not None else "")
-        url = next(word for word in line.split() if word.startswith("ws://"))
-        with connect(url + "?token=t0ken") as client:
+        url = _first_url(process)
+        assert httpx.get(url + "/api/runs").status_code == 401
+        runs = httpx.get(url + "/api/runs", headers={"Authorization": "Bearer t0ken"}).json()
+        assert runs and runs[0]["events"] > 0
+        ws_url = url.replace("http://", "ws://") + "/ws"
+        with connect(ws_url + "?token=t0ken") as client:
             client.ping().wait(5)
         with pytest.raises(Exception):
-            connect(url).close()  # no token: 401
+            connect(ws_url).close()  # no token: 401
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=20)
     finally:
@@ -407,7 +434,33 @@ def test_serve_until_interrupted():
             process.kill()
             process.wait()
     assert process.returncode == 0, err
-    assert "stopped" in out and "Traceback" not in err
+    assert "Traceback" not in err
+
+
+def test_demo_serve_shows_the_run_in_the_viewer(tmp_path):
+    """`demo --serve 0` starts the viewer before the run, prints its URL, and serves the finished run."""
+    import httpx
+
+    db = tmp_path / "demo.db"
+    process = subprocess.Popen([str(CLI), "demo", "--db", str(db), "--no-live", "--serve", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        url = _first_url(process)
+        for line in process.stdout:
+            if "viewer still serving" in line:
+                break
+        runs = httpx.get(url + "/api/runs").json()
+        assert isinstance(runs, list), runs
+        assert len(runs) == 1 and runs[0]["status"] == "completed"
+        events = httpx.get(f"{url}/api/runs/{runs[0]['run_id']}/events").json()
+        assert [e["execution_order"] for e in events] == list(range(1, len(events) + 1))
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0
 
 
 def test_serve_off_loopback_needs_a_token():

@@ -1,0 +1,1 @@
+"""Live run viewer (web page + JSON API)."""

@@ -1,0 +1,481 @@
+"""The run viewer's HTTP/websocket API: runs, events, incremental reads, live broadcast, token, read-only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import pytest
+from autogen import ConversableAgent, register_function
+
+with warnings.catch_warnings():  # starlette >= 1.x suggests httpx2 for its TestClient
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient, WebSocketDenialResponse
+
+import otel_cmbagent as oc
+from otel_cmbagent import store
+from otel_cmbagent.exporters.websocket import DATA_FIELDS
+from otel_cmbagent.testing import text, tool_call
+from otel_cmbagent.viewer.app import ViewerServer, check_bind, create_app, serve_viewer
+
+from conftest import FAKE_KEY
+
+XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
+BASE = "http://127.0.0.1:8765"
+TOKEN = "viewer-test-token-0123456789"
+
+# A run written by another process: setup_tracing + oc.run + a few spans (and messages) with sleeps.
+# argv: db path (or SQLAlchemy URL), run id, steps, seconds per tool call
+SYNTHETIC_WRITER = r"""
+import json, sys, time
+import otel_cmbagent as oc
+from otel_cmbagent.spans import add_ordered_event
+
+db, run_id, steps, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+tracing = oc.setup_tracing(sql_url=db if "://" in db else "sqlite:///" + db, otlp=False, instrument=False,
+                           set_global=True, handle_sigterm=False)
+tracer = tracing.tracer_provider.get_tracer("synthetic-writer")
+with oc.run(name="synthetic from another process", run_id=run_id):
+    for i in range(steps):
+        with oc.step(step_id=f"step-{i}"):
+            with tracer.start_as_current_span(f"invoke_agent worker", attributes={
+                "cmbagent.event_type": "agent_call", "gen_ai.agent.name": "worker"}) as agent:
+                add_ordered_event(agent, "cmbagent.message", {
+                    "cmbagent.message.sender": "planner", "cmbagent.message.recipient": "worker",
+                    "cmbagent.message.content": json.dumps([{"type": "text", "content": f"do step {i}"}])})
+                with tracer.start_as_current_span(f"execute_tool square", attributes={
+                        "cmbagent.event_type": "tool_call", "gen_ai.agent.name": "worker",
+                        "gen_ai.tool.name": "square", "gen_ai.tool.call.arguments": json.dumps({"x": i})}) as tool:
+                    time.sleep(pause)
+                    tool.set_attribute("gen_ai.tool.call.result", str(i * i))
+tracing.shutdown()
+"""
+
+
+def xss_run(llm, *, gate=None, reached=None, start_gate=None, name="viewer: add numbers", delay=0.0, run_id=None):
+    """A traced two-agent chat with a tool call; the first message carries an XSS payload.
+
+    With ``gate`` the tool blocks until it is set (the run stays live); ``reached`` is set when the tool starts.
+    With ``start_gate`` the run's root span is open (and written) but the chat waits for it.
+    """
+    llm.push(
+        tool_call("add", {"a": 20, "b": 22}, delay=delay),
+        text("The sum is 42.", delay=delay),
+        text("TERMINATE", delay=delay),
+    )
+
+    def add(a: int, b: int) -> int:
+        if reached is not None:
+            reached.set()
+        if gate is not None:
+            gate.wait(60)
+        return a + b
+
+    assistant = ConversableAgent("assistant", llm_config=llm.llm_config(api_key=FAKE_KEY))
+    user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER", code_execution_config=False)
+    register_function(add, caller=assistant, executor=user, description="Add two numbers.")
+    with oc.run(name=name, run_id=run_id) as run:
+        if start_gate is not None:
+            start_gate.wait(60)
+        user.initiate_chat(assistant, message=f"{XSS} please add 20 and 22", max_turns=3, silent=True)
+    return run
+
+
+def tracing_for(db_path):
+    return oc.setup_tracing(sql_url=f"sqlite:///{db_path}", otlp=False, set_global=False, handle_sigterm=False)
+
+
+def write_synthetic(db_path, run_id, steps=3, pause=0.0, timeout=60):
+    return subprocess.run(
+        [sys.executable, "-c", SYNTHETIC_WRITER, str(db_path), run_id, str(steps), str(pause)],
+        check=True, timeout=timeout, capture_output=True, text=True,
+    )
+
+
+@pytest.fixture
+def viewer_db(tmp_path, scripted_llm):
+    """A SQLite DB with an AG2 run (XSS in its first message) and, newer, a run from another process."""
+    db = tmp_path / "viewer.db"
+    tracing = tracing_for(db)
+    try:
+        run = xss_run(scripted_llm)
+    finally:
+        tracing.shutdown()
+    time.sleep(0.01)
+    write_synthetic(db, "synthetic-run-0001", steps=2)
+    return db, run.run_id
+
+
+@pytest.fixture
+def client(viewer_db):
+    db, _ = viewer_db
+    with TestClient(create_app(str(db)), base_url=BASE) as test_client:
+        yield test_client
+
+
+def _gapless(rows):
+    return [r["execution_order"] for r in rows] == list(range(1, len(rows) + 1))
+
+
+# --- runs and events ---------------------------------------------------------------------------
+def test_runs_newest_first_with_summary_fields(client, viewer_db):
+    _, run_id = viewer_db
+    runs = client.get("/api/runs").json()
+    assert [r["run_id"] for r in runs] == ["synthetic-run-0001", run_id]
+    for key in ("run_id", "session_id", "name", "started_at", "duration_ms", "status", "events", "agents",
+                "input_tokens", "output_tokens", "cost"):
+        assert key in runs[0] and key in runs[1], key
+    ag2_run = runs[1]
+    assert ag2_run["status"] == "completed" and ag2_run["events"] > 10
+    assert set(ag2_run["agents"]) >= {"user", "assistant"}
+    assert ag2_run["input_tokens"] > 0 and ag2_run["output_tokens"] > 0
+    assert ag2_run["started_at"].endswith("+00:00")
+    assert runs[0]["name"] == "invoke_workflow synthetic from another process"
+    assert client.get("/api/runs?limit=1").json()[0]["run_id"] == "synthetic-run-0001"
+    assert client.get("/api/runs?limit=x").status_code == 400
+
+
+def test_run_events_all_columns_in_gapless_order(client, viewer_db):
+    db, run_id = viewer_db
+    response = client.get(f"/api/runs/{run_id}/events")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("application/json")
+    rows = response.json()
+    assert _gapless(rows)
+    engine = store.open_store(str(db))
+    expected = store.run_events(engine, run_id)
+    assert len(rows) == len(expected)
+    columns = set(store.events_table(engine).c.keys())
+    assert set(rows[0]) == columns
+    assert {r["event_type"] for r in rows} >= {"run", "conversation", "agent_call", "llm_call", "tool_call", "message"}
+    tool = next(r for r in rows if r["event_type"] == "tool_call")
+    assert tool["inputs"]["arguments"] == {"a": 20, "b": 22}  # JSON columns decoded
+    assert tool["outputs"]["result"] == "42"
+    assert isinstance(tool["meta"], dict) and tool["meta"]["gen_ai.tool.name"] == "add"
+    assert tool["started_at"].endswith("+00:00") and tool["completed_at"] > tool["started_at"]  # ISO, UTC
+    assert {r["status"] for r in rows} == {"completed"}
+    # the same rows, value for value, as the store returns them (datetimes as ISO)
+    for got, want in zip(rows, expected):
+        assert got["id"] == want["id"] and got["started_at"] == want["started_at"].isoformat()
+        assert got["inputs"] == json.loads(json.dumps(want["inputs"]))
+    # a unique prefix and "last" resolve too
+    assert client.get(f"/api/runs/{run_id[:8]}/events").json() == rows
+    assert client.get("/api/runs/last/events").json()[0]["run_id"] == "synthetic-run-0001"
+
+
+def test_incremental_after_and_running(client, viewer_db):
+    _, run_id = viewer_db
+    rows = client.get(f"/api/runs/{run_id}/events").json()
+    later = client.get(f"/api/runs/{run_id}/events", params={"after": 5}).json()
+    assert later == rows[5:]
+    assert client.get(f"/api/runs/{run_id}/events", params={"after": len(rows)}).json() == []
+    # a client holding rows 2 and 3 as running gets their current versions too
+    holding = f"{rows[1]['id']},{rows[2]['id']}"
+    again = client.get(f"/api/runs/{run_id}/events", params={"after": 10, "running": holding}).json()
+    assert [r["execution_order"] for r in again] == [2, 3] + list(range(11, len(rows) + 1))
+    tools = client.get(f"/api/runs/{run_id}/events", params={"type": "tool_call"}).json()
+    assert [r["event_type"] for r in tools] == ["tool_call"]
+    assert client.get(f"/api/runs/{run_id}/events", params={"after": "-1"}).status_code == 400
+    assert client.get(f"/api/runs/{run_id}/events", params={"after": "abc"}).json()["error"]
+
+
+def test_unknown_run_is_404_json(client):
+    response = client.get("/api/runs/no-such-run/events")
+    assert response.status_code == 404
+    assert response.headers["content-type"].startswith("application/json")
+    assert "no-such-run" in response.json()["error"]
+    assert client.get("/api/runs/no-such-run").status_code == 404
+    assert client.get("/api/nothing").status_code == 404
+    assert client.get("/api/nothing").json()["error"]
+
+
+def test_api_returns_raw_strings(client, viewer_db):
+    """Escaping is the page's job: the API hands the stored text back byte for byte."""
+    _, run_id = viewer_db
+    rows = client.get(f"/api/runs/{run_id}/events").json()
+    first = next(r for r in rows if r["event_type"] == "message")
+    assert first["inputs"]["content"][0]["content"] == f"{XSS} please add 20 and 22"
+    assert "&lt;" not in json.dumps(rows)
+    assert FAKE_KEY not in json.dumps(rows)
+
+
+def test_page_is_self_contained(client):
+    response = client.get("/")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    page = response.text
+    assert "<script src" not in page and "<link rel=\"stylesheet\"" not in page  # inlined: no CDN, no sub-requests
+    assert "data-testid=\"waterfall\"" in page and "function renderWindow" in page and ".bar.running" in page
+    csp = response.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'sha256-" in csp and "unsafe-inline" not in csp
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    config = client.get("/api/config").json()
+    assert config["jaeger_url"] is None and config["poll_interval"] == 0.5
+
+
+def test_jaeger_url_validated_and_exposed(viewer_db):
+    db, _ = viewer_db
+    app = create_app(str(db), jaeger_url="http://localhost:16686/")
+    with TestClient(app, base_url=BASE) as test_client:
+        assert test_client.get("/api/config").json()["jaeger_url"] == "http://localhost:16686"
+        assert '"jaeger_url": "http://localhost:16686"' in test_client.get("/").text
+    with pytest.raises(ValueError, match="jaeger_url"):
+        create_app(str(db), jaeger_url="javascript:alert(1)")
+    with pytest.raises(ValueError, match="poll_interval"):
+        create_app(str(db), poll_interval=0)
+
+
+# --- read-only, hosts, origins -------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+@pytest.mark.parametrize("path", ["/", "/api/runs", "/api/runs/last", "/api/runs/last/events", "/anything"])
+def test_no_write_methods(client, viewer_db, method, path):
+    db, _ = viewer_db
+    before = os.path.getsize(db)
+    response = client.request(method, path)
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, HEAD"
+    assert "read-only" in response.json()["error"]
+    assert os.path.getsize(db) == before
+
+
+def test_head_is_allowed(client):
+    assert client.head("/api/runs").status_code == 200
+
+
+def test_foreign_host_header_refused_without_token(client):
+    """DNS rebinding: a page on evil.example resolving to 127.0.0.1 must not read the runs."""
+    response = client.get("/api/runs", headers={"Host": "evil.example:8765"})
+    assert response.status_code == 403
+    assert client.get("/api/runs", headers={"Host": "localhost:8765"}).status_code == 200
+    assert client.get("/api/runs", headers={"Host": "[::1]:8765"}).status_code == 200
+
+
+def test_cross_origin_websocket_refused_without_token(client):
+    with pytest.raises(WebSocketDenialResponse) as denied:
+        with client.websocket_connect(f"{BASE.replace('http', 'ws')}/ws", headers={"Origin": "http://evil.example"}):
+            pass
+    assert denied.value.status_code == 403
+    with client.websocket_connect(f"{BASE.replace('http', 'ws')}/ws", headers={"Origin": BASE}):
+        pass
+
+
+# --- token ----------------------------------------------------------------------------------------
+@pytest.fixture
+def token_client(viewer_db):
+    db, _ = viewer_db
+    with TestClient(create_app(str(db), token=TOKEN), base_url="http://192.168.1.20:8765") as test_client:
+        yield test_client
+
+
+@pytest.mark.parametrize("path", ["/", "/api/config", "/api/runs", "/api/runs/last/events", "/nothing"])
+def test_token_required_on_every_request(token_client, path):
+    response = token_client.get(path)
+    assert response.status_code == 401
+    assert response.json()["error"].startswith("a valid token is required")
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert token_client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert token_client.get(path, params={"token": TOKEN[:-1]}).status_code == 401
+
+
+def test_token_accepted_as_bearer_header_or_query(token_client):
+    assert token_client.get("/api/runs", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert token_client.get("/api/runs", headers={"X-Token": TOKEN}).status_code == 200
+    assert token_client.get("/api/runs", params={"token": TOKEN}).status_code == 200
+    assert token_client.get("/", params={"token": TOKEN}).status_code == 200
+    # a token does not make the API writable
+    assert token_client.post("/api/runs", headers={"X-Token": TOKEN}).status_code == 405
+
+
+def test_websocket_needs_the_token(token_client):
+    url = "ws://192.168.1.20:8765/ws"
+    with pytest.raises(WebSocketDenialResponse) as denied:
+        with token_client.websocket_connect(url):
+            pass
+    assert denied.value.status_code == 401
+    with pytest.raises(WebSocketDenialResponse):
+        with token_client.websocket_connect(url + "?token=nope"):
+            pass
+    with token_client.websocket_connect(url + f"?token={TOKEN}"):
+        pass
+    with token_client.websocket_connect(url, headers={"Authorization": f"Bearer {TOKEN}"}):
+        pass
+
+
+def test_non_loopback_bind_needs_a_token(viewer_db):
+    db, _ = viewer_db
+    for host in ("0.0.0.0", "::", "192.168.1.20", "example.com", ""):
+        with pytest.raises(ValueError, match="without a token"):
+            serve_viewer(str(db), host=host, port=0)
+        with pytest.raises(ValueError, match="without a token"):
+            ViewerServer(str(db), host=host)
+    for host in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"):
+        check_bind(host, None)
+    check_bind("0.0.0.0", TOKEN)
+    with pytest.raises(ValueError, match="non-empty"):
+        check_bind("127.0.0.1", "")
+
+
+def test_real_server_refuses_websocket_without_token(viewer_db):
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    db, _ = viewer_db
+    with ViewerServer(str(db), token=TOKEN) as server:
+        import httpx
+
+        assert httpx.get(server.url + "api/runs").status_code == 401
+        assert httpx.get(server.url + "api/runs", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        ws_url = server.url.replace("http://", "ws://") + "ws"
+        with pytest.raises(InvalidStatus) as refused:
+            connect(ws_url, open_timeout=5)
+        assert refused.value.response.status_code == 401
+        with connect(ws_url + f"?token={TOKEN}", open_timeout=5):
+            pass
+
+
+# --- live feed ------------------------------------------------------------------------------------
+def _collect(ws, until, timeout=60.0):
+    """Envelopes from the websocket until ``until(envelopes)`` holds."""
+    received = []
+    deadline = time.monotonic() + timeout
+    while not until(received):
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"timed out; got {len(received)} envelopes"
+        try:
+            received.append(json.loads(ws.recv(timeout=min(remaining, 1.0))))
+        except TimeoutError:
+            continue
+    return received
+
+
+def _run_completed(envelopes):
+    return any(e["data"]["event_type"] == "run" and e["data"]["status"] == "completed" for e in envelopes)
+
+
+def _drain(ws, quiet=1.0):
+    out = []
+    while True:
+        try:
+            out.append(json.loads(ws.recv(timeout=quiet)))
+        except TimeoutError:
+            return out
+
+
+def test_websocket_broadcasts_rows_written_by_another_process(tmp_path):
+    """A run written by a subprocess shows up on /ws live: running rows first, then their completion."""
+    from websockets.sync.client import connect
+
+    db = tmp_path / "live.db"
+    write_synthetic(db, "earlier-run", steps=1)  # the database exists before the viewer starts
+    with ViewerServer(str(db), poll_interval=0.1) as server:
+        with connect(server.url.replace("http://", "ws://") + "ws", open_timeout=5) as ws:
+            time.sleep(0.3)  # the poller's first pass records the state of the table
+            writer = subprocess.Popen(
+                [sys.executable, "-c", SYNTHETIC_WRITER, str(db), "live-run", "4", "0.3"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            try:
+                envelopes = _collect(ws, _run_completed)
+                envelopes += _drain(ws)  # the rest of the poll that completed the run
+            finally:
+                _, err = writer.communicate(timeout=60)
+            assert writer.returncode == 0, err
+    assert {e["event_type"] for e in envelopes} == {"event_captured"}
+    assert {e["run_id"] for e in envelopes} == {"live-run"}
+    data = [e["data"] for e in envelopes]
+    for item in data:
+        assert set(DATA_FIELDS) <= set(item)
+        assert item["event_id"] == item["id"] and item["run_key"] == "live-run"
+    rows = store.run_events(store.open_store(str(db)), "live-run")
+    assert {d["execution_order"] for d in data} == set(range(1, len(rows) + 1)), "every row reached the socket"
+    running = {d["event_id"] for d in data if d["status"] == "running"}
+    finals = {d["event_id"]: d for d in data if d["status"] != "running"}
+    assert running, "spans were seen while they ran"
+    assert running <= set(finals), "every running row was followed by its completion"
+    tools = [d for d in finals.values() if d["event_type"] == "tool_call"]
+    assert len(tools) == 4 and {t["outputs"]["result"] for t in tools} == {"0", "1", "4", "9"}
+    assert all(t["duration_ms"] >= 250 for t in tools)
+    # a completion is never broadcast before the row's start
+    first_seen = {}
+    for index, d in enumerate(data):
+        first_seen.setdefault(d["event_id"], (index, d["status"]))
+    assert all(status == "running" for event_id, (index, status) in first_seen.items() if event_id in running)
+
+
+def test_viewer_waits_for_the_database(tmp_path):
+    """Started before anything was traced: 503 with a message, then the runs once the table exists."""
+    db = tmp_path / "later.db"
+    with TestClient(create_app(str(db), poll_interval=0.05), base_url=BASE) as test_client:
+        response = test_client.get("/api/runs")
+        assert response.status_code == 503 and "no database" in response.json()["error"]
+        assert test_client.get("/").status_code == 200
+        write_synthetic(db, "late-run", steps=1)
+        assert [r["run_id"] for r in test_client.get("/api/runs").json()] == ["late-run"]
+        assert _gapless(test_client.get("/api/runs/late-run/events").json())
+
+
+def test_in_process_writer_is_broadcast_over_testclient(tmp_path, scripted_llm):
+    """The websocket also carries rows of an AG2 run traced in this process (through the table, not a callback)."""
+    db = tmp_path / "inproc.db"
+    tracing = tracing_for(db)
+    try:
+        with TestClient(create_app(str(db), poll_interval=0.05), base_url=BASE) as test_client:
+            with test_client.websocket_connect(BASE.replace("http", "ws") + "/ws") as ws:
+                time.sleep(0.2)
+                gate, reached = threading.Event(), threading.Event()
+                result = {}
+                worker = threading.Thread(
+                    target=lambda: result.setdefault("run", xss_run(scripted_llm, gate=gate, reached=reached))
+                )
+                worker.start()
+                assert reached.wait(30)
+                seen = []
+                while not any(e["data"]["event_type"] == "tool_call" for e in seen):
+                    seen.append(ws.receive_json())
+                tool = next(e["data"] for e in seen if e["data"]["event_type"] == "tool_call")
+                assert tool["status"] == "running" and tool["inputs"]["arguments"] == {"a": 20, "b": 22}
+                gate.set()
+                worker.join(30)
+                finals = [e["data"] for e in seen if e["data"]["event_id"] == tool["event_id"]][1:]
+                while not finals:
+                    data = ws.receive_json()["data"]
+                    if data["event_id"] == tool["event_id"]:
+                        finals.append(data)
+                assert finals[0]["status"] == "completed" and finals[0]["outputs"]["result"] == "42"
+    finally:
+        tracing.shutdown()
+
+
+def test_postgresql_runs_events_and_live_feed(postgres_url):
+    """The same API and live feed on PostgreSQL (the table is created after the viewer starts)."""
+    from websockets.sync.client import connect
+
+    with ViewerServer(postgres_url, poll_interval=0.1) as server:
+        import httpx
+
+        response = httpx.get(server.url + "api/runs")
+        assert response.status_code == 503 and "execution_events" in response.json()["error"]
+        write_synthetic(postgres_url, "pg-first", steps=1)
+        assert [r["run_id"] for r in httpx.get(server.url + "api/runs").json()] == ["pg-first"]
+        with connect(server.url.replace("http://", "ws://") + "ws", open_timeout=5) as ws:
+            time.sleep(0.5)
+            writer = subprocess.Popen([sys.executable, "-c", SYNTHETIC_WRITER, postgres_url, "pg-live", "3", "0.2"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                envelopes = _collect(ws, _run_completed)
+                envelopes += _drain(ws)
+            finally:
+                _, err = writer.communicate(timeout=60)
+            assert writer.returncode == 0, err
+        rows = httpx.get(server.url + "api/runs/pg-live/events").json()
+        assert _gapless(rows) and {r["status"] for r in rows} == {"completed"}
+        assert rows[0]["started_at"].endswith("+00:00")
+        received = {e["data"]["execution_order"] for e in envelopes if e["run_id"] == "pg-live"}
+        assert received == set(range(1, len(rows) + 1))
+        assert any(e["data"]["status"] == "running" for e in envelopes)
+        runs = httpx.get(server.url + "api/runs").json()
+        assert [r["run_id"] for r in runs] == ["pg-live", "pg-first"] and runs[0]["status"] == "completed"

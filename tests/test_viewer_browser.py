@@ -1,0 +1,273 @@
+"""The run viewer in a real headless Chromium (playwright): a live AG2 run, XSS, filters, another process.
+
+Needs Debian's chromium at /usr/bin/chromium (or $OTEL_CMBAGENT_CHROMIUM); skipped without it, failed
+under CI. With $OTEL_CMBAGENT_SCREENSHOT set, the demo-run screenshot is also copied to docs/viewer.png.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from otel_cmbagent import store
+from otel_cmbagent.viewer.app import ViewerServer
+from test_viewer import SYNTHETIC_WRITER, XSS, tracing_for, xss_run
+
+from conftest import FAKE_KEY
+
+CHROMIUM = os.environ.get("OTEL_CMBAGENT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+README_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "viewer.png"
+JAEGER = "http://localhost:16686"
+
+if not Path(CHROMIUM).exists():
+    if os.environ.get("CI"):
+        pytest.fail(f"CI: no Chromium at {CHROMIUM} (apt-get install chromium)", pytrace=False)
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set OTEL_CMBAGENT_CHROMIUM)",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1500, "height": 900}, device_scale_factor=1)
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.errors = errors
+    yield page
+    context.close()
+
+
+def bars(page, selector=""):
+    return page.locator(f'[data-testid="bar"]{selector}')
+
+
+def visible_types(page):
+    return set(page.eval_on_selector_all('[data-testid="bar"]', "els => els.map(e => e.dataset.type)"))
+
+
+def bar_width(page, event_id):
+    return page.eval_on_selector(f'[data-testid="bar"][data-event-id="{event_id}"]',
+                                 "e => e.getBoundingClientRect().width")
+
+
+def test_live_run_in_the_browser(tmp_path, scripted_llm, browser, page):
+    db = tmp_path / "live.db"
+    tracing = tracing_for(db)  # creates the table: the viewer opens it at once
+    gate, reached, start = threading.Event(), threading.Event(), threading.Event()
+    with ViewerServer(str(db), poll_interval=0.2, jaeger_url=JAEGER) as server, ThreadPoolExecutor(1) as pool:
+        try:
+            page.goto(server.url)
+            page.wait_for_selector('[data-testid="connection"][data-state="open"]')
+            page.wait_for_selector(".run-empty")  # nothing traced yet
+
+            future = pool.submit(xss_run, scripted_llm, gate=gate, reached=reached, start_gate=start, delay=0.2)
+            # the run appears in the list, marked live, and (nothing else being selected) opens
+            live_row = page.locator('[data-testid="run-row"][data-live="true"]')
+            live_row.wait_for()
+            assert live_row.locator('[data-testid="run-status"]').inner_text().strip() == "LIVE"
+            live_row.click()
+            page.wait_for_selector('[data-testid="waterfall"][data-ready="true"]')
+            bars(page, '[data-type="run"][data-status="running"]').wait_for()
+            early = bars(page).count()
+            start.set()  # the chat begins
+
+            # the tool blocks on the gate: its bar is running, and it grows with the clock
+            assert reached.wait(30), "the tool was never called"
+            tool = bars(page, '[data-type="tool_call"][data-status="running"]')
+            tool.wait_for()
+            tool_id = tool.get_attribute("data-event-id")
+            assert bars(page).count() > early, "the waterfall gained bars while the run ran"
+            assert page.locator('[data-testid="run-header"]').get_attribute("data-status") == "running"
+            width_before = bar_width(page, tool_id)
+            time.sleep(0.8)
+            assert bar_width(page, tool_id) > width_before + 2, "a running bar grows"
+            page.screenshot(path=str(tmp_path / "viewer-live.png"))
+
+            gate.set()
+            future.result(timeout=60)
+            page.wait_for_selector(f'[data-testid="bar"][data-event-id="{tool_id}"][data-status="completed"]')
+            page.wait_for_selector('[data-testid="run-header"][data-status="completed"]')
+            page.wait_for_selector('[data-testid="run-row"][data-status="completed"]')
+        finally:
+            start.set()
+            gate.set()
+            tracing.shutdown()
+
+        rows = store.run_events(store.open_store(str(db)), future.result().run_id)
+        spans = [r for r in rows if r["event_type"] != "message"]
+        page.wait_for_function(f"() => window.__viewer.eventCount() === {len(rows)}")
+        assert bars(page).count() == len(spans)
+        assert bars(page, '[data-status="running"]').count() == 0
+
+        # details of the tool call: arguments and result
+        page.click(f'[data-testid="bar"][data-event-id="{tool_id}"]')
+        details = page.locator('[data-testid="details"]')
+        details.wait_for()
+        page.wait_for_selector(f'[data-testid="details"][data-event-id="{tool_id}"]')
+        assert page.locator('[data-testid="details-tool"]').inner_text().startswith("add")
+        assert page.locator('[data-testid="details-status"]').inner_text() == "completed"
+        inputs = page.locator('[data-testid="details-inputs"]').inner_text()
+        assert '"a": 20' in inputs and '"b": 22' in inputs
+        assert "42" in page.locator('[data-testid="details-outputs"]').inner_text()
+        assert page.locator('[data-testid="details-agent"]').inner_text() in ("user", "assistant")
+
+        # the XSS payload of the first message is shown as text, and never runs
+        page.click('[data-testid="bar"][data-type="conversation"]')
+        message = page.locator('[data-testid="details-message"]').first
+        message.wait_for()
+        assert XSS in message.inner_text()
+        assert page.evaluate("typeof window.__xss") == "undefined"
+        assert page.locator('[data-testid="details"] img, [data-testid="details"] script').count() == 0
+        assert FAKE_KEY not in page.locator("body").inner_text()
+
+        # the Jaeger link of the run
+        link = page.locator('[data-testid="run-header"] [data-testid="jaeger-link"]')
+        assert link.get_attribute("href") == f"{JAEGER}/trace/{rows[0]['trace_id']}"
+
+        # filters: by type, then by agent
+        page.select_option('[data-testid="filter-type"]', "tool_call")
+        page.wait_for_function("""() => [...document.querySelectorAll('[data-testid="bar"]')]
+                                   .every(e => e.dataset.type === 'tool_call')""")
+        assert bars(page).count() == sum(1 for r in spans if r["event_type"] == "tool_call") >= 1
+        page.select_option('[data-testid="filter-type"]', "")
+        page.wait_for_function(f"() => document.querySelectorAll('[data-testid=\"bar\"]').length === {len(spans)}")
+        page.select_option('[data-testid="filter-agent"]', "assistant")
+        page.wait_for_function("""() => [...document.querySelectorAll('[data-testid="bar"]')]
+                                   .every(e => e.dataset.agent === 'assistant')""")
+        assert bars(page).count() == sum(1 for r in spans if r["agent_name"] == "assistant") >= 1
+        assert "llm_call" in visible_types(page)
+        page.select_option('[data-testid="filter-agent"]', "")
+        page.wait_for_function(f"() => document.querySelectorAll('[data-testid=\"bar\"]').length === {len(spans)}")
+
+        # escaping alone (no Content-Security-Policy to fall back on) keeps the payload inert
+        bare = browser.new_context(bypass_csp=True).new_page()
+        bare.goto(f"{server.url}#/run/{rows[0]['run_id']}")
+        bare.click('[data-testid="bar"][data-type="conversation"]')
+        assert XSS in bare.locator('[data-testid="details-message"]').first.inner_text()
+        bare.click('[data-testid="bar"][data-type="llm_call"]')
+        assert XSS in bare.locator('[data-testid="details-inputs"]').inner_text()
+        assert bare.evaluate("typeof window.__xss") == "undefined"
+        bare.context.close()
+
+        page.click(f'[data-testid="bar"][data-event-id="{tool_id}"]')
+        page.wait_for_selector(f'[data-testid="details"][data-event-id="{tool_id}"]')
+        page.screenshot(path=str(tmp_path / "viewer.png"))
+        assert (tmp_path / "viewer.png").stat().st_size > 10_000
+        assert page.evaluate("typeof window.__xss") == "undefined"
+        assert not page.errors, page.errors
+
+
+def test_run_from_another_process_appears_live(tmp_path, page):
+    db = tmp_path / "other.db"
+    subprocess.run([sys.executable, "-c", SYNTHETIC_WRITER, str(db), "first-run", "1", "0"], check=True, timeout=60)
+    with ViewerServer(str(db), poll_interval=0.2) as server:
+        page.goto(server.url)
+        page.wait_for_selector('[data-testid="waterfall"][data-ready="true"][data-run-id="first-run"]')
+        writer = subprocess.Popen([sys.executable, "-c", SYNTHETIC_WRITER, str(db), "second-run", "6", "0.4"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            row = page.locator('[data-testid="run-row"][data-run-id="second-run"]')
+            row.wait_for()
+            page.wait_for_selector('[data-testid="run-row"][data-run-id="second-run"][data-live="true"]')
+            assert page.locator('[data-testid="run-row"]').first.get_attribute("data-run-id") == "second-run"
+            row.click()
+            page.wait_for_selector('[data-testid="waterfall"][data-ready="true"][data-run-id="second-run"]')
+            page.wait_for_selector('[data-testid="bar"][data-status="running"]')
+            counts = [bars(page).count()]
+            for _ in range(20):
+                time.sleep(0.3)
+                counts.append(bars(page).count())
+                if counts[-1] > counts[0]:
+                    break
+            assert counts[-1] > counts[0], f"the waterfall never grew: {counts}"
+            assert writer.wait(60) == 0, writer.stderr.read()
+        finally:
+            if writer.poll() is None:
+                writer.kill()
+                writer.wait()
+        rows = store.run_events(store.open_store(str(db)), "second-run")
+        page.wait_for_selector('[data-testid="run-header"][data-status="completed"]')
+        page.wait_for_function(f"() => window.__viewer.eventCount() === {len(rows)}")
+        assert bars(page).count() == sum(1 for r in rows if r["event_type"] != "message")
+        assert bars(page, '[data-status="running"]').count() == 0
+        page.wait_for_selector('[data-testid="run-row"][data-run-id="second-run"][data-status="completed"]')
+        assert not page.errors, page.errors
+
+
+def test_demo_run_screenshot(tmp_path, page, monkeypatch):
+    """The README screenshot: cmbagent's demo workflow (group chat, code, files, a failed tool call)."""
+    from otel_cmbagent.demo import run_demo
+
+    monkeypatch.chdir(tmp_path)
+    db = "otel_cmbagent.db"  # shown as given in the page's top bar
+    run_demo(db, live=False)
+    page.set_viewport_size({"width": 1600, "height": 1000})
+    with ViewerServer(str(db), jaeger_url=JAEGER) as server:
+        page.goto(server.url)
+        page.wait_for_selector('[data-testid="waterfall"][data-ready="true"]')
+        failed = bars(page, '[data-type="tool_call"][data-status="failed"]')
+        assert failed.count() == 1
+        failed.click()
+        page.wait_for_selector('[data-testid="details"][data-status="failed"]')
+        assert "did not converge" in page.locator('[data-testid="details-error"]').inner_text()
+        file_bar = bars(page, '[data-type="file_gen"]').first
+        file_bar.click()
+        page.wait_for_selector('[data-testid="details"][data-type="file_gen"]')
+        path = page.locator('[data-testid="details-file"]').inner_text()
+        assert path.endswith(("spectrum.csv", "spectrum.png", "fit.png")) and os.sep in path
+        failed.click()
+        page.wait_for_selector('[data-testid="details"][data-status="failed"]')
+        page.mouse.move(0, 0)
+        shot = tmp_path / "viewer-demo.png"
+        page.screenshot(path=str(shot))
+        assert shot.stat().st_size > 20_000
+        if os.environ.get("OTEL_CMBAGENT_SCREENSHOT"):
+            README_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shot, README_SCREENSHOT)
+        assert not page.errors, page.errors
+
+
+def test_token_protected_page(tmp_path, page):
+    """With a token the page is opened as /?token=... and sends it with every API request and the websocket;
+    without it the server answers 401."""
+    db = tmp_path / "token.db"
+    subprocess.run([sys.executable, "-c", SYNTHETIC_WRITER, str(db), "token-run", "2", "0"], check=True, timeout=60)
+    token = "s3cret-viewer-token"
+    with ViewerServer(str(db), token=token) as server:
+        bare = page.context.new_page()
+        response = bare.goto(server.url)
+        assert response.status == 401 and "token" in response.json()["error"]
+        bare.close()
+        refused = []
+        page.on("response", lambda r: refused.append(r.url) if r.status == 401 else None)
+        page.goto(f"{server.url}?token={token}")
+        page.wait_for_selector('[data-testid="waterfall"][data-ready="true"][data-run-id="token-run"]')
+        page.wait_for_selector('[data-testid="connection"][data-state="open"]')
+        assert page.locator('[data-testid="run-row"]').count() == 1
+        page.reload()
+        page.wait_for_selector('[data-testid="waterfall"][data-ready="true"][data-run-id="token-run"]')
+        page.wait_for_selector('[data-testid="connection"][data-state="open"]')
+        assert not refused and not page.errors, (refused, page.errors)
