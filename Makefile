@@ -48,6 +48,7 @@ test: $(AG2)/.ready $(FORK)/.ready $(PHOENIX)/.ready
 bench: $(AG2)/.ready
 	$(AG2)/bin/python benchmarks/bench_overhead.py
 	$(AG2)/bin/python benchmarks/bench_sinks.py
+	$(AG2)/bin/python benchmarks/bench_viewer.py
 
 clean:
 	rm -rf $(VENV)
