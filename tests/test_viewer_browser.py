@@ -228,6 +228,22 @@ def test_demo_run_screenshot(tmp_path, page, monkeypatch):
     with ViewerServer(str(db), jaeger_url=JAEGER) as server:
         page.goto(server.url)
         page.wait_for_selector('[data-testid="waterfall"][data-ready="true"]')
+        assert page.locator('[data-testid="run-row"]').count() == 1
+        # every event type the demo wrote is in the waterfall (the type filter shows its bars)
+        demo_types = {"run", "step", "conversation", "agent_call", "llm_call", "tool_call", "code_exec", "file_gen",
+                      "handoff"}
+        for event_type in sorted(demo_types):
+            page.select_option('[data-testid="filter-type"]', event_type)
+            page.wait_for_function(f"""() => {{ const b = [...document.querySelectorAll('[data-testid="bar"]')];
+                                       return b.length > 0 && b.every(e => e.dataset.type === '{event_type}'); }}""")
+        assert page.locator('.legend-item[data-type="message"]:not(.absent)').count() == 1
+        # a tool call's details show its arguments
+        page.select_option('[data-testid="filter-type"]', "tool_call")
+        bars(page, '[data-type="tool_call"][data-status="completed"]').first.click()
+        page.wait_for_selector('[data-testid="details"][data-type="tool_call"]')
+        assert "max_iter" in page.locator('[data-testid="details-inputs"]').inner_text() or "report" in page.locator(
+            '[data-testid="details-inputs"]').inner_text()
+        page.select_option('[data-testid="filter-type"]', "")
         failed = bars(page, '[data-type="tool_call"][data-status="failed"]')
         assert failed.count() == 1
         failed.click()
