@@ -10,7 +10,8 @@ from opentelemetry import trace
 from . import semconv
 from .errors import mark_failed
 from .messages import to_otel_message
-from .spans import Runtime, SpanStart, add_ordered_event, agent_name, argument, current_conversation_id
+from .context import current_conversation_id
+from .spans import Runtime, SpanStart, add_ordered_event, agent_name, argument
 from .utils import register_secrets_from_config, safe_text, to_json
 
 

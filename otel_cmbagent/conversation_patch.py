@@ -8,16 +8,8 @@ from typing import Any
 from opentelemetry import trace
 
 from . import semconv
-from .spans import (
-    Runtime,
-    SpanStart,
-    UsageTotals,
-    agent_name,
-    argument,
-    conversation_values,
-    usage_chain,
-    with_new_usage,
-)
+from .context import UsageTotals, conversation_values, usage_chain, with_new_usage
+from .spans import Runtime, SpanStart, agent_name, argument
 from .utils import register_secrets_from_config
 
 def _agent_llm_config(agent: Any) -> Any:

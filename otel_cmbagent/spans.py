@@ -21,7 +21,6 @@ from opentelemetry.trace import SpanKind
 
 from . import semconv
 from .config import InstrumentationConfig
-from .context import UsageTotals, conversation_values, current_conversation_id, usage_chain, with_new_usage  # noqa: F401
 from .errors import record_exception
 from .live import notify_message
 from .processor import next_event_order

@@ -258,7 +258,8 @@ def _utc(value: Any) -> Any:
     return value
 
 
-def _decode(row: Mapping[str, Any]) -> dict[str, Any]:
+def decode_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A raw table row as the store returns it: JSON decoded, UTC times, ``metadata`` as ``meta``, link ids filled from meta."""
     out = dict(row)
     if "meta" not in out and "metadata" in out:
         out["meta"] = out.pop("metadata")
@@ -306,7 +307,7 @@ def _summaries(engine: Engine, shape: _Shape, groups: list[Any]) -> list[dict[st
     roots: dict[str, dict[str, Any]] = {}
     statement = sa.select(*root_columns).where(shape.where_runs(keys), c.depth == 0).order_by(c.execution_order)
     for row in _execute(engine, statement):
-        record = _decode(row._mapping)
+        record = decode_row(row._mapping)
         current = roots.get(record["run_key"])
         if current is None or (current.get("event_type") != "run" and record.get("event_type") == "run"):
             roots[record["run_key"]] = record
@@ -501,7 +502,7 @@ def run_events(
     if agents:
         statement = statement.where(c.agent_name.in_(sorted(agents)))
     statement = statement.order_by(c.execution_order, c.timestamp, c.id)
-    return [_decode(row._mapping) for row in _execute(engine, statement)]
+    return [decode_row(row._mapping) for row in _execute(engine, statement)]
 
 
 def event_tree(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

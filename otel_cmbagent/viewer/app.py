@@ -69,9 +69,6 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 TOKEN_HEADER = "x-token"
 
-_JSON_COLUMNS = ("inputs", "outputs", "meta")
-_TIME_COLUMNS = ("timestamp", "started_at", "completed_at")
-_LINK_COLUMNS = ("trace_id", "span_id")
 _RUNNING = "running"
 # how far back (by row timestamp) the poller looks for activity; a full scan of run ids runs every
 # FULL_SCAN_SECONDS as a safety net for rows whose timestamps fall outside the window (clock skew)
@@ -174,44 +171,6 @@ def _error(status: int, message: str, **extra: Any) -> Response:
 
 
 # --- reading rows --------------------------------------------------------------------------------
-def _json_value(value: Any) -> Any:
-    if isinstance(value, (str, bytes)):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
-    return value
-
-
-def _utc(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            value = datetime.fromisoformat(value)
-        except ValueError:
-            return value
-    if isinstance(value, datetime):
-        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
-    return value
-
-
-def decode_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A raw table row as :func:`otel_cmbagent.store.run_events` returns it (same decoding rules)."""
-    out = dict(row)
-    if "meta" not in out and "metadata" in out:
-        out["meta"] = out.pop("metadata")
-    for key in _JSON_COLUMNS:
-        if key in out:
-            out[key] = _json_value(out[key])
-    for key in _TIME_COLUMNS:
-        if key in out:
-            out[key] = _utc(out[key])
-    meta = out.get("meta") if isinstance(out.get("meta"), dict) else {}
-    for key in _LINK_COLUMNS:
-        if out.get(key) is None:
-            out[key] = meta.get(key)
-    return out
-
-
 def event_data(row: Mapping[str, Any], run_key: str | None = None) -> dict[str, Any]:
     """The websocket ``data`` of a decoded row: ``exporters.websocket.DATA_FIELDS`` first (``event_id`` is
     the row's ``id``), then the row's other columns (``meta``, ``started_at``, ``completed_at``, ...) and
@@ -285,7 +244,7 @@ class _Source:
             statement = statement.where(c.agent_name.in_(list(agents)))
         statement = statement.order_by(c.execution_order, c.timestamp, c.id)
         with self.engine().connect() as connection:
-            return [decode_row(row._mapping) for row in connection.execute(statement)]
+            return [store.decode_row(row._mapping) for row in connection.execute(statement)]
 
 
 # --- live feed: poll the table, broadcast what changed --------------------------------------------
@@ -369,7 +328,7 @@ class _Poller:
                     .where(self.source.where_run(table, k), wanted)
                     .order_by(c.execution_order, c.timestamp, c.id)
                 )
-                rows = [decode_row(row._mapping) for row in connection.execute(statement)]
+                rows = [store.decode_row(row._mapping) for row in connection.execute(statement)]
                 if not rows:
                     continue
                 seen = {row.get("execution_order") for row in rows}
@@ -396,7 +355,7 @@ class _Poller:
                     chunk = ids[start : start + 500]
                     statement = sa.select(table).where(c.id.in_(chunk), c.status != _RUNNING)
                     for raw in connection.execute(statement):
-                        row = decode_row(raw._mapping)
+                        row = store.decode_row(raw._mapping)
                         k = self.running.pop(row["id"], None)
                         if k is not None:
                             finished.append((k, row))
