@@ -12,7 +12,18 @@ PHOENIX_SPEC ?= arize-phoenix==20.26.1
 export OTEL_CMBAGENT_PHOENIX ?= $(abspath $(PHOENIX))/bin/phoenix
 PYTEST_ARGS ?= -q -rs
 
-.PHONY: demo test test-ag2 test-cmbagent bench clean
+.PHONY: demo test test-ag2 test-cmbagent bench clean system-deps
+
+# The suite starts a throwaway PostgreSQL cluster (initdb/pg_ctl) and drives Debian's Chromium
+# (Playwright cannot download its own browser here): install them from Debian when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "installing postgresql"; $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql >/dev/null; fi
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  echo "installing chromium"; $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; fi
 
 $(AG2)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(AG2)
@@ -39,7 +50,7 @@ test-cmbagent: $(FORK)/.ready $(PHOENIX)/.ready
 	$(FORK)/bin/pytest $(PYTEST_ARGS)
 
 # Both lines; the second runs even if the first fails, and the target fails if either did.
-test: $(AG2)/.ready $(FORK)/.ready $(PHOENIX)/.ready
+test: system-deps $(AG2)/.ready $(FORK)/.ready $(PHOENIX)/.ready
 	@status=0; \
 	echo "== ag2 0.14.0"; $(MAKE) --no-print-directory test-ag2 || status=1; \
 	echo "== cmbagent-autogen 0.0.91.post11"; $(MAKE) --no-print-directory test-cmbagent || status=1; \
