@@ -40,6 +40,36 @@ def scripted_run(
     return run
 
 
+class PausedRun:
+    """``scripted_run`` (or another run with ``gate``/``reached``) in a thread, held inside its tool call.
+
+    Entering waits until the tool is reached (the run is live); ``release()`` lets it finish;
+    leaving releases it (if still held) and joins the thread.
+    """
+
+    def __init__(self, llm, run=None, **kwargs) -> None:
+        self.gate, self.reached = threading.Event(), threading.Event()
+        self.result = None
+        target = run or scripted_run
+
+        def go() -> None:
+            self.result = target(llm, gate=self.gate, reached=self.reached, **kwargs)
+
+        self.thread = threading.Thread(target=go)
+
+    def __enter__(self) -> PausedRun:
+        self.thread.start()
+        assert self.reached.wait(30), "the run never reached its tool call"
+        return self
+
+    def release(self, timeout: float = 60) -> None:
+        self.gate.set()
+        self.thread.join(timeout)
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
 def table_rows(engine, table="execution_events", where="") -> list[dict]:
     with engine.connect() as connection:
         result = connection.execute(sa.text(f"select * from {table} {where} order by execution_order"))

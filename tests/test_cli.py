@@ -9,7 +9,6 @@ import socket
 import subprocess
 import time
 import sys
-import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from otel_cmbagent.exporters.rows import event_id
 from otel_cmbagent.exporters.sql import SQLEventSink, make_engine
 from otel_cmbagent.testing import ScriptedLLM
 from otel_cmbagent.testing.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
-from sinks_util import scripted_run, table_rows
+from sinks_util import PausedRun, scripted_run, table_rows
 from test_store import CODE_RUN_PREFIX, TOOL_RUN_PREFIX, make_cmbagent_db, make_traced_db
 
 CLI = Path(sys.executable).parent / "otel-cmbagent"
@@ -291,27 +290,21 @@ def test_export_of_a_live_run_marks_it_incomplete(tmp_path):
     """Rows still running (the process is mid-run) are exported ending now, with cmbagent.incomplete=true."""
     url = f"sqlite:///{tmp_path / 'live.db'}"
     tracing = oc.setup_tracing(sql_url=url, set_global=False, handle_sigterm=False)
-    gate, reached = threading.Event(), threading.Event()
     with ScriptedLLM() as llm:
-        worker = threading.Thread(target=scripted_run, args=(llm,),
-                                  kwargs={"gate": gate, "reached": reached, "run_id": "live-run"})
-        worker.start()
         try:
-            assert reached.wait(30)
-            tracing.force_flush()
-            runs = run_cli("runs", "--db", url, check=0).stdout
-            assert "live" in next(line for line in runs.splitlines() if "live-run" in line)
-            tree = run_cli("tree", "last", "--db", url, check=0).stdout
-            assert "live" in next(line for line in tree.splitlines() if "execute_tool add" in line)
-            timeline = run_cli("timeline", "last", "--db", url, check=0).stdout
-            assert "▸" in timeline and "live" in timeline
-            rows = table_rows(make_engine(url))
-            with OTLPHTTPReceiver() as receiver:
-                run_cli("export", "live-run", "--otlp", receiver.endpoint, "--db", url, check=0)
-                spans = receiver.wait_for(len([r for r in rows if r["event_type"] != "message"]), timeout=10)
+            with PausedRun(llm, run_id="live-run"):
+                tracing.force_flush()
+                runs = run_cli("runs", "--db", url, check=0).stdout
+                assert "live" in next(line for line in runs.splitlines() if "live-run" in line)
+                tree = run_cli("tree", "last", "--db", url, check=0).stdout
+                assert "live" in next(line for line in tree.splitlines() if "execute_tool add" in line)
+                timeline = run_cli("timeline", "last", "--db", url, check=0).stdout
+                assert "▸" in timeline and "live" in timeline
+                rows = table_rows(make_engine(url))
+                with OTLPHTTPReceiver() as receiver:
+                    run_cli("export", "live-run", "--otlp", receiver.endpoint, "--db", url, check=0)
+                    spans = receiver.wait_for(len([r for r in rows if r["event_type"] != "message"]), timeout=10)
         finally:
-            gate.set()
-            worker.join(30)
             tracing.shutdown()
     running = {r["span_id"] for r in rows if r["status"] == "running"}
     assert {"invoke_workflow sinks", "execute_tool add"} <= {s["name"] for s in spans if s["span_id"] in running}

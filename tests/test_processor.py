@@ -8,7 +8,6 @@ import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 import sqlalchemy as sa
@@ -18,7 +15,7 @@ import otel_cmbagent as oc
 from otel_cmbagent.exporters.rows import event_id
 from otel_cmbagent.exporters.sql import SQLEventSink, make_engine, replay
 from otel_cmbagent.testing.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
-from sinks_util import scripted_run, table_rows
+from sinks_util import PausedRun, scripted_run, table_rows
 
 from conftest import FAKE_KEY
 
@@ -120,15 +117,11 @@ def test_postgres_stopped_mid_run_then_replayed(postgres_server, postgres_url, t
     tracer_provider.add_span_processor(sink)
     instrumentor = oc.AG2Instrumentor()
     instrumentor.instrument(tracer_provider=tracer_provider)
-    gate, reached = threading.Event(), threading.Event()
     try:
-        worker = threading.Thread(target=scripted_run, args=(scripted_llm,), kwargs={"gate": gate, "reached": reached})
-        worker.start()
-        assert reached.wait(30)
-        sink.force_flush()
-        postgres_server.stop_server()
-        gate.set()
-        worker.join(60)
+        with PausedRun(scripted_llm) as run:
+            sink.force_flush()
+            postgres_server.stop_server()
+            run.release()
         sink.force_flush()
     finally:
         instrumentor.uninstrument()

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import threading
 import uuid
 
 import pytest
@@ -15,7 +13,7 @@ import sqlalchemy as sa
 import otel_cmbagent as oc
 from otel_cmbagent.exporters.rows import event_id
 from otel_cmbagent.exporters.sql import SQLEventSink, execution_events_table, make_engine, replay
-from sinks_util import scripted_run, table_rows
+from sinks_util import PausedRun, scripted_run, table_rows
 
 from conftest import FAKE_KEY
 
@@ -57,19 +55,12 @@ def test_rows_match_spans(tracing, scripted_llm):
 
 def test_rows_are_visible_while_the_run_is_live(tracing, scripted_llm):
     """A running run shows up at once: the run, conversation and tool rows are 'running' while the tool blocks."""
-    gate, reached = threading.Event(), threading.Event()
-    worker = threading.Thread(target=scripted_run, args=(scripted_llm,), kwargs={"gate": gate, "reached": reached})
-    worker.start()
-    try:
-        assert reached.wait(30)
+    with PausedRun(scripted_llm):
         assert tracing.force_flush()
         live = {r["event_type"]: r for r in table_rows(tracing.sql.engine) if r["status"] == "running"}
         assert {"run", "conversation", "agent_call", "tool_call"} <= set(live)
         messages = [r for r in table_rows(tracing.sql.engine) if r["event_type"] == "message"]
         assert messages, "messages are written as they are sent, not when the conversation ends"
-    finally:
-        gate.set()
-        worker.join(30)
     tracing.force_flush()
     assert {r["status"] for r in table_rows(tracing.sql.engine)} == {"completed"}
 
@@ -116,16 +107,12 @@ def test_failing_database_spills_and_replay_restores_everything(tmp_path, tracer
     instrumentor = oc.AG2Instrumentor()
     instrumentor.instrument(tracer_provider=tracer_provider)
     try:
-        gate, reached = threading.Event(), threading.Event()
-        worker = threading.Thread(target=scripted_run, args=(scripted_llm,), kwargs={"gate": gate, "reached": reached})
-        worker.start()
-        assert reached.wait(30)
-        sink.force_flush()
-        before = len(table_rows(sink.engine))
-        with sink.engine.begin() as connection:  # the database "fails": its table disappears
-            connection.execute(sa.text("drop table execution_events"))
-        gate.set()
-        worker.join(30)
+        with PausedRun(scripted_llm) as run:
+            sink.force_flush()
+            before = len(table_rows(sink.engine))
+            with sink.engine.begin() as connection:  # the database "fails": its table disappears
+                connection.execute(sa.text("drop table execution_events"))
+            run.release()
         sink.force_flush()
     finally:
         instrumentor.uninstrument()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import uuid
 from datetime import datetime, timezone
 
@@ -17,7 +16,7 @@ import otel_cmbagent as oc
 from otel_cmbagent import store
 from otel_cmbagent.exporters.sql import make_engine
 from otel_cmbagent.testing import ScriptedLLM, code, text
-from sinks_util import scripted_run, table_rows
+from sinks_util import PausedRun, scripted_run, table_rows
 
 TOOL_RUN_PREFIX = "cli-run-tool-"
 CODE_RUN_PREFIX = "cli-run-code-"
@@ -242,23 +241,17 @@ def test_run_summary_counts_types(traced_db):
 def test_a_live_run_is_running(tmp_path):
     url = f"sqlite:///{tmp_path / 'live.db'}"
     tracing = oc.setup_tracing(sql_url=url, set_global=False, handle_sigterm=False)
-    gate, reached = threading.Event(), threading.Event()
     with ScriptedLLM() as llm:
-        worker = threading.Thread(target=scripted_run, args=(llm,),
-                                  kwargs={"gate": gate, "reached": reached, "run_id": "live-run"})
-        worker.start()
         try:
-            assert reached.wait(30)
-            tracing.force_flush()
-            engine = store.open_store(url)
-            (run,) = store.list_runs(engine)
-            assert run["run_id"] == "live-run" and run["status"] == "running" and run["live"] is True
-            assert run["duration_ms"] is not None and run["duration_ms"] >= 0
-            running = [r for r in store.run_events(engine, "live-run") if r["status"] == "running"]
-            assert {"run", "conversation", "agent_call", "tool_call"} <= {r["event_type"] for r in running}
+            with PausedRun(llm, run_id="live-run"):
+                tracing.force_flush()
+                engine = store.open_store(url)
+                (run,) = store.list_runs(engine)
+                assert run["run_id"] == "live-run" and run["status"] == "running" and run["live"] is True
+                assert run["duration_ms"] is not None and run["duration_ms"] >= 0
+                running = [r for r in store.run_events(engine, "live-run") if r["status"] == "running"]
+                assert {"run", "conversation", "agent_call", "tool_call"} <= {r["event_type"] for r in running}
         finally:
-            gate.set()
-            worker.join(30)
             tracing.shutdown()
     (run,) = store.list_runs(store.open_store(url))
     assert run["status"] == "completed"

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import warnings
 
@@ -22,6 +21,7 @@ from otel_cmbagent import store
 from otel_cmbagent.exporters.websocket import DATA_FIELDS
 from otel_cmbagent.testing import text, tool_call
 from otel_cmbagent.viewer.app import ViewerServer, check_bind, create_app, serve_viewer
+from sinks_util import PausedRun
 
 from conftest import FAKE_KEY
 
@@ -426,20 +426,12 @@ def test_in_process_writer_is_broadcast_over_testclient(tmp_path, scripted_llm):
         with TestClient(create_app(str(db), poll_interval=0.05), base_url=BASE) as test_client:
             with test_client.websocket_connect(BASE.replace("http", "ws") + "/ws") as ws:
                 time.sleep(0.2)
-                gate, reached = threading.Event(), threading.Event()
-                result = {}
-                worker = threading.Thread(
-                    target=lambda: result.setdefault("run", xss_run(scripted_llm, gate=gate, reached=reached))
-                )
-                worker.start()
-                assert reached.wait(30)
-                seen = []
-                while not any(e["data"]["event_type"] == "tool_call" for e in seen):
-                    seen.append(ws.receive_json())
-                tool = next(e["data"] for e in seen if e["data"]["event_type"] == "tool_call")
-                assert tool["status"] == "running" and tool["inputs"]["arguments"] == {"a": 20, "b": 22}
-                gate.set()
-                worker.join(30)
+                with PausedRun(scripted_llm, run=xss_run):
+                    seen = []
+                    while not any(e["data"]["event_type"] == "tool_call" for e in seen):
+                        seen.append(ws.receive_json())
+                    tool = next(e["data"] for e in seen if e["data"]["event_type"] == "tool_call")
+                    assert tool["status"] == "running" and tool["inputs"]["arguments"] == {"a": 20, "b": 22}
                 finals = [e["data"] for e in seen if e["data"]["event_id"] == tool["event_id"]][1:]
                 while not finals:
                     data = ws.receive_json()["data"]

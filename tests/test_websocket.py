@@ -17,7 +17,6 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_cmbagent as oc
-import otel_cmbagent.context as oc_context
 import otel_cmbagent.live as oc_live
 from otel_cmbagent.exporters import rows
 from otel_cmbagent.exporters.websocket import (
