@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - set up a virtualenv and run the demo (embedded scripted LLM, SQLite file, no API key)
-#   make test   - set up both AG2 lines (ag2 0.14.0 and cmbagent-autogen 0.0.91.post11) and run the whole suite on each
+#   make test   - set up both AG2 lines (ag2 0.14.0 and cmbagent-autogen 0.0.91.post11) and run the whole suite on each,
+#                 then the install tests (the built wheel into fresh virtualenvs, resolution next to cmbagent) once
 PYTHON ?= python3
 VENV   ?= .venv
 AG2    := $(VENV)/ag2
@@ -11,8 +12,12 @@ PHOENIX_SPEC ?= arize-phoenix==20.26.1
 # (its dependencies are not the project's). The test skips without it, and fails under CI.
 export OTEL_CMBAGENT_PHOENIX ?= $(abspath $(PHOENIX))/bin/phoenix
 PYTEST_ARGS ?= -q -rs
+# Python 3.12 for the resolution test next to cmbagent (which needs >= 3.12); pyenv's shim needs the version.
+PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+export OTEL_CMBAGENT_PYTHON312 ?= $(PYTHON312)
+CMBAGENT_SPEC ?= cmbagent==0.0.1.post63
 
-.PHONY: demo test test-ag2 test-cmbagent bench clean system-deps
+.PHONY: demo test test-ag2 test-cmbagent test-install install-next-to-cmbagent bench clean system-deps
 
 # The suite starts a throwaway PostgreSQL cluster (initdb/pg_ctl) and drives Debian's Chromium
 # (Playwright cannot download its own browser here): install them from Debian when missing.
@@ -25,14 +30,16 @@ system-deps:
 	  echo "installing chromium"; $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; fi
 
+# The two lines also cover both OpenTelemetry set-ups: ag2 with the contrib base class (extra [contrib]) and the
+# newest wrapt (2.x); the fork with neither (built-in base and thread propagation) and wrapt 1.x.
 $(AG2)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(AG2)
-	$(AG2)/bin/pip install -q --disable-pip-version-check -e ".[ag2,dev]"
+	$(AG2)/bin/pip install -q --disable-pip-version-check -e ".[ag2,contrib,dev]"
 	touch $@
 
 $(FORK)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(FORK)
-	$(FORK)/bin/pip install -q --disable-pip-version-check -e ".[cmbagent,dev]"
+	$(FORK)/bin/pip install -q --disable-pip-version-check -e ".[cmbagent,dev]" "wrapt < 2"
 	touch $@
 
 $(PHOENIX)/.ready:
@@ -49,11 +56,24 @@ test-ag2: $(AG2)/.ready $(PHOENIX)/.ready
 test-cmbagent: $(FORK)/.ready $(PHOENIX)/.ready
 	$(FORK)/bin/pytest $(PYTEST_ARGS)
 
+# tests/test_packaging.py (marker "install", deselected in the two runs above): builds the wheel, installs it
+# into fresh virtualenvs (newest pip) bare and next to each AG2 line, and resolves it next to cmbagent.
+test-install: $(AG2)/.ready
+	$(AG2)/bin/pytest $(PYTEST_ARGS) -m install tests/test_packaging.py
+
+# Not in CI (~2 GB, ~8 min): really install this project next to cmbagent on Python 3.12, then import both.
+install-next-to-cmbagent:
+	rm -rf $(VENV)/next-to-cmbagent && $(PYTHON312) -m venv $(VENV)/next-to-cmbagent
+	$(VENV)/next-to-cmbagent/bin/pip install -q --disable-pip-version-check "$(CMBAGENT_SPEC)" "mistralai < 2" .
+	$(VENV)/next-to-cmbagent/bin/python -c "import cmbagent, wrapt, otel_cmbagent as oc; oc.instrument(); \
+	  print('cmbagent', cmbagent.__file__, 'wrapt', wrapt.__version__, 'otel-cmbagent', oc.__version__)"
+
 # Both lines; the second runs even if the first fails, and the target fails if either did.
 test: system-deps $(AG2)/.ready $(FORK)/.ready $(PHOENIX)/.ready
 	@status=0; \
 	echo "== ag2 0.14.0"; $(MAKE) --no-print-directory test-ag2 || status=1; \
 	echo "== cmbagent-autogen 0.0.91.post11"; $(MAKE) --no-print-directory test-cmbagent || status=1; \
+	echo "== install tests"; $(MAKE) --no-print-directory test-install || status=1; \
 	exit $$status
 
 bench: $(AG2)/.ready

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from opentelemetry import context as otel_context
-from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY  # the API's key (contrib re-exports it)
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
 

@@ -943,6 +943,11 @@ def demo(
     """
     if model and not llm_url:
         raise click.UsageError("--model needs --llm-url (the embedded scripted LLM has its own model)")
+    from otel_cmbagent.package import classic_api_problem
+
+    problem = classic_api_problem()  # e.g. ag2 1.x installed: say what to install, in one line
+    if problem is not None:
+        raise click.ClickException(problem)
     target = _db(db)
     db_path = _sqlite_path(target)
     try:

@@ -6,22 +6,23 @@ import inspect
 import logging
 import threading
 from collections.abc import Collection
-from typing import Any
+from typing import Any, Callable
 
 import wrapt
 from opentelemetry import trace
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 
 from .agent_patch import AgentWrappers
 from .code_patch import CodeWrappers
 from .config import InstrumentationConfig
+from .contrib import BaseInstrumentor
 from .context import _TracerSource
 from .conversation_patch import ConversationWrappers
 from .groupchat_patch import GroupChatWrappers
 from .llm_patch import LLMWrappers
-from .package import installed_requirement
+from .package import classic_api_problem, installed_requirement
 from .patching import PatchSet
 from .spans import Runtime, before_call, traced
+from .threads import propagate_thread_context
 from .utils import log_internal_error, register_secrets_from_config, register_secrets_from_environment
 from .version import __version__
 
@@ -60,11 +61,19 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._patches = PatchSet()
         self._active = False
         self._runtime: Runtime | None = None
-        self._threading: Any = None
+        self._threading: Callable[[], None] | None = None  # undoes thread context propagation
         self.tracer_provider: Any = None  # the provider the live patches report to
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return (installed_requirement(),)
+
+    def instrument(self, **kwargs: Any) -> Any:
+        """Patch AG2; without the classic ``autogen`` module, log one line saying what to install and do nothing."""
+        problem = None if self.is_instrumented_by_opentelemetry else classic_api_problem()
+        if problem is not None and not kwargs.get("raise_exception_on_conflict"):
+            _logger.error("otel-cmbagent: %s", problem)
+            return None
+        return super().instrument(**kwargs)
 
     @property
     def runtime(self) -> Runtime | None:
@@ -99,7 +108,7 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
             _TracerSource.provider = None
             if self._threading is not None:
                 try:
-                    self._threading.uninstrument()
+                    self._threading()
                 except Exception as exc:  # noqa: BLE001
                     log_internal_error("threading uninstrument", exc)
                 self._threading = None
@@ -185,14 +194,9 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _instrument_threading(self) -> None:
         try:
-            from opentelemetry.instrumentation.threading import ThreadingInstrumentor
-        except ImportError:  # pragma: no cover - declared dependency
-            _logger.warning("otel-cmbagent: opentelemetry-instrumentation-threading missing; threads start new traces")
-            return
-        threading_instrumentor = ThreadingInstrumentor()
-        if not threading_instrumentor.is_instrumented_by_opentelemetry:
-            threading_instrumentor.instrument()
-            self._threading = threading_instrumentor
+            self._threading = propagate_thread_context()
+        except Exception as exc:  # noqa: BLE001
+            log_internal_error("thread context propagation", exc)
 
     @property
     def patched_attributes(self) -> list[tuple[type, str, Any]]:

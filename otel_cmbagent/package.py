@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 from importlib.metadata import PackageNotFoundError, version
+
+from packaging.version import InvalidVersion, Version
 
 # Contrib convention: any one of these satisfies the instrumentation.
 _instruments_any = (
@@ -24,3 +27,33 @@ def installed_requirement() -> str:
             continue
         return requirement
     return _instruments_any[0]
+
+
+INSTALL_HINT = 'pip install "ag2[openai]==0.14.0" (or autogen==0.14.1, or cmbagent-autogen)'
+
+
+def classic_api_problem() -> str | None:
+    """One line saying why the classic ``autogen`` API is missing and what to install (None when it is there)."""
+    try:
+        if importlib.util.find_spec("autogen") is not None:
+            return None
+    except ValueError:  # in sys.modules without a spec: present
+        return None
+    try:
+        ag2_version = version("ag2")
+    except PackageNotFoundError:
+        return f"AG2 is not installed (no `autogen` module); otel-cmbagent traces the classic AG2 API: {INSTALL_HINT}"
+    if _major(ag2_version) >= 1:
+        return (
+            f"ag2 {ag2_version} has no `autogen` module (AG2 1.x is a different framework, with its own OpenTelemetry "
+            f'middleware); otel-cmbagent traces the classic AG2 API: pip install "ag2[openai]<0.15" '
+            "(or autogen==0.14.1, or cmbagent-autogen)"
+        )
+    return f"ag2 {ag2_version} is installed but its `autogen` module is missing; reinstall it: {INSTALL_HINT}"
+
+
+def _major(text: str) -> int:
+    try:
+        return Version(text).major
+    except InvalidVersion:
+        return 0

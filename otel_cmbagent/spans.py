@@ -16,11 +16,11 @@ from typing import Any, Callable, NamedTuple
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import SpanKind
 
 from . import semconv
 from .config import InstrumentationConfig
+from .contrib import is_instrumentation_enabled
 from .errors import record_exception
 from .live import notify_message
 from .processor import next_event_order

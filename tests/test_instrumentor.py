@@ -10,7 +10,7 @@ from importlib.metadata import entry_points
 import pytest
 from autogen import ConversableAgent
 from opentelemetry import context as otel_context
-from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
 
 import otel_cmbagent as oc
 from otel_cmbagent.testing import text
