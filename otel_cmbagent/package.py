@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from importlib.metadata import PackageNotFoundError, version
 
 from packaging.version import InvalidVersion, Version
@@ -33,12 +33,15 @@ INSTALL_HINT = 'pip install "ag2[openai]==0.14.0" (or autogen==0.14.1, or cmbage
 
 
 def classic_api_problem() -> str | None:
-    """One line saying why the classic ``autogen`` API is missing and what to install (None when it is there)."""
+    """One line saying why the classic ``autogen`` API cannot be used and what to install (None when it can)."""
     try:
-        if importlib.util.find_spec("autogen") is not None:
-            return None
-    except ValueError:  # in sys.modules without a spec: present
+        importlib.import_module("autogen")
         return None
+    except ModuleNotFoundError as exc:
+        if exc.name != "autogen":  # e.g. cmbagent-autogen imports IPython without declaring it
+            return f"importing autogen failed ({_one_line(exc)}): pip install {exc.name}"
+    except Exception as exc:  # noqa: BLE001 - whatever a broken install raises: still one line
+        return f"importing autogen failed ({type(exc).__name__}: {_one_line(exc)})"
     try:
         ag2_version = version("ag2")
     except PackageNotFoundError:
@@ -57,3 +60,8 @@ def _major(text: str) -> int:
         return Version(text).major
     except InvalidVersion:
         return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
