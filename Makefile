@@ -65,8 +65,9 @@ test-install: $(AG2)/.ready
 install-next-to-cmbagent:
 	rm -rf $(VENV)/next-to-cmbagent && $(PYTHON312) -m venv $(VENV)/next-to-cmbagent
 	$(VENV)/next-to-cmbagent/bin/pip install -q --disable-pip-version-check "$(CMBAGENT_SPEC)" "mistralai < 2" .
-	$(VENV)/next-to-cmbagent/bin/python -c "import cmbagent, wrapt, otel_cmbagent as oc; oc.instrument(); \
-	  print('cmbagent', cmbagent.__file__, 'wrapt', wrapt.__version__, 'otel-cmbagent', oc.__version__)"
+	$(VENV)/next-to-cmbagent/bin/python -c "from importlib.metadata import version; import cmbagent, otel_cmbagent as oc; \
+	  patched = oc.instrument().patched_attributes; assert patched, 'AG2 not instrumented'; \
+	  print(*(f'{name} {version(name)}' for name in ('cmbagent', 'otel-cmbagent', 'wrapt')), len(patched), 'AG2 attributes patched')"
 
 # Both lines; the second runs even if the first fails, and the target fails if either did.
 test: system-deps $(AG2)/.ready $(FORK)/.ready $(PHOENIX)/.ready
