@@ -476,26 +476,15 @@ def test_hung_callback_at_shutdown_counts_every_undelivered_event_and_logs_once(
 
     loop, _ = running_loop
     options = {"loop": loop, "callback_timeout": 60} if kind == "async" else {}
-    provider = TracerProvider()
-    provider.add_span_processor(oc.SequencingSpanProcessor())
-    processor = WebsocketCallbackProcessor(hung_sync if kind == "sync" else hung_async, **options)
-    provider.add_span_processor(processor)
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    instrumentor = oc.AG2Instrumentor()
-    instrumentor.instrument(tracer_provider=provider)
-    try:
+    with traced(hung_sync if kind == "sync" else hung_async, **options) as (processor, exporter):
         chat(scripted_llm)
-    finally:
-        instrumentor.uninstrument()
-    total = total_events(exporter.get_finished_spans())
-    with caplog.at_level(logging.WARNING, logger="otel_cmbagent"):
-        _shutdown_in_thread(processor)
-    stats = processor.stats
-    release.set()
+        total = total_events(exporter.get_finished_spans())
+        with caplog.at_level(logging.WARNING, logger="otel_cmbagent"):
+            _shutdown_in_thread(processor)
+        stats = processor.stats
+        release.set()
     assert len(got) == 1 and total > 10
     assert stats == {"enqueued": total, "processed": 0, "dropped": total - 1, "failed": 1}, stats
     lines = [r.getMessage() for r in caplog.records if "did not finish" in r.getMessage()]
     assert len(lines) == 1 and f"{total - 1} events not delivered" in lines[0], lines
-    provider.shutdown()
     assert processor.stats == stats and len(got) == 1  # the released callback gets nothing more
