@@ -68,13 +68,18 @@ def make_otlp_exporter(protocol: str | None = None, endpoint: str | None = None,
     return HTTPExporter(**kwargs)
 
 
+_INT64 = (-(2**63), 2**63 - 1)
+
+
 def _clean_value(value: Any) -> Any:
     """``value`` as OTLP can encode it (the same object when it already can)."""
     if isinstance(value, str):
         return storable(value)
+    if isinstance(value, int) and not isinstance(value, bool):  # beyond int64: the encoder drops it, noisily
+        return value if _INT64[0] <= value <= _INT64[1] else str(value)
     if isinstance(value, (bytes, bytearray)):  # decoded, so every sink shows the same text
         return storable(bytes(value).decode("utf-8", errors="replace"))
-    if isinstance(value, (tuple, list)) and any(isinstance(item, (str, bytes, bytearray)) for item in value):
+    if isinstance(value, (tuple, list)) and any(isinstance(item, (str, bytes, bytearray, int)) for item in value):
         items = tuple(_clean_value(item) for item in value)
         return value if all(a is b for a, b in zip(items, value)) else items
     return value
@@ -93,8 +98,8 @@ def _clean_attributes(attributes: Any, drop: frozenset[str]) -> Any:
 
 def prepare_span(span: ReadableSpan, *, strip_content: bool) -> ReadableSpan:
     """The span as it may be exported: content attributes dropped (unless allowed) and every string made
-    storable (NUL and lone surrogates replaced, bytes decoded) in its name, attributes, events, links and
-    status. One bad value would otherwise fail the encoding of the whole batch (every run's spans in it).
+    storable (NUL and lone surrogates replaced, bytes decoded, integers beyond 64 bits as text) in its name,
+    attributes, events, links and status. One bad value would otherwise fail the encoding of the whole batch (every run's spans in it).
     Returns ``span`` itself when nothing changes (the common case)."""
     drop = CONTENT_ATTRIBUTES if strip_content else frozenset()
     attributes = _clean_attributes(span.attributes, drop)

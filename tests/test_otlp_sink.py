@@ -94,7 +94,8 @@ def test_a_poisoned_run_costs_the_innocent_run_no_span(monkeypatch, receiver_cls
 
 def test_a_span_that_still_cannot_be_encoded_is_left_out_alone(tmp_path, caplog):
     """A span OTLP cannot encode even after cleaning (here: a non-string name, a user bug) is rejected on its
-    own: the rest of its batch arrives, it is counted, logged once and appended to the spill file."""
+    own: the rest of its batch arrives, it is counted, logged once and appended to the spill file. (An integer
+    beyond 64 bits, which the encoder would drop with a traceback per span, is sent as text.)"""
     spill = tmp_path / "otlp.spill.jsonl"
     with OTLPHTTPReceiver() as receiver:
         processor = otlp_span_processor(endpoint=receiver.endpoint, capture_content=True, spill_path=spill)
@@ -104,14 +105,15 @@ def test_a_span_that_still_cannot_be_encoded_is_left_out_alone(tmp_path, caplog)
         with caplog.at_level(logging.WARNING, logger="otel_cmbagent"):
             for round_number in range(2):  # two batches, each with one bad span among good ones
                 for index in range(3):
-                    with tracer.start_as_current_span(f"good {round_number}.{index}"):
-                        pass
+                    with tracer.start_as_current_span(f"good {round_number}.{index}") as span:
+                        span.set_attribute("big", 2**64 + index)  # beyond int64: sent as text, not dropped
                 with tracer.start_as_current_span(42):  # type: ignore[arg-type]
                     pass
                 processor.force_flush()
         provider.shutdown()
-        names = sorted(span["name"] for span in receiver.spans)
-    assert names == [f"good {r}.{i}" for r in range(2) for i in range(3)]
+        received = receiver.spans
+    assert sorted(span["name"] for span in received) == [f"good {r}.{i}" for r in range(2) for i in range(3)]
+    assert {span["attributes"]["big"] for span in received} == {str(2**64 + i) for i in range(3)}
     assert processor.stats == {"dropped": 0, "exported": 6, "failed": 0, "rejected": 2}
     assert [json.loads(line)["name"] for line in spill.read_text().splitlines()] == [42, 42]
     logged = [r.getMessage() for r in caplog.records if "cannot encode" in r.getMessage()]
