@@ -328,7 +328,7 @@ class WebsocketCallbackProcessor(SpanProcessor):
         deadline = time.monotonic() + max(0.0, timeout)
         flushed = self._worker.flush(max(0.0, timeout))
         # The worker's own shutdown flushes and joins, each up to its timeout: give it only what is left.
-        self._worker.shutdown(max(0.0, deadline - time.monotonic()), log_abandoned=False)
+        self._worker.shutdown(max(0.0, deadline - time.monotonic()), abandon=True)
         if not flushed:
             self._give_up(timeout)
         return flushed

@@ -175,12 +175,13 @@ class BackgroundWorker:
                 self._flushers -= 1
         return True
 
-    def shutdown(self, timeout: float = 30.0, *, log_abandoned: bool = True) -> bool:
+    def shutdown(self, timeout: float = 30.0, *, abandon: bool = False) -> bool:
         """Flush, then stop the thread; the whole call takes at most ``timeout``.
 
-        If ``handle`` is still busy then (a hung consumer), the items still queued are counted as dropped
-        (logged once) and will not be handled; the batch in hand is the handler's to account for
-        (``in_flight``). The daemon thread is left to finish or die with the process.
+        If ``handle`` is still busy then (a slow or hung consumer): with ``abandon`` the items still queued
+        are dropped, counted (``stats.dropped``, ``abandoned``) and never handled - the caller accounts for
+        the batch in hand (``in_flight``) and logs; without it they stay queued for the daemon thread (handled
+        if the process lives on) and one line says so.
         """
         deadline = time.monotonic() + timeout
         flushed = self.flush(timeout)
@@ -191,13 +192,14 @@ class BackgroundWorker:
         if self._thread.is_alive():
             with self._condition:
                 left = len(self._queue)
-                self._queue.clear()
-                self.stats.dropped += left
-                self.abandoned += left
-            if log_abandoned:
+                if abandon:
+                    self._queue.clear()
+                    self.stats.dropped += left
+                    self.abandoned += left
+            if not abandon:
                 _logger.warning(
-                    "otel-cmbagent: %s did not finish within %.1f s at shutdown (%s): %d queued items dropped, "
-                    "%d in hand", self.name, timeout, SHUTDOWN_TIMEOUT_ENV, left, self.in_flight,
+                    "otel-cmbagent: %s still busy %.1f s into shutdown: %d items in hand, %d queued (handled only "
+                    "if the process lives on)", self.name, timeout, self.in_flight, left,
                 )
         return flushed
 
