@@ -1,17 +1,24 @@
-"""OTLP (gRPC or HTTP/protobuf) for Jaeger/Tempo through a Collector: batched, content-stripped, drops counted."""
+"""OTLP (gRPC or HTTP/protobuf) for Jaeger/Tempo through a Collector: batched, content-stripped, values made
+encodable, a span that still cannot be encoded isolated, drops counted, shutdown bounded."""
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import Link, Status
 
 from otel_cmbagent.config import CAPTURE_CONTENT_ENV, parse_bool_env
 from otel_cmbagent.semconv import CONTENT_ATTRIBUTES
+from otel_cmbagent.utils import log_internal_error, storable
+
+from .worker import SHUTDOWN_TIMEOUT_ENV, shutdown_timeout
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
 
@@ -61,54 +68,181 @@ def make_otlp_exporter(protocol: str | None = None, endpoint: str | None = None,
     return HTTPExporter(**kwargs)
 
 
-def _strip(span: ReadableSpan) -> ReadableSpan:
-    attributes = span.attributes or {}
-    if not CONTENT_ATTRIBUTES & attributes.keys() and not any(
-        CONTENT_ATTRIBUTES & (e.attributes or {}).keys() for e in span.events
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _clean_value(value: Any) -> Any:
+    """``value`` as OTLP can encode it (the same object when it already can)."""
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, int) and not isinstance(value, bool):  # beyond int64: the encoder drops it, noisily
+        return value if _INT64[0] <= value <= _INT64[1] else str(value)
+    if isinstance(value, (bytes, bytearray)):  # decoded, so every sink shows the same text
+        return storable(bytes(value).decode("utf-8", errors="replace"))
+    if isinstance(value, (tuple, list)) and any(isinstance(item, (str, bytes, bytearray, int)) for item in value):
+        items = tuple(_clean_value(item) for item in value)
+        return value if all(a is b for a, b in zip(items, value)) else items
+    return value
+
+
+def _clean_attributes(attributes: Any, drop: frozenset[str]) -> Any:
+    """``attributes`` without the ``drop`` keys and with storable values (the same mapping when unchanged)."""
+    if not attributes:
+        return attributes
+    cleaned = {storable(key): _clean_value(value) for key, value in attributes.items() if key not in drop}
+    unchanged = len(cleaned) == len(attributes) and all(
+        key in attributes and attributes[key] is value for key, value in cleaned.items()
+    )
+    return attributes if unchanged else cleaned
+
+
+def prepare_span(span: ReadableSpan, *, strip_content: bool) -> ReadableSpan:
+    """The span as it may be exported: content attributes dropped (unless allowed) and every string made
+    storable (NUL and lone surrogates replaced, bytes decoded, integers beyond 64 bits as text) in its name,
+    attributes, events, links and status. One bad value would otherwise fail the encoding of the whole batch (every run's spans in it).
+    Returns ``span`` itself when nothing changes (the common case)."""
+    drop = CONTENT_ATTRIBUTES if strip_content else frozenset()
+    attributes = _clean_attributes(span.attributes, drop)
+    events = [_clean_event(event, drop) for event in span.events]
+    links = [_clean_link(link) for link in span.links]
+    name = storable(span.name) if isinstance(span.name, str) else span.name
+    status = span.status
+    if isinstance(status.description, str) and storable(status.description) is not status.description:
+        status = Status(status.status_code, storable(status.description))
+    if (
+        attributes is span.attributes
+        and name is span.name
+        and status is span.status
+        and all(a is b for a, b in zip(events, span.events))
+        and all(a is b for a, b in zip(links, span.links))
     ):
         return span
-    events = [
-        Event(e.name, {k: v for k, v in (e.attributes or {}).items() if k not in CONTENT_ATTRIBUTES}, e.timestamp)
-        for e in span.events
-    ]
     return ReadableSpan(
-        name=span.name,
+        name=name,
         context=span.context,
         parent=span.parent,
         resource=span.resource,
-        attributes={k: v for k, v in attributes.items() if k not in CONTENT_ATTRIBUTES},
+        attributes=attributes,
         events=events,
-        links=span.links,
+        links=links,
         kind=span.kind,
-        status=span.status,
+        status=status,
         start_time=span.start_time,
         end_time=span.end_time,
         instrumentation_scope=span.instrumentation_scope,
     )
 
 
-class ContentPolicyExporter(SpanExporter):
-    """Wraps an exporter: strips content attributes (unless allowed) and counts what failed to export."""
+def _clean_event(event: Event, drop: frozenset[str]) -> Event:
+    attributes = _clean_attributes(event.attributes, drop)
+    name = storable(event.name) if isinstance(event.name, str) else event.name
+    if attributes is event.attributes and name is event.name:
+        return event
+    return Event(name, attributes, event.timestamp)
 
-    def __init__(self, exporter: SpanExporter, *, capture_content: bool) -> None:
+
+def _clean_link(link: Link) -> Link:
+    attributes = _clean_attributes(link.attributes, frozenset())
+    return link if attributes is link.attributes else Link(link.context, attributes)
+
+
+def unencodable(spans: Sequence[ReadableSpan]) -> list[tuple[ReadableSpan, str]]:
+    """The spans OTLP cannot encode, each with the reason (empty when the batch encodes: the failure was the
+    endpoint's). Called only after a failed export, so a healthy export pays nothing for it."""
+    try:
+        encode_spans(spans).SerializePartialToString()
+        return []
+    except Exception:  # noqa: BLE001 - find which span(s)
+        pass
+    bad = []
+    for span in spans:
+        try:
+            encode_spans([span]).SerializePartialToString()
+        except Exception as exc:  # noqa: BLE001
+            bad.append((span, f"{type(exc).__name__}: {exc}"))
+    return bad
+
+
+class ContentPolicyExporter(SpanExporter):
+    """Wraps an exporter: strips content attributes (unless allowed), makes every value encodable, isolates
+    a span that still cannot be encoded (the rest of its batch is sent; it is counted as ``rejected``, logged
+    once and appended to ``spill_path`` when given), and counts what was exported or failed."""
+
+    def __init__(
+        self, exporter: SpanExporter, *, capture_content: bool, spill_path: str | os.PathLike[str] | None = None
+    ) -> None:
         self.exporter = exporter
         self.capture_content = capture_content
+        self.spill_path = os.fspath(spill_path) if spill_path is not None else None
         self.exported = 0
         self.failed = 0
+        self.rejected = 0
+        self._in_flight = 0
+        self._abandoned = False
+        self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        batch = list(spans) if self.capture_content else [_strip(s) for s in spans]
+        batch = [prepare_span(span, strip_content=not self.capture_content) for span in spans]
+        result = SpanExportResult.FAILURE
+        counted = True
+        with self._lock:
+            self._in_flight += len(batch)
         try:
-            result = self.exporter.export(batch)
-        except Exception as exc:  # noqa: BLE001 - an exporter bug must not kill the batch thread
-            _logger.warning("otel-cmbagent: OTLP export raised %s", type(exc).__name__)
-            result = SpanExportResult.FAILURE
-        if result is SpanExportResult.SUCCESS:
-            self.exported += len(batch)
-        else:
-            self.failed += len(batch)
+            result = self._send(batch)
+            if result is not SpanExportResult.SUCCESS:
+                bad = unencodable(batch)
+                if bad:
+                    self._reject(bad)
+                    rejected = {id(span) for span, _ in bad}
+                    batch = [span for span in batch if id(span) not in rejected]
+                    result = self._send(batch) if batch else SpanExportResult.SUCCESS
+        finally:
+            with self._lock:
+                self._in_flight -= len(spans)
+                counted = not self._abandoned  # shutdown gave up on this export and counted it already
+                if counted and result is SpanExportResult.SUCCESS:
+                    self.exported += len(batch)
+                elif counted:
+                    self.failed += len(batch)
+        if result is not SpanExportResult.SUCCESS and counted:
             _logger.warning("otel-cmbagent: OTLP export of %d spans failed (%d so far)", len(batch), self.failed)
         return result
+
+    def _send(self, batch: list[ReadableSpan]) -> SpanExportResult:
+        try:
+            return self.exporter.export(batch)
+        except Exception as exc:  # noqa: BLE001 - an exporter bug must not kill the batch thread
+            _logger.warning("otel-cmbagent: OTLP export raised %s", type(exc).__name__)
+            return SpanExportResult.FAILURE
+
+    def _reject(self, bad: list[tuple[ReadableSpan, str]]) -> None:
+        with self._lock:
+            first = self.rejected == 0
+            self.rejected += len(bad)
+        if first:
+            span, reason = bad[0]
+            _logger.warning(
+                "otel-cmbagent: OTLP cannot encode span %r (%s); it is left out of its batch, the rest is sent "
+                "(rejected spans are counted in stats['rejected']%s; logged once)",
+                span.name, reason, f" and appended to {self.spill_path}" if self.spill_path else "",
+            )
+        if self.spill_path:
+            try:
+                with open(self.spill_path, "a", encoding="utf-8") as spill:
+                    for span, _ in bad:
+                        spill.write(span.to_json(indent=None) + "\n")
+            except Exception as exc:  # noqa: BLE001
+                log_internal_error("OTLP spill", exc)
+
+    def abandon(self) -> int:
+        """Shutdown gave up waiting: count the spans of the export still in flight as failed (returns them)."""
+        with self._lock:
+            if self._abandoned:
+                return 0
+            self._abandoned = True
+            in_flight = max(0, self._in_flight)
+            self.failed += in_flight
+        return in_flight
 
     def shutdown(self) -> None:
         self.exporter.shutdown()
@@ -119,24 +253,53 @@ class ContentPolicyExporter(SpanExporter):
 
 
 class CountingBatchSpanProcessor(BatchSpanProcessor):
-    """The SDK's BatchSpanProcessor, sized for bursts, counting the spans its full queue drops."""
+    """The SDK's BatchSpanProcessor, sized for bursts, counting the spans its full queue drops, with a
+    bounded shutdown: after ``shutdown_timeout_millis`` (an endpoint that accepts and never answers) it
+    returns, counting what is still queued as dropped and what is in flight as failed (logged once)."""
 
-    def __init__(self, exporter: SpanExporter, **kwargs: Any) -> None:
+    def __init__(self, exporter: SpanExporter, *, shutdown_timeout_millis: int | None = None, **kwargs: Any) -> None:
         if "max_queue_size" not in kwargs and not os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE"):
             kwargs["max_queue_size"] = DEFAULT_MAX_QUEUE_SIZE
         if "max_export_batch_size" not in kwargs and not os.environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE"):
             kwargs["max_export_batch_size"] = DEFAULT_MAX_EXPORT_BATCH_SIZE
         super().__init__(exporter, **kwargs)
+        self.shutdown_timeout = shutdown_timeout(shutdown_timeout_millis)
         self.dropped = 0
 
     def on_end(self, span: ReadableSpan) -> None:
         batch = getattr(self, "_batch_processor", None)
         queue = getattr(batch, "_queue", None)
+        if getattr(batch, "_shutdown", False):
+            self._count_dropped(1, "after shutdown")
+            return
         if queue is not None and len(queue) >= getattr(batch, "_max_queue_size", float("inf")):
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 10_000 == 0:
-                _logger.warning("otel-cmbagent: OTLP queue full, %d spans dropped so far", self.dropped)
+            self._count_dropped(1, "queue full")
         super().on_end(span)
+
+    def _count_dropped(self, count: int, why: str) -> None:
+        first = self.dropped == 0
+        self.dropped += count
+        if first or self.dropped % 10_000 == 0:
+            _logger.warning("otel-cmbagent: OTLP %s, %d spans dropped so far", why, self.dropped)
+
+    def shutdown(self) -> None:
+        """Flush and stop, waiting at most ``shutdown_timeout`` seconds (the SDK's default is unbounded here:
+        its last export waits for the exporter's own timeout)."""
+        batch = self._batch_processor
+        if batch._shutdown:
+            return
+        batch.shutdown(timeout_millis=self.shutdown_timeout * 1000)
+        left = len(batch._queue)
+        batch._queue.clear()
+        abandon = getattr(self.span_exporter, "abandon", None)
+        in_flight = abandon() if callable(abandon) and batch._worker_thread.is_alive() else 0
+        if left:
+            self.dropped += left
+        if left or in_flight:
+            _logger.warning(
+                "otel-cmbagent: OTLP shutdown gave up after %.1f s (%s): %d queued spans counted as dropped, "
+                "%d in flight as failed", self.shutdown_timeout, SHUTDOWN_TIMEOUT_ENV, left, in_flight,
+            )
 
     @property
     def stats(self) -> dict[str, int]:
@@ -145,6 +308,7 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
             "dropped": self.dropped,
             "exported": getattr(exporter, "exported", 0),
             "failed": getattr(exporter, "failed", 0),
+            "rejected": getattr(exporter, "rejected", 0),
         }
 
 
@@ -154,9 +318,20 @@ def otlp_span_processor(
     protocol: str | None = None,
     endpoint: str | None = None,
     exporter: SpanExporter | None = None,
+    spill_path: str | os.PathLike[str] | None = None,
+    shutdown_timeout_millis: int | None = None,
     **batch_options: Any,
 ) -> CountingBatchSpanProcessor:
-    """The OTLP sink: ``capture_content=None`` keeps content only if the GenAI content variable says true."""
+    """The OTLP sink: ``capture_content=None`` keeps content only if the GenAI content variable says true.
+
+    ``spill_path``: a JSON Lines file for spans OTLP cannot encode (default: none; they are counted and
+    logged). ``shutdown_timeout_millis``: how long shutdown may wait for the endpoint (default
+    ``$OTEL_CMBAGENT_SHUTDOWN_TIMEOUT_MS`` or 5,000).
+    """
     allow_content = parse_bool_env(CAPTURE_CONTENT_ENV, False) if capture_content is None else capture_content
     inner = exporter if exporter is not None else make_otlp_exporter(protocol, endpoint)
-    return CountingBatchSpanProcessor(ContentPolicyExporter(inner, capture_content=allow_content), **batch_options)
+    return CountingBatchSpanProcessor(
+        ContentPolicyExporter(inner, capture_content=allow_content, spill_path=spill_path),
+        shutdown_timeout_millis=shutdown_timeout_millis,
+        **batch_options,
+    )

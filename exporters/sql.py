@@ -298,6 +298,17 @@ class SQLEventSink(SpanProcessor):
         except ValueError:
             raise
         except Exception as exc:  # noqa: BLE001 - database down at setup: rows retry/spill later
+            # Several processes starting on one fresh database race to create the table; the losers get
+            # "table ... already exists", which is success, not "not reachable".
+            try:
+                with self.engine.connect() as connection:
+                    if self._create_table and sa.inspect(connection).has_table(
+                        self.table.name, schema=self.table.schema
+                    ):
+                        self._table_ready = True
+                        return True
+            except Exception:  # noqa: BLE001 - really not reachable: report the first error below
+                pass
             if log:
                 _logger.warning(
                     "otel-cmbagent: database %s not reachable at setup (%s); rows will be retried or spilled",

@@ -43,7 +43,7 @@ from otel_cmbagent.live import add_message_listener, remove_message_listener
 from otel_cmbagent.utils import log_internal_error
 
 from .rows import message_row, snapshot, span_row
-from .worker import BackgroundWorker
+from .worker import SHUTDOWN_TIMEOUT_ENV, BackgroundWorker, shutdown_timeout
 
 __all__ = [
     "EVENT_CAPTURED",
@@ -147,7 +147,11 @@ class WebsocketCallbackProcessor(SpanProcessor):
 
     The queue holds ``max_queue`` events; events that do not fit are dropped and counted. A raising
     callback never reaches the agent: it is counted as failed and logged (once per ``FAILURE_LOG_EVERY``).
-    ``stats`` -> ``{"enqueued", "processed", "dropped", "failed"}`` (processed = delivered without error).
+    ``shutdown`` waits at most ``shutdown_timeout_millis`` (default ``$OTEL_CMBAGENT_SHUTDOWN_TIMEOUT_MS`` or
+    5,000) for a slow or hung callback; then every event it did not get is counted as dropped (the one it
+    hangs in as failed), logged once, and never delivered later.
+    ``stats`` -> ``{"enqueued", "processed", "dropped", "failed"}`` (processed = delivered without error;
+    dropped = never given to the callback: queue full, left at shutdown, or after shutdown).
     """
 
     def __init__(
@@ -158,7 +162,7 @@ class WebsocketCallbackProcessor(SpanProcessor):
         loop: asyncio.AbstractEventLoop | None = None,
         max_queue: int = 10_000,
         callback_timeout: float = 10.0,
-        shutdown_timeout_millis: int = 30_000,
+        shutdown_timeout_millis: int | None = None,
     ) -> None:
         if not callable(callback):
             raise TypeError(
@@ -181,9 +185,12 @@ class WebsocketCallbackProcessor(SpanProcessor):
         self.capture_content = bool(capture_content)
         self.loop = loop
         self.callback_timeout = float(callback_timeout)
-        self.shutdown_timeout_millis = shutdown_timeout_millis
+        self.shutdown_timeout_millis = shutdown_timeout(shutdown_timeout_millis) * 1000
         self._processed = 0
         self._failed = 0
+        self._dropped_at_shutdown = 0
+        self._in_callback = False
+        self._abandoned = False
         self._open: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -235,16 +242,27 @@ class WebsocketCallbackProcessor(SpanProcessor):
 
     def _handle(self, batch: list[Any]) -> None:
         for kind, span, attributes, timestamp_ns in batch:
+            if self._abandoned:  # shutdown gave up and counted the rest of this batch
+                return
             try:
                 data = _data(self._row(kind, span, attributes, timestamp_ns))
+                self._in_callback = True
                 if self._async:
                     self._call_async(data)
                 else:
                     self.callback(EVENT_CAPTURED, data)
             except Exception as exc:  # noqa: BLE001 - a callback's failure is counted, never raised
+                with self._lock:
+                    self._in_callback = False
+                    if self._abandoned:
+                        return
                 self._failure(exc)
             else:
-                self._processed += 1
+                with self._lock:
+                    self._in_callback = False
+                    if self._abandoned:
+                        return
+                    self._processed += 1
 
     def _call_async(self, data: dict[str, Any]) -> None:
         loop = self.loop
@@ -279,12 +297,13 @@ class WebsocketCallbackProcessor(SpanProcessor):
     # --- SpanProcessor --------------------------------------------------------------
     @property
     def stats(self) -> dict[str, int]:
-        """``{"enqueued", "processed", "dropped", "failed"}``: queued, delivered, missed (queue full), failed."""
+        """``{"enqueued", "processed", "dropped", "failed"}``: queued, delivered, never given to the callback
+        (queue full, left at shutdown, after shutdown), failed (raised, timed out, or hung at shutdown)."""
         worker = self._worker.stats
         return {
             "enqueued": worker.enqueued,
             "processed": self._processed,
-            "dropped": worker.dropped,
+            "dropped": worker.dropped + self._dropped_at_shutdown,
             "failed": self._failed,
         }
 
@@ -309,8 +328,26 @@ class WebsocketCallbackProcessor(SpanProcessor):
         deadline = time.monotonic() + max(0.0, timeout)
         flushed = self._worker.flush(max(0.0, timeout))
         # The worker's own shutdown flushes and joins, each up to its timeout: give it only what is left.
-        self._worker.shutdown(max(0.0, deadline - time.monotonic()))
+        self._worker.shutdown(max(0.0, deadline - time.monotonic()), abandon=True)
+        if not flushed:
+            self._give_up(timeout)
         return flushed
+
+    def _give_up(self, timeout: float) -> None:
+        """Shutdown waited long enough: count every event the callback did not get (and the one it hangs in)."""
+        cleared = self._worker.abandoned  # queued events the worker dropped (already in its ``dropped``)
+        with self._lock:
+            self._abandoned = True
+            in_batch = max(0, self._worker.stats.enqueued - self._processed - self._failed - cleared)
+            hung = 1 if self._in_callback and in_batch else 0
+            self._failed += hung
+            self._dropped_at_shutdown += in_batch - hung
+        if cleared or in_batch:
+            _logger.warning(
+                "otel-cmbagent: websocket callback %r did not finish within %.1f s at shutdown (%s): %d events "
+                "not delivered (counted as dropped), %d hanging in the callback (counted as failed)",
+                self.callback, timeout, SHUTDOWN_TIMEOUT_ENV, cleared + in_batch - hung, hung,
+            )
 
 
 # --- optional server ------------------------------------------------------------------

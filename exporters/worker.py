@@ -20,6 +20,28 @@ from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY  # the API's key
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
 
+SHUTDOWN_TIMEOUT_ENV = "OTEL_CMBAGENT_SHUTDOWN_TIMEOUT_MS"
+DEFAULT_SHUTDOWN_TIMEOUT_MILLIS = 5_000
+
+
+def shutdown_timeout(millis: float | None = None) -> float:
+    """Seconds a sink's shutdown may wait for a slow or hung consumer: ``millis`` if given, else
+    ``$OTEL_CMBAGENT_SHUTDOWN_TIMEOUT_MS``, else 5 s (a bad variable is logged and ignored)."""
+    if millis is not None:
+        if isinstance(millis, bool) or not isinstance(millis, (int, float)) or millis < 0:
+            raise ValueError(f"shutdown_timeout_millis must be a number >= 0, not {millis!r}")
+        return float(millis) / 1000
+    raw = os.environ.get(SHUTDOWN_TIMEOUT_ENV, "").strip()
+    if raw:
+        try:
+            value = float(raw)
+            if value >= 0:
+                return value / 1000
+        except ValueError:
+            pass
+        _logger.warning("otel-cmbagent: ignoring %s=%r (expected milliseconds >= 0)", SHUTDOWN_TIMEOUT_ENV, raw)
+    return DEFAULT_SHUTDOWN_TIMEOUT_MILLIS / 1000
+
 
 @dataclass
 class WorkerStats:
@@ -58,6 +80,8 @@ class BackgroundWorker:
         self.delay = delay
         self.stats = WorkerStats()
         self._last_drop_log: float | None = None
+        self._after_shutdown_logged = False
+        self.abandoned = 0  # queued items dropped because shutdown gave up on a busy handler
         self._init_state()
         weak_self = weakref.ref(self)
 
@@ -74,14 +98,16 @@ class BackgroundWorker:
         self._condition = threading.Condition()
         self._shutdown = False
         self._busy = False
+        self.in_flight = 0  # items of the batch being handled
         self._flushers = 0
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
     def put(self, item: Any) -> bool:
-        """Queue ``item``; False (and counted) if the queue is full or the worker is shut down."""
+        """Queue ``item``; False (and counted as dropped) if the queue is full or the worker is shut down."""
         with self._condition:
-            if self._shutdown or len(self._queue) >= self.max_queue:
+            closed = self._shutdown
+            if closed or len(self._queue) >= self.max_queue:
                 self.stats.dropped += 1
                 drop = True
             else:
@@ -90,7 +116,11 @@ class BackgroundWorker:
                 drop = False
                 if len(self._queue) >= self.max_batch:
                     self._condition.notify_all()
-        if drop:
+        if drop and closed:
+            if not self._after_shutdown_logged:  # once: a late span after shutdown is not a full queue
+                self._after_shutdown_logged = True
+                _logger.warning("otel-cmbagent: %s is shut down; items arriving now are dropped and counted", self.name)
+        elif drop:
             now = time.monotonic()
             if self._last_drop_log is None or now - self._last_drop_log > 10:
                 self._last_drop_log = now
@@ -113,6 +143,7 @@ class BackgroundWorker:
                     continue
                 batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
                 self._busy = True
+                self.in_flight = len(batch)
             try:
                 self._handle(batch)
                 self.stats.processed += len(batch)
@@ -122,6 +153,7 @@ class BackgroundWorker:
             finally:
                 with self._condition:
                     self._busy = False
+                    self.in_flight = 0
                     self._condition.notify_all()
 
     def flush(self, timeout: float = 30.0) -> bool:
@@ -143,14 +175,32 @@ class BackgroundWorker:
                 self._flushers -= 1
         return True
 
-    def shutdown(self, timeout: float = 30.0) -> bool:
-        """Flush, then stop the thread; the whole call takes at most ``timeout``."""
+    def shutdown(self, timeout: float = 30.0, *, abandon: bool = False) -> bool:
+        """Flush, then stop the thread; the whole call takes at most ``timeout``.
+
+        If ``handle`` is still busy then (a slow or hung consumer): with ``abandon`` the items still queued
+        are dropped, counted (``stats.dropped``, ``abandoned``) and never handled - the caller accounts for
+        the batch in hand (``in_flight``) and logs; without it they stay queued for the daemon thread (handled
+        if the process lives on) and one line says so.
+        """
         deadline = time.monotonic() + timeout
         flushed = self.flush(timeout)
         with self._condition:
             self._shutdown = True
             self._condition.notify_all()
         self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            with self._condition:
+                left = len(self._queue)
+                if abandon:
+                    self._queue.clear()
+                    self.stats.dropped += left
+                    self.abandoned += left
+            if not abandon:
+                _logger.warning(
+                    "otel-cmbagent: %s still busy %.1f s into shutdown: %d items in hand, %d queued (handled only "
+                    "if the process lives on)", self.name, timeout, self.in_flight, left,
+                )
         return flushed
 
     @property

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -79,6 +80,38 @@ class ExportError(Exception):
 
 
 # --- formatting -------------------------------------------------------------------------------
+# C0 and C1 control characters (ESC starts CSI/OSC sequences: clear screen, window title, hyperlinks; BEL,
+# BS and CR overwrite what was printed) and the bidi overrides that reorder a line. Newlines and tabs too:
+# every cell here is one line, and a newline in an agent name could fake a row.
+_TERMINAL_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED_ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to show in a terminal: control characters as visible escapes (``\\x1b``, ``\\n``, ``\\u202e``)."""
+    return _TERMINAL_UNSAFE.sub(_escape_control, text)
+
+
+def for_terminal(value: Any) -> Any:
+    """``value`` (a row, a summary, a list of them) with every string passed through :func:`printable`.
+
+    Applied to what the human-readable commands render; ``--json`` output keeps the exact values.
+    """
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, Mapping):
+        return {for_terminal(key): for_terminal(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [for_terminal(item) for item in value]
+    return value
+
+
 def fmt_duration(ms: float | int | None) -> str:
     if ms is None:
         return "-"
@@ -236,10 +269,11 @@ def runs(db: str | None, limit: int, as_json: bool) -> None:
         _jsonl(found)
         return
     if not found:
-        console.print(f"no runs in {target} yet")
+        console.print(Text(f"no runs in {printable(target)} yet"))
         return
+    found = for_terminal(found)
     shorts = short_ids([r["run_id"] for r in found])
-    table = Table(title=f"runs in {target}", title_justify="left", box=None, pad_edge=False, header_style="bold")
+    table = Table(title=Text(f"runs in {printable(target)}"), title_justify="left", box=None, pad_edge=False, header_style="bold")
     for column, justify in (("run", "left"), ("name", "left"), ("started", "left"), ("duration", "right"),
                             ("status", "left"), ("events", "right"), ("agents", "left"), ("tokens in / out", "right"),
                             ("cost", "right")):
@@ -333,8 +367,8 @@ def _run_header(summary: Mapping[str, Any]) -> Text:
 
 
 def render_tree(engine: Any, run_id: str, *, messages: bool = True, max_depth: int | None = None) -> Tree:
-    summary = store.run_summary(engine, run_id)
-    roots = store.event_tree(store.run_events(engine, run_id))
+    summary = for_terminal(store.run_summary(engine, run_id))
+    roots = store.event_tree(for_terminal(store.run_events(engine, run_id)))
     tree = Tree(_run_header(summary), guide_style="dim")
     _add_nodes(tree, roots, messages, max_depth, 0)
     return tree
@@ -384,9 +418,9 @@ def timeline(run_id: str, db: str | None, width: int | None, messages: bool) -> 
     """
     engine, _target = _open(db)
     resolved = _resolve(engine, run_id)
-    summary = store.run_summary(engine, resolved)
-    rows = [r for r in store.run_events(engine, resolved) if isinstance(r.get("started_at") or r.get("timestamp"),
-                                                                       datetime)]
+    summary = for_terminal(store.run_summary(engine, resolved))
+    rows = [r for r in for_terminal(store.run_events(engine, resolved))
+            if isinstance(r.get("started_at") or r.get("timestamp"), datetime)]
     if not messages:
         rows = [r for r in rows if r.get("event_type") != "message"]
     rows = _depth_first(store.event_tree(rows))  # parallel branches stay together under their parent
@@ -488,6 +522,7 @@ def events(run_id: str, db: str | None, event_types: tuple[str, ...], agents: tu
     if as_json:
         _jsonl(rows)
         return
+    rows = for_terminal(rows)
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column, justify in (("#", "right"), ("depth", "right"), ("type", "left"), ("agent", "left"),
                             ("name", "left"), ("status", "left"), ("started", "left"), ("duration", "right"),
@@ -836,8 +871,8 @@ def export(run_id: str, endpoint: str | None, protocol: str | None, db: str | No
         service_name=service_name or os.environ.get("OTEL_SERVICE_NAME") or "cmbagent",
     )
     console.print(
-        f"exported {result['spans']} spans ({result['message_events']} message events) of run {resolved} "
-        f"to {result['endpoint']} ({result['protocol']})",
+        Text(f"exported {result['spans']} spans ({result['message_events']} message events) of run "
+             f"{printable(resolved)} to {printable(result['endpoint'])} ({result['protocol']})"),
         soft_wrap=True,
     )
     for trace_id in result["trace_ids"]:
@@ -986,7 +1021,7 @@ def _wait_for_interrupt() -> None:
 
 def _print_demo_summary(result: Any, db: str | None, target: str, db_path: str) -> None:
     engine = store.open_store(db_path)
-    summary = store.run_summary(engine, result.run_id)
+    summary = for_terminal(store.run_summary(engine, result.run_id))
     console.print()
     console.print(render_tree(engine, result.run_id, messages=False), soft_wrap=True)
     console.print()
@@ -1033,7 +1068,7 @@ def _fail(message: str, code: int) -> None:
         sys.stdout.flush()
     except (OSError, ValueError):
         pass
-    sys.stderr.write(f"{PROG}: error: {message}\n")
+    sys.stderr.write(f"{PROG}: error: {printable(message)}\n")
     sys.stderr.flush()
     sys.exit(code)
 

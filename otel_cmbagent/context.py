@@ -21,8 +21,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from . import semconv
+from .config import DEFAULT_MAX_VALUE_LENGTH
 from .errors import record_exception
-from .utils import log_internal_error
+from .utils import clean_text, log_internal_error, safe_str, safe_text
 from .version import __version__
 
 _IDENTITY_KEY = otel_context.create_key("cmbagent.identity")
@@ -179,6 +180,38 @@ def _new_id() -> str:
     return str(uuid.uuid4())
 
 
+def _text(value: Any) -> str:
+    """A user-given id or name as recordable text: never raises (a failing ``__str__`` gives a marked
+    placeholder, logged once), storable and scrubbed."""
+    return clean_text(value if isinstance(value, str) else safe_str(value), DEFAULT_MAX_VALUE_LENGTH)
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else _text(value)
+
+
+_PLAIN = (bool, int, float)
+
+
+def _attribute(value: Any) -> Any:
+    """A user-given attribute value as a valid OTel attribute: numbers and bools as they are, strings
+    (and lists of them) cleaned, anything else as scrubbed JSON/repr text instead of being dropped."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, (list, tuple)) and value and len({type(item) for item in value}) == 1:
+        if isinstance(value[0], str):
+            return [_text(item) for item in value]
+        if isinstance(value[0], _PLAIN):
+            return list(value)
+    return safe_text(value, DEFAULT_MAX_VALUE_LENGTH)
+
+
+def _attributes(attributes: dict[str, Any]) -> dict[str, Any]:
+    return {key: _attribute(value) for key, value in attributes.items() if value is not None}
+
+
 class _Scope:
     """A span that is current for the duration of a ``with``/``async with`` block."""
 
@@ -234,11 +267,11 @@ class run(_Scope):  # noqa: N801 - used like a function: ``with oc.run(): ...``
     def __init__(
         self, run_id: str | None = None, session_id: str | None = None, name: str | None = None, **attributes: Any
     ) -> None:
-        self.run_id = str(run_id) if run_id is not None else _new_id()
-        self._given_session_id = None if session_id is None else str(session_id)
+        self.run_id = _text(run_id) if run_id is not None else _new_id()
+        self._given_session_id = _optional_text(session_id)
         self.session_id = self._given_session_id or ""
-        self.name = name
-        self.attributes = attributes
+        self.name = _optional_text(name)
+        self.attributes = _attributes(attributes)
         self._token = None
         self.usage = UsageTotals()
 
@@ -272,10 +305,10 @@ class step(_Scope):  # noqa: N801
     def __init__(
         self, node_id: str | None = None, step_id: str | None = None, name: str | None = None, **attributes: Any
     ) -> None:
-        self.node_id = None if node_id is None else str(node_id)
-        self.step_id = None if step_id is None else str(step_id)
-        self.name = name
-        self.attributes = attributes
+        self.node_id = _optional_text(node_id)
+        self.step_id = _optional_text(step_id)
+        self.name = _optional_text(name)
+        self.attributes = _attributes(attributes)
         self._token = None
 
     def __enter__(self) -> step:

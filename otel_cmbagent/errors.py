@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import traceback
+from typing import Any
 
 from opentelemetry.trace import Span, Status, StatusCode
 
 from . import semconv
-from .utils import log_internal_error, scrub, truncate
+from .utils import clean_text, log_internal_error, safe_str
 
 _MAX_ERROR_TEXT = 8 * 1024
 
@@ -23,11 +24,12 @@ def record_exception(span: Span, exc: BaseException) -> None:
 
     The SDK's own ``record_exception`` would copy the raw message (which, for
     provider errors, can quote the API key), so we build the event ourselves.
+    Every text is made storable (NUL, lone surrogates), scrubbed, then cut.
     """
     try:
-        message = truncate(scrub(str(exc)), _MAX_ERROR_TEXT)
+        message = clean_text(safe_str(exc), _MAX_ERROR_TEXT)
         type_name = error_type_name(exc)
-        stack = truncate(scrub("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))), _MAX_ERROR_TEXT)
+        stack = clean_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), _MAX_ERROR_TEXT)
         span.set_attribute(semconv.ERROR_TYPE, type_name)
         span.add_event(
             "exception",
@@ -43,10 +45,10 @@ def record_exception(span: Span, exc: BaseException) -> None:
         log_internal_error("record_exception", error)
 
 
-def mark_failed(span: Span, error_type: str, message: str) -> None:
+def mark_failed(span: Span, error_type: str, message: Any) -> None:
     """A failure AG2 caught itself (tool error, non-zero exit code): no exception to record."""
     try:
-        text = truncate(scrub(message), _MAX_ERROR_TEXT)
+        text = clean_text(message if isinstance(message, str) else safe_str(message), _MAX_ERROR_TEXT)
         span.set_attribute(semconv.ERROR_TYPE, error_type)
         span.set_attribute(semconv.ERROR_MESSAGE, text)
         span.set_status(Status(StatusCode.ERROR, text[:1024]))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import threading
+import weakref
 from collections.abc import Collection
 from typing import Any, Callable
 
@@ -121,6 +123,7 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
         from autogen.agentchat.groupchat import GroupChat, GroupChatManager
         from autogen.oai.client import OpenAIWrapper
 
+        _AGENT_TYPES[0] = (ConversableAgent,)
         agent = AgentWrappers(runtime)
         conversation = ConversationWrappers(runtime)
         group = GroupChatWrappers(runtime)
@@ -150,11 +153,11 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
         for owner, name, start, finish in spans:
             original = owner.__dict__.get(name)
             if original is not None:
-                self._patches.wrap(owner, name, traced(runtime, start, finish, original))
+                self._patches.wrap(owner, name, traced(runtime, _seeing_agents(start), finish, original))
 
         hooks: list[tuple[type, str, Any]] = [
-            (ConversableAgent, "send", agent.record_send),
-            (ConversableAgent, "a_send", agent.record_send),
+            (ConversableAgent, "send", _seeing_agents(agent.record_send)),
+            (ConversableAgent, "a_send", _seeing_agents(agent.record_send)),
             (ConversableAgent, "__init__", _register_agent_secrets),
             (OpenAIWrapper, "__init__", _register_client_secrets),
         ]
@@ -259,6 +262,43 @@ def _register_client_secrets(client: Any, args: tuple, kwargs: dict) -> None:
     register_secrets_from_config(kwargs)
     for value in args:
         register_secrets_from_config(value)
+
+
+# Agents whose llm_config secrets are registered. ``__init__`` is patched, but an agent created before
+# ``instrument()`` is first seen by a wrapper: its keys are registered then, once per agent (a WeakSet
+# lookup, ~0.1 µs, on later calls), before anything of the call is recorded.
+_agents_seen: weakref.WeakSet[Any] = weakref.WeakSet()
+_AGENT_TYPES: list[Any] = [()]  # (ConversableAgent,) once instrumented
+
+
+def _remember_agent(agent: Any) -> None:
+    try:
+        if agent in _agents_seen:
+            return
+        _agents_seen.add(agent)
+    except TypeError:  # not weak-referenceable: not an AG2 agent
+        return
+    register_secrets_from_config(getattr(agent, "llm_config", None))
+    # A group chat manager's members speak in its chat before any wrapper sees them.
+    for member in getattr(getattr(agent, "_groupchat", None), "agents", None) or ():
+        _remember_agent(member)
+
+
+def _seeing_agents(function: Any) -> Any:
+    """``function(instance, args, kwargs)`` after registering the secrets of the agents in the call."""
+
+    @functools.wraps(function)
+    def with_agent_secrets(instance: Any, args: tuple, kwargs: dict) -> Any:
+        try:
+            _remember_agent(instance)
+            for value in (*args, *kwargs.values()):
+                if isinstance(value, _AGENT_TYPES[0]):
+                    _remember_agent(value)
+        except Exception as exc:  # noqa: BLE001
+            log_internal_error("registering an agent's secrets", exc)
+        return function(instance, args, kwargs)
+
+    return with_agent_secrets
 
 
 _default_instrumentor: AG2Instrumentor | None = None

@@ -338,3 +338,44 @@ def test_run_follows_a_new_provider_at_a_reused_address(monkeypatch):
         provider.shutdown()
         del provider, exporter
     assert lost == 0, f"{lost} of 50 providers never received their run span (it went to a shut-down one)"
+
+
+# --- issue 10 item 7: values whose __str__ raises never reach the host ------------------------------
+
+
+class _Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no str for you")
+
+    __format__ = object.__format__  # f"{value}" calls __str__ too
+
+
+def test_values_whose_str_raises_become_a_marked_placeholder(tracer, span_exporter, caplog):
+    """run()/step() ids, names and attributes whose __str__ raises: the block runs, the span is recorded
+    with a marked placeholder, and the failure is logged once (not raised into the host)."""
+    entered = []
+    for _ in range(2):
+        with oc.run(run_id=_Unprintable(), session_id=_Unprintable(), name=_Unprintable(), note=_Unprintable()):
+            with oc.step(node_id=_Unprintable(), step_id=_Unprintable(), name=_Unprintable(), extra=[_Unprintable()]):
+                entered.append(True)
+    assert entered == [True, True]
+    spans = span_exporter.get_finished_spans()
+    assert len(spans) == 4
+    run_span = next(s for s in spans if s.attributes[EVENT_TYPE] == "run")
+    assert run_span.attributes[RUN_ID].startswith("<unprintable _Unprintable")
+    assert run_span.name.startswith("invoke_workflow <unprintable _Unprintable")
+    assert "_Unprintable" in run_span.attributes["note"]  # kept as text (repr), not dropped
+    step_span = next(s for s in spans if s.attributes[EVENT_TYPE] == "step")
+    assert step_span.attributes["cmbagent.step_id"].startswith("<unprintable")
+    logged = [r for r in caplog.records if "_Unprintable" in r.getMessage()]
+    assert len(logged) == 1, [r.getMessage() for r in logged]
+
+
+def test_ids_and_attributes_are_storable_and_scrubbed(tracer, span_exporter):
+    """NUL and lone surrogates in ids, names and attributes are replaced; a secret in an attribute is scrubbed."""
+    with oc.run(run_id="run\x00id\udcff", name="n\x00", note=f"key {FAKE_KEY}", tags=["a\udcff", "b"]):
+        pass
+    (span,) = span_exporter.get_finished_spans()
+    assert span.attributes[RUN_ID] == "run\ufffdid\ufffd" and span.name == "invoke_workflow n\ufffd"
+    assert span.attributes["tags"] == ("a\ufffd", "b")
+    assert FAKE_KEY not in everything_recorded([span])

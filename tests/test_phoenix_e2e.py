@@ -97,7 +97,7 @@ def test_scripted_run_lands_in_phoenix(phoenix, scripted_llm, monkeypatch, proto
     endpoint = phoenix.base_url if protocol == "http/protobuf" else phoenix.otlp_grpc_endpoint
     tracing, run, expected = _traced_run(monkeypatch, scripted_llm, protocol=protocol, endpoint=endpoint,
                                          project=project)
-    assert tracing.stats["otlp"] == {"dropped": 0, "exported": len(expected), "failed": 0}, tracing.stats
+    assert tracing.stats["otlp"] == {"dropped": 0, "exported": len(expected), "failed": 0, "rejected": 0}, tracing.stats
 
     got = phoenix.wait_for_spans(len(expected), project=project or "default", timeout=60)
     trace_ids = {format(s.context.trace_id, "032x") for s in expected}

@@ -291,9 +291,8 @@ def test_register_secrets_from_config_finds_nested_api_keys():
     assert text == f"{REDACTED} {REDACTED} gpt-4o-mini-2024 claude-model-x"
 
 
-def test_register_secrets_from_environment_uses_the_given_mapping(monkeypatch):
-    """Only *_API_KEY/*_TOKEN/... values of the given mapping (not os.environ) are registered, if long enough."""
-    monkeypatch.setenv("UNRELATED_API_KEY", "from-real-environ-999")
+def test_register_secrets_from_environment_uses_the_given_mapping():
+    """Only *_API_KEY/*_TOKEN/... values of the given mapping are registered, if long enough."""
     register_secrets_from_environment(
         {
             "MY_SERVICE_API_KEY": "env-secret-value-123",
@@ -302,5 +301,54 @@ def test_register_secrets_from_environment_uses_the_given_mapping(monkeypatch):
             "SHORT_TOKEN": "abc",
         }
     )
-    text = scrub("env-secret-value-123 env-token-value-456 /home/not-a-secret-user abc from-real-environ-999")
-    assert text == f"{REDACTED} {REDACTED} /home/not-a-secret-user abc from-real-environ-999"
+    text = scrub("env-secret-value-123 env-token-value-456 /home/not-a-secret-user abc")
+    assert text == f"{REDACTED} {REDACTED} /home/not-a-secret-user abc"
+
+
+def test_secret_variable_set_later_is_noticed(monkeypatch):
+    """A *_API_KEY variable set after the first scrub (e.g. loaded after setup) is scrubbed from the next value."""
+    assert scrub("first look") == "first look"
+    monkeypatch.setenv("LATE_SERVICE_API_KEY", "late-env-secret-31337")
+    monkeypatch.setenv("LATE_NOTE", "not-a-secret-value-1")
+    assert scrub("late-env-secret-31337 not-a-secret-value-1") == f"{REDACTED} not-a-secret-value-1"
+    monkeypatch.setenv("LATE_SERVICE_API_KEY", "changed-env-secret-4242")
+    assert "changed-env-secret-4242" not in to_json({"m": "changed-env-secret-4242"}, LIMIT)
+
+
+# --- issue 10: storable values, escaped secrets, secrets at the cut --------------------------------
+
+
+@pytest.mark.parametrize("bad", ["\x00", "\udcff", "\ud800", "a\x00b\udfffc"])
+def test_nul_and_lone_surrogates_become_the_replacement_character(bad):
+    """Values every sink can store: NUL (PostgreSQL) and lone surrogates (UTF-8 encoders) become U+FFFD."""
+    for text in (to_json({"arg": bad, bad: 1}, LIMIT), utils.safe_text(bad, LIMIT), utils.clean_text("x" + bad, LIMIT)):
+        text.encode("utf-8")  # would raise on a lone surrogate
+        assert "\x00" not in text and utils.REPLACEMENT in text
+    assert utils.storable("plain ascii") == "plain ascii" and utils.storable("é 😀") == "é 😀"
+
+
+@pytest.mark.parametrize("secret", ['pa"ss\\word-0042', 'quote"only-secret', "back\\slash-secret", "ünï\"cødé-1"])
+def test_secret_with_quotes_or_backslashes_is_scrubbed_in_every_spelling(secret):
+    """Scrubbing on values (not JSON text), plus the escaped spellings: no form of the secret survives."""
+    register_secret(secret)
+    escaped = json.dumps(secret)[1:-1]
+    for text in (
+        to_json({"message": f"pw {secret}"}, LIMIT),
+        to_json([json.dumps({"pw": secret})], LIMIT),  # a tool result that is itself JSON
+        utils.safe_text(f"raise ValueError({secret!r})", LIMIT),
+        scrub(f"{secret} / {escaped} / {secret!r}"),
+    ):
+        assert secret not in text and escaped not in text and repr(secret)[1:-1] not in text, text
+
+
+def test_secret_straddling_the_cut_is_scrubbed_before_cutting():
+    """A 20-char secret starting 3 chars before the limit: not a single character of it is kept."""
+    secret = "straddle-SECRET-9876"
+    register_secret(secret)
+    limit = 100
+    value = "x" * (limit - 3) + secret + "y" * 50
+    for text in (jsonable(value, limit), utils.safe_text(value, limit), json.loads(to_json({"m": value}, 10_000))["m"]):
+        kept = text.split("…[truncated")[0] if MARK in text else text
+        assert "str" not in kept.replace(REDACTED, "").replace("x", "").replace("y", ""), text
+    cut = jsonable(value, limit)
+    assert cut.startswith("x" * (limit - 3) + "[RE") and f"{len(value)} chars in total" in cut  # was "...xxxstr"

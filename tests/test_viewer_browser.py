@@ -266,12 +266,18 @@ def test_demo_run_screenshot(tmp_path, page, monkeypatch):
         assert not page.errors, page.errors
 
 
-def test_token_protected_page(tmp_path, page):
+@pytest.mark.parametrize(
+    "token, run_id",
+    [("s3cret-viewer-token", "token-run"), ("s3crét-令牌-token", "token/run")],
+    ids=["ascii", "non-ascii-token-and-slash-in-run-id"],
+)
+def test_token_protected_page(tmp_path, page, token, run_id):
     """With a token the page is opened as /?token=... and sends it with every API request and the websocket;
-    without it the server answers 401."""
+    without it the server answers 401. A non-ASCII token and a run id with "/" work too (issue 10)."""
+    from urllib.parse import quote
+
     db = tmp_path / "token.db"
-    subprocess.run([sys.executable, "-c", SYNTHETIC_WRITER, str(db), "token-run", "2", "0"], check=True, timeout=60)
-    token = "s3cret-viewer-token"
+    subprocess.run([sys.executable, "-c", SYNTHETIC_WRITER, str(db), run_id, "2", "0"], check=True, timeout=60)
     with ViewerServer(str(db), token=token) as server:
         bare = page.context.new_page()
         response = bare.goto(server.url)
@@ -279,11 +285,11 @@ def test_token_protected_page(tmp_path, page):
         bare.close()
         refused = []
         page.on("response", lambda r: refused.append(r.url) if r.status == 401 else None)
-        page.goto(f"{server.url}?token={token}")
-        page.wait_for_selector('[data-testid="waterfall"][data-ready="true"][data-run-id="token-run"]')
+        page.goto(f"{server.url}?token={quote(token)}")
+        page.wait_for_selector(f'[data-testid="waterfall"][data-ready="true"][data-run-id="{run_id}"]')
         page.wait_for_selector('[data-testid="connection"][data-state="open"]')
         assert page.locator('[data-testid="run-row"]').count() == 1
         page.reload()
-        page.wait_for_selector('[data-testid="waterfall"][data-ready="true"][data-run-id="token-run"]')
+        page.wait_for_selector(f'[data-testid="waterfall"][data-ready="true"][data-run-id="{run_id}"]')
         page.wait_for_selector('[data-testid="connection"][data-state="open"]')
         assert not refused and not page.errors, (refused, page.errors)

@@ -441,3 +441,50 @@ def test_non_loopback_bind_needs_a_token():
         assert _is_loopback(host), host
     for host in ("0.0.0.0", "::", "10.0.0.1", "example.com", "", None):
         assert not _is_loopback(host), host
+
+
+# --- issue 10 item 4: a hung callback at shutdown ----------------------------------------------------
+
+
+def _shutdown_in_thread(processor) -> threading.Thread:
+    """Shut the processor down in a thread; the test only checks that it returns (bounded), never how fast."""
+    thread = threading.Thread(target=processor.shutdown, name="shutdown-under-test")
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "shutdown is waiting for a hung callback instead of giving up"
+    return thread
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_hung_callback_at_shutdown_counts_every_undelivered_event_and_logs_once(
+    scripted_llm, running_loop, monkeypatch, caplog, kind
+):
+    """A callback that hangs on its first event: shutdown gives up after OTEL_CMBAGENT_SHUTDOWN_TIMEOUT_MS,
+    every event the callback did not get is counted (the one it hangs in as failed, the rest as dropped),
+    one log line says so, and nothing is delivered after shutdown."""
+    monkeypatch.setenv("OTEL_CMBAGENT_SHUTDOWN_TIMEOUT_MS", "300")
+    release = threading.Event()
+    got: list[str] = []
+
+    def hung_sync(event_type, data):
+        got.append(data["event_id"])
+        release.wait(120)
+
+    async def hung_async(event_type, data):
+        got.append(data["event_id"])
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, 120)
+
+    loop, _ = running_loop
+    options = {"loop": loop, "callback_timeout": 60} if kind == "async" else {}
+    with traced(hung_sync if kind == "sync" else hung_async, **options) as (processor, exporter):
+        chat(scripted_llm)
+        total = total_events(exporter.get_finished_spans())
+        with caplog.at_level(logging.WARNING, logger="otel_cmbagent"):
+            _shutdown_in_thread(processor)
+        stats = processor.stats
+        release.set()
+    assert len(got) == 1 and total > 10
+    assert stats == {"enqueued": total, "processed": 0, "dropped": total - 1, "failed": 1}, stats
+    lines = [r.getMessage() for r in caplog.records if "did not finish" in r.getMessage()]
+    assert len(lines) == 1 and f"{total - 1} events not delivered" in lines[0], lines
+    assert processor.stats == stats and len(got) == 1  # the released callback gets nothing more

@@ -14,7 +14,8 @@ Routes (every one GET/HEAD or websocket; nothing writes or deletes):
 - ``/api/runs/{run}/events``       the run's rows in ``execution_order`` (every column, JSON decoded, ISO times);
   ``?after=N`` only rows with ``execution_order > N``, plus (``&running=id1,id2``) the current rows of the given
   ids, i.e. what a client holding those rows as ``running`` needs to catch up; ``?type=``/``?agent=`` filter.
-  ``{run}`` is a run id, a unique prefix of one, a trace id, or ``last``; unknown -> 404 ``{"error": ...}``.
+  ``{run}`` is a run id, a unique prefix of one, a trace id, or ``last`` (URL-encoded; ``/`` in it may be
+  sent as ``%2F`` or plain); unknown -> 404 ``{"error": ...}``; a bad ``after`` -> 400.
 - ``/ws``                          a websocket broadcasting ``exporters.websocket.envelope`` messages
   (``event_type="event_captured"``) for every new or changed row of any run, including rows written by
   other processes: the table is polled every ``poll_interval`` seconds (new orders per recently active run,
@@ -32,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import hashlib
 import hmac
 import ipaddress
@@ -45,7 +47,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, unquote_to_bytes, urlsplit
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -499,18 +501,47 @@ _SECURITY_HEADERS = [
 ]
 
 
-def _presented_token(scope: Mapping[str, Any]) -> str | None:
-    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-    authorization = headers.get("authorization", "")
-    scheme, _, credentials = authorization.strip().partition(" ")
-    if scheme.lower() == "bearer" and credentials.strip():
-        return credentials.strip()
-    if headers.get(TOKEN_HEADER):
-        return headers[TOKEN_HEADER].strip()
-    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+def _presented_tokens(scope: Mapping[str, Any]) -> list[bytes]:
+    """The token as sent, in bytes: ``Authorization: Bearer``, ``X-Token`` (raw, as curl/httpx send UTF-8, and
+    percent-decoded, as the page sends a non-ASCII token), then ``?token=`` (percent-decoded)."""
+    headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+    presented: list[bytes] = []
+    scheme, _, credentials = headers.get("authorization", b"").strip().partition(b" ")
+    if scheme.lower() == b"bearer" and credentials.strip():
+        presented.append(credentials.strip())
+    if headers.get(TOKEN_HEADER, b"").strip():
+        raw = headers[TOKEN_HEADER].strip()
+        presented.extend({raw, unquote_to_bytes(raw)})
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"), encoding="latin-1")
     if query.get("token"):
-        return query["token"][0]
-    return None
+        presented.append(query["token"][0].encode("latin-1"))
+    return presented
+
+
+def _token_ok(scope: Mapping[str, Any], token: bytes) -> bool:
+    """Any presented spelling equals the token (each compared in constant time)."""
+    matches = [hmac.compare_digest(candidate, token) for candidate in _presented_tokens(scope)]
+    return any(matches)
+
+
+# uvicorn's sans-I/O websocket protocol logs "ASGI callable returned without completing handshake." at
+# ERROR after a websocket *denial response* (our 401/403 with a JSON body), though the client got exactly
+# that answer. The flag marks the connection's own task, so only that record is dropped.
+_DENIED_HANDSHAKE: contextvars.ContextVar[bool] = contextvars.ContextVar("otel_cmbagent_denied", default=False)
+
+
+class _DeniedHandshakeFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_DENIED_HANDSHAKE.get() and "without completing handshake" in str(record.msg))
+
+
+_DENIED_FILTER = _DeniedHandshakeFilter()
+
+
+def _quiet_denied_handshakes() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if _DENIED_FILTER not in logger.filters:
+        logger.addFilter(_DENIED_FILTER)
 
 
 class _Guard:
@@ -547,8 +578,7 @@ class _Guard:
             problem = (403, "this viewer only answers requests addressed to a loopback host "
                             "(start it with a token to serve others)")
         elif self.token is not None:
-            presented = _presented_token(scope)
-            if presented is None or not hmac.compare_digest(presented.encode("utf-8"), self.token):
+            if not _token_ok(scope, self.token):
                 problem = (401, "a valid token is required: send 'Authorization: Bearer <token>', "
                                 "'X-Token: <token>' or ?token=<token>")
         if problem is None and kind == "websocket" and not self._origin_ok(headers.get("origin"), headers.get("host")):
@@ -568,6 +598,7 @@ class _Guard:
                 websocket = WebSocket(scope, receive, send)
                 if "websocket.http.response" in scope.get("extensions", {}):
                     await websocket.send_denial_response(response)
+                    _DENIED_HANDSHAKE.set(True)
                 else:
                     await websocket.close(code=1008, reason=message[:120])
                 return
@@ -592,16 +623,41 @@ class _Guard:
         return response
 
 
+_MAX_INT = 2**63 - 1  # the largest integer SQL (SQLite, PostgreSQL bigint) compares with
+
+
 def _ints(value: str | None, name: str, default: int | None = None) -> int | None:
     if value is None or value == "":
         return default
     try:
         number = int(value)
     except ValueError:
-        raise ValueError(f"{name} must be an integer, not {value!r}") from None
-    if number < 0:
-        raise ValueError(f"{name} must be >= 0, not {number}")
+        raise ValueError(f"{name} must be an integer, not {value[:40]!r}") from None
+    if not 0 <= number <= _MAX_INT:
+        raise ValueError(f"{name} must be between 0 and {_MAX_INT}")
     return number
+
+
+_RUNS_PREFIX = "/api/runs/"
+_EVENTS_SUFFIX = "/events"
+
+
+def _run_reference(request: Request) -> tuple[str, bool]:
+    """``(run reference, events?)`` from ``/api/runs/{run}`` or ``/api/runs/{run}/events``.
+
+    Read from the raw path, so a run id containing ``/`` works sent as ``%2F`` (``a%2Fb/events``) or plain
+    (``a/b/events``); a run id that itself ends in ``/events`` must be sent with ``%2F``.
+    """
+    raw = request.scope.get("raw_path")
+    if isinstance(raw, bytes):
+        path = raw.decode("latin-1")
+        tail = path[path.find(_RUNS_PREFIX) + len(_RUNS_PREFIX):]
+        events = tail.endswith(_EVENTS_SUFFIX)
+        reference = unquote(tail[: -len(_EVENTS_SUFFIX)] if events else tail, encoding="utf-8", errors="replace")
+        return reference, events
+    reference = request.path_params["run_ref"]
+    events = reference.endswith(_EVENTS_SUFFIX)
+    return (reference[: -len(_EVENTS_SUFFIX)] if events else reference), events
 
 
 def _csv(values: Iterable[str]) -> list[str]:
@@ -637,6 +693,7 @@ def create_app(
             except sa.exc.ArgumentError:
                 raise ValueError(f"invalid database URL {db!r}") from None
     jaeger_url = _check_jaeger_url(jaeger_url)
+    _quiet_denied_handshakes()
     source = _Source(db, table)
     feed = _Feed(source, float(poll_interval))
     config = {
@@ -683,8 +740,12 @@ def create_app(
         except store.StoreError as exc:
             return _error(503, str(exc))
 
-    async def api_run(request: Request) -> Response:
-        run_key = await _resolve(request.path_params["run_id"])
+    async def api_run_or_events(request: Request) -> Response:
+        reference, events = _run_reference(request)
+        return await (api_events(request, reference) if events else api_run(request, reference))
+
+    async def api_run(request: Request, reference: str) -> Response:
+        run_key = await _resolve(reference)
         if isinstance(run_key, Response):
             return run_key
         try:
@@ -695,7 +756,7 @@ def create_app(
             return _error(503, str(exc))
         return _JSON(summary)
 
-    async def api_events(request: Request) -> Response:
+    async def api_events(request: Request, reference: str) -> Response:
         params = request.query_params
         try:
             after = _ints(params.get("after"), "after")
@@ -706,7 +767,7 @@ def create_app(
             return _error(400, f"at most {MAX_RUNNING_IDS} running ids")
         types = _csv(params.getlist("type"))
         agents = _csv(params.getlist("agent"))
-        run_key = await _resolve(request.path_params["run_id"])
+        run_key = await _resolve(reference)
         if isinstance(run_key, Response):
             return run_key
         try:
@@ -749,8 +810,7 @@ def create_app(
         Route("/", index, methods=["GET"]),
         Route("/api/config", api_config, methods=["GET"]),
         Route("/api/runs", api_runs, methods=["GET"]),
-        Route("/api/runs/{run_id:str}", api_run, methods=["GET"]),
-        Route("/api/runs/{run_id:str}/events", api_events, methods=["GET"]),
+        Route("/api/runs/{run_ref:path}", api_run_or_events, methods=["GET"]),
         WebSocketRoute("/ws", websocket_endpoint),
     ]
     app = Starlette(
@@ -768,7 +828,9 @@ def create_app(
 # --- running it ----------------------------------------------------------------------------------
 def _bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only when ``sock.proto`` says TCP;
+    # with proto 0, Nagle + delayed ACK cost every keep-alive request ~40 ms.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host.strip("[]"), port))
@@ -813,6 +875,7 @@ class ViewerServer:
         self.port: int = self._socket.getsockname()[1]
         self.url = _url(host, self.port)
         config = uvicorn.Config(self.app, log_level=log_level, access_log=False, lifespan="on")
+        _quiet_denied_handshakes()  # after uvicorn configured its loggers
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
@@ -877,6 +940,7 @@ def serve_viewer(
             print("  open it with ?token=<token> (or send 'Authorization: Bearer <token>')", flush=True)
         print("  Ctrl-C to stop", flush=True)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on")
+    _quiet_denied_handshakes()
     server = uvicorn.Server(config)
     try:
         server.run(sockets=[sock])

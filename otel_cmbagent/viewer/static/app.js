@@ -155,7 +155,7 @@
 
   async function api(path) {
     const headers = { Accept: 'application/json' };
-    if (token) headers['X-Token'] = token;
+    if (token) headers['X-Token'] = encodeURIComponent(token);  // any token, even beyond Latin-1, as ASCII
     const response = await fetch(path, { headers, cache: 'no-store' });
     let body = null;
     try { body = await response.json(); } catch (e) { body = null; }
