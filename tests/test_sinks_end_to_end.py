@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import otel_cmbagent as oc
-from otel_cmbagent.exporters.rows import event_id
+from otel_cmbagent.exporters.rows import event_id, is_message, row_kind
 from otel_cmbagent.exporters.sql import SQLEventSink, make_engine, replay
 from otel_cmbagent.testing.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
 from sinks_util import PausedRun, scripted_run, table_rows
@@ -56,7 +56,7 @@ def test_same_events_everywhere(tmp_path, postgres_url, scripted_llm, monkeypatc
     assert [r["execution_order"] for r in sqlite_rows] == list(range(1, len(sqlite_rows) + 1))
     assert {r["run_id"] for r in sqlite_rows} == {run.run_id}
 
-    span_rows = {r["id"]: r for r in sqlite_rows if r["event_type"] != "message"}
+    span_rows = {r["id"]: r for r in sqlite_rows if not is_message(r)}
     assert len(otlp_spans) == len(span_rows)
     for span in otlp_spans:
         row = span_rows[event_id(int(span["trace_id"], 16), int(span["span_id"], 16))]
@@ -202,7 +202,7 @@ def test_rows_land_in_cmbagents_own_table(backend, tmp_path, postgres_url, scrip
     assert [r["execution_order"] for r in rows] == list(range(1, len(rows) + 1))
     meta = rows[0]["meta"] if isinstance(rows[0]["meta"], dict) else json.loads(rows[0]["meta"])
     assert len(meta["trace_id"]) == 32 and len(meta["span_id"]) == 16
-    assert {"run", "conversation", "agent_call", "llm_call", "tool_call", "message"} <= {r["event_type"] for r in rows}
+    assert {"run", "conversation", "agent_call", "llm_call", "tool_call", "message"} <= {row_kind(r) for r in rows}
     by_id = {r["id"]: r for r in rows}
     assert all(r["parent_event_id"] in by_id for r in rows[1:])
     if backend == "postgresql":  # SQLite does not enforce foreign keys unless asked to

@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 import otel_cmbagent as oc
-from otel_cmbagent.exporters.rows import event_id
+from otel_cmbagent.exporters.rows import event_id, is_message, row_kind
 from otel_cmbagent.exporters.sql import SQLEventSink, execution_events_table, make_engine, replay
 from sinks_util import PausedRun, scripted_run, table_rows
 
@@ -33,7 +33,7 @@ def test_rows_match_spans(tracing, scripted_llm):
     assert [r["execution_order"] for r in rows] == list(range(1, len(rows) + 1))
     assert {r["run_id"] for r in rows} == {run.run_id}
     assert {r["status"] for r in rows} == {"completed"}
-    types = [r["event_type"] for r in rows]
+    types = [row_kind(r) for r in rows]
     assert {"run", "conversation", "agent_call", "llm_call", "tool_call", "message"} <= set(types)
     ids = {r["id"] for r in rows}
     by_id = {r["id"]: r for r in rows}
@@ -59,7 +59,7 @@ def test_rows_are_visible_while_the_run_is_live(tracing, scripted_llm):
         assert tracing.force_flush()
         live = {r["event_type"]: r for r in table_rows(tracing.sql.engine) if r["status"] == "running"}
         assert {"run", "conversation", "agent_call", "tool_call"} <= set(live)
-        messages = [r for r in table_rows(tracing.sql.engine) if r["event_type"] == "message"]
+        messages = [r for r in table_rows(tracing.sql.engine) if is_message(r)]
         assert messages, "messages are written as they are sent, not when the conversation ends"
     tracing.force_flush()
     assert {r["status"] for r in table_rows(tracing.sql.engine)} == {"completed"}

@@ -13,6 +13,7 @@ from autogen import ConversableAgent
 from autogen.coding import LocalCommandLineCodeExecutor
 
 import otel_cmbagent as oc
+from otel_cmbagent.exporters.rows import row_kind
 from otel_cmbagent import store
 from otel_cmbagent.exporters.sql import make_engine
 from otel_cmbagent.testing import ScriptedLLM, code, text
@@ -209,7 +210,7 @@ def test_event_tree_nests_by_parent(traced_db):
     assert sorted(walk(roots[0])) == sorted(r["id"] for r in rows)
     (conversation,) = roots[0]["children"]
     assert conversation["event"]["event_type"] == "conversation"
-    kinds = {child["event"]["event_type"] for child in conversation["children"]}
+    kinds = {row_kind(child["event"]) for child in conversation["children"]}
     assert kinds == {"message", "agent_call"}
     # a filtered list: rows whose parent is missing become roots
     only_llm = store.event_tree(store.run_events(engine, traced_db["tool_run"], event_type="llm_call"))
