@@ -403,8 +403,9 @@ def span_row(span: ReadableSpan, *, ended: bool, capture_content: bool = True) -
 def message_row(span: Any, attributes: Mapping[str, Any], timestamp_ns: int, *, capture_content: bool = True) -> dict[str, Any]:
     """The row of one message event of ``span`` (a live or finished span; parent = the span's row).
 
-    cmbagent's shape: ``agent_call``/``message``, ``agent_name`` = the recipient. The id comes
-    from the message's own order, so the live write and any later re-write are one row.
+    cmbagent's shape: ``agent_call``/``message``, ``agent_name`` = the recipient; node/step are the
+    event's own when it has them (a capture made after the step changed), else its span's. The id
+    comes from the message's own order, so the live write and any later re-write are one row.
     """
     context = span.get_span_context()
     span_attributes = getattr(span, "attributes", None) or {}
@@ -415,8 +416,8 @@ def message_row(span: Any, attributes: Mapping[str, Any], timestamp_ns: int, *, 
     return {
         "id": event_id(context.trace_id, context.span_id, f"/message/{order if order is not None else timestamp_ns}"),
         "run_id": span_attributes.get(semconv.RUN_ID),
-        "node_id": span_attributes.get(semconv.NODE_ID),
-        "step_id": span_attributes.get(semconv.STEP_ID),
+        "node_id": attributes.get(semconv.NODE_ID) or span_attributes.get(semconv.NODE_ID),
+        "step_id": attributes.get(semconv.STEP_ID) or span_attributes.get(semconv.STEP_ID),
         "session_id": span_attributes.get(semconv.SESSION_ID),
         "parent_event_id": event_id(context.trace_id, context.span_id),
         "event_type": MESSAGE_EVENT_TYPE,

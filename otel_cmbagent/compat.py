@@ -480,6 +480,9 @@ class EventCaptureManager:
         }
         if isinstance(tokens, int) and not isinstance(tokens, bool):
             attributes[semconv.MESSAGE_TOKENS] = tokens
+        for key, value in ((semconv.NODE_ID, self._node_id), (semconv.STEP_ID, self._step_id)):
+            if value:  # the message belongs to the current step, whatever span it hangs on
+                attributes[key] = value
         token = otel_context.attach(ctx)
         try:
             add_ordered_event(span, semconv.MESSAGE_EVENT_NAME, attributes)
