@@ -206,17 +206,21 @@ def test_cmbagent_drop_in_rows_in_one_order(tmp_path):
     by_type = {}
     for r in rows:
         by_type.setdefault(r["event_type"], []).append(r)
-    (planner,) = [r for r in by_type["agent_call"] if r["agent_name"] == "planner"]
+    (planner,) = [r for r in by_type["agent_call"] if r["agent_name"] == "planner" and not is_message(r)]
     (conversation,) = by_type["conversation"]
     assert conversation["parent_event_id"] == planner["id"], "the AG2 chat nests under the open legacy agent call"
-    assert planner["outputs"]["messages"][0]["content"] == "Plan: fit up to ell_max = 2500"
+    assert planner["outputs"] == {"response": "Plan: fit up to ell_max = 2500"}
+    assert planner["inputs"] == {"message": "Plan the power-spectrum analysis", "context": {}}
+    assert (planner["meta"]["sender"], planner["meta"]["duration_ms"]) == ("user", 40)
     assert {r["step_id"] for r in by_type["llm_call"]} == {"planning"}
     assert by_type["tool_call"][0]["outputs"]["result"] == "2500"
     (code,) = by_type["code_exec"]
-    assert code["step_id"] == "fit" and code["outputs"] == {"output": "chi2 = 1.02", "exit_code": 0}
-    assert code["duration_ms"] == 12
-    assert by_type["file_gen"][0]["outputs"]["path"] == "plots/cl_fit.png"
-    assert by_type["handoff"][0]["meta"]["cmbagent.handoff.reason"] == "plan ready"
+    assert code["step_id"] == "fit" and code["outputs"] == {"result": "chi2 = 1.02"} and code["meta"]["exit_code"] == 0
+    assert code["duration_ms"] == 12 and code["event_subtype"] == "complete"
+    assert by_type["file_gen"][0]["inputs"] == {"file_path": "plots/cl_fit.png", "file_type": "plot"}
+    assert by_type["handoff"][0]["meta"]["reason"] == "plan ready" and by_type["handoff"][0]["agent_name"] == "planner"
+    (done,) = [r for r in rows if is_message(r) and r["inputs"]["sender"] == "engineer"]
+    assert (done["agent_name"], done["meta"]["tokens"], done["step_id"]) == ("planner", 6, "fit")
     printed = [int(o) for o in re.findall(r"^\s+(\d+)  \w+", out, re.MULTILINE)]
     assert printed == list(range(1, len(rows) + 1))
     assert f"one gapless order 1..{len(rows)}: True" in out
