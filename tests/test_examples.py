@@ -219,7 +219,7 @@ def test_cmbagent_drop_in_rows_in_one_order(tmp_path):
     assert code["duration_ms"] == 12 and code["event_subtype"] == "complete"
     assert by_type["file_gen"][0]["inputs"] == {"file_path": "plots/cl_fit.png", "file_type": "plot"}
     assert by_type["handoff"][0]["meta"]["reason"] == "plan ready" and by_type["handoff"][0]["agent_name"] == "planner"
-    (done,) = [r for r in rows if is_message(r) and r["inputs"]["sender"] == "engineer"]
+    (done,) = [r for r in rows if is_message(r) and r["inputs"]["recipient"] == "planner"]
     assert (done["agent_name"], done["meta"]["tokens"], done["step_id"]) == ("planner", 6, "fit")
     printed = [int(o) for o in re.findall(r"^\s+(\d+)  \w+", out, re.MULTILINE)]
     assert printed == list(range(1, len(rows) + 1))
