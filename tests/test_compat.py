@@ -15,6 +15,7 @@ import logging
 import subprocess
 import sys
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -148,10 +149,11 @@ def test_disabled_captor_is_a_no_op():
 def test_constructor_and_attributes_as_cmbagents(cmbagent_db):
     """The keyword shapes of execution_manager.py and branch_executor.py, the positional websocket/callback,
     the plan's ws_emit_callback; cmbagent's attributes and performance-stat keys."""
-    cmb.add_run(cmbagent_db, "run-shapes", "session-shapes")
+    run_id = str(uuid.uuid4())  # a run's order counter is per process: a run id of its own
+    cmb.add_run(cmbagent_db, run_id, "session-shapes")
     shared: dict = {"_session_id": "session-shapes"}
     with OrmSession(cmbagent_db) as db_session:
-        manager = EventCaptureManager(db_session=db_session, run_id="run-shapes",
+        manager = EventCaptureManager(db_session=db_session, run_id=run_id,
                                       session_id=shared.get("_session_id", "unknown"), enabled=True, websocket=None)
         assert (manager.db, manager.websocket, manager.current_node_id, manager.current_step_id) == (
             db_session, None, None, None)
@@ -164,7 +166,7 @@ def test_constructor_and_attributes_as_cmbagents(cmbagent_db):
         assert manager.enabled is False  # as cmbagent's close()
 
         def branch():
-            captor = EventCaptureManager(db_session=db_session, run_id="run-shapes", session_id="session-shapes")
+            captor = EventCaptureManager(db_session=db_session, run_id=run_id, session_id="session-shapes")
             set_event_captor(captor)
             return captor
 
@@ -361,14 +363,15 @@ def test_cmbagent_call_shapes_give_cmbagents_rows(hooks, cmbagent_db, caplog):
 
 def test_a_second_phase_continues_the_runs_order(cmbagent_db):
     """cmbagent makes a new captor per phase, same run: its rows go on after the first phase's (no repeats)."""
-    cmb.add_run(cmbagent_db, "run-2", "session-2")
+    run_id = str(uuid.uuid4())
+    cmb.add_run(cmbagent_db, run_id, "session-2")
     for phase in ("planning", "control"):
         with OrmSession(cmbagent_db) as db_session:
-            captor = EventCaptureManager(db_session=db_session, run_id="run-2", session_id="session-2")
+            captor = EventCaptureManager(db_session=db_session, run_id=run_id, session_id="session-2")
             captor.capture_agent_response(phase, "done")
             captor.flush()
             captor.close()
-    rows = cmb.history(cmbagent_db, "run-2")
+    rows = cmb.history(cmbagent_db, run_id)
     assert [r["execution_order"] for r in rows] == [1, 2, 3, 4]
     assert [r["agent_name"] for r in rows if r["event_type"] == "agent_call"] == ["planning", "control"]
 
@@ -440,28 +443,29 @@ def test_a_missing_session_row_holds_the_rows_until_it_exists(cmbagent_db, caplo
     """execution_manager's default session id 'unknown' has no sessions row: one warning naming the table and
     the fix, rows held (not spilled, not dropped), written as soon as the row exists."""
     caplog.set_level(logging.WARNING, logger="otel_cmbagent")
-    cmb.add_run(cmbagent_db, "run-held", "session-real")
+    run_id = str(uuid.uuid4())
+    cmb.add_run(cmbagent_db, run_id, "session-real")
     shared: dict = {}
     with OrmSession(cmbagent_db) as db_session:
-        captor = EventCaptureManager(db_session=db_session, run_id="run-held",
+        captor = EventCaptureManager(db_session=db_session, run_id=run_id,
                                      session_id=shared.get("_session_id", "unknown"), enabled=True, websocket=None)
         captor.capture_agent_response("engineer", "first")
         captor.capture_message("engineer", "reviewer", "second", tokens=5)
         assert captor.flush() is False
         stats = captor.get_performance_stats()["SQLEventSink"]
         assert stats["rows_held"] >= 3 and stats["rows_spilled"] == 0
-        assert cmb.history(cmbagent_db, "run-held") == []
+        assert cmb.history(cmbagent_db, run_id) == []
         (warning,) = [r.getMessage() for r in caplog.records if "'unknown'" in r.getMessage()]
         assert "sessions" in warning and "Create that row" in warning
         cmb.add_session(cmbagent_db, "unknown")
         captor.capture_tool_call("engineer", "fit", {})
         assert captor.flush() is True
         captor.close()
-    rows = cmb.history(cmbagent_db, "run-held")
+    rows = cmb.history(cmbagent_db, run_id)
     assert [row_kind(r) for r in rows] == ["run", "agent_call", "message", "tool_call"]
     assert [r["execution_order"] for r in rows] == [1, 2, 3, 4]
     assert captor.get_performance_stats()["SQLEventSink"]["rows_spilled"] == 0
-    assert cmb.table_count(cmbagent_db, cmb.messages, run_id="run-held") == 1
+    assert cmb.table_count(cmbagent_db, cmb.messages, run_id=run_id) == 1
 
 
 def test_bad_metadata_never_poisons_later_captures(cmbagent_db):
