@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import json
 import logging
 import subprocess
@@ -24,6 +25,7 @@ from sqlalchemy.orm import Session as OrmSession
 
 import cmbagent_schema as cmb
 from otel_cmbagent import compat
+from otel_cmbagent import context as compat_context
 from otel_cmbagent.compat import EventCaptureManager, get_event_captor, set_event_captor
 from otel_cmbagent.exporters.rows import is_message, row_kind
 
@@ -362,15 +364,22 @@ def test_cmbagent_call_shapes_give_cmbagents_rows(hooks, cmbagent_db, caplog):
 
 
 def test_a_second_phase_continues_the_runs_order(cmbagent_db):
-    """cmbagent makes a new captor per phase, same run: its rows go on after the first phase's (no repeats)."""
+    """cmbagent makes a new captor per phase (or process) for the same run: its rows go on after the rows
+    already in the table (cmbagent's counter starts again at 1)."""
     run_id = str(uuid.uuid4())
     cmb.add_run(cmbagent_db, run_id, "session-2")
-    for phase in ("planning", "control"):
+
+    def phase(name: str) -> None:
         with OrmSession(cmbagent_db) as db_session:
             captor = EventCaptureManager(db_session=db_session, run_id=run_id, session_id="session-2")
-            captor.capture_agent_response(phase, "done")
+            captor.capture_agent_response(name, "done")
             captor.flush()
             captor.close()
+
+    phase("planning")
+    gc.collect()  # nothing of the first phase is left in this process: the next one starts from the table
+    assert compat_context.live_run_count() == 0 or run_id not in compat_context._run_sequences
+    phase("control")
     rows = cmb.history(cmbagent_db, run_id)
     assert [r["execution_order"] for r in rows] == [1, 2, 3, 4]
     assert [r["agent_name"] for r in rows if r["event_type"] == "agent_call"] == ["planning", "control"]
