@@ -8,6 +8,7 @@ provider routes each span to the sinks of the captor whose run it belongs to.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from typing import TYPE_CHECKING, Any
@@ -90,11 +91,43 @@ def sql_sink(db_session: Any, buffer_size: int) -> SpanProcessor | None:
     if not callable(get_bind):
         _logger.warning("otel-cmbagent: db_session %r is not a SQLAlchemy session; no rows are written", db_session)
         return None
-    engine = get_bind()
+    engine = writer_engine(get_bind(), db_session)
     table = None
     if sa.inspect(engine).has_table(CMBAGENT_TABLE):
         table = sa.Table(CMBAGENT_TABLE, sa.MetaData(), autoload_with=engine)
     return SQLEventSink(engine, table=table, max_batch=max(1, int(buffer_size or 1)) * 10)
+
+
+def writer_engine(engine: Any, db_session: Any = None) -> Any:
+    """The engine the sink writes with: the session's own, or - for a SQLite file behind a one-connection
+    pool (cmbagent's ``get_engine()`` uses ``StaticPool``) - a second engine on that file, so the sink's
+    transactions (and the pool's rollback when a connection is returned) never touch the transaction of
+    the caller's session; foreign keys as on the original."""
+    import sqlalchemy as sa
+
+    url = engine.url
+    database = url.database or ""
+    shared = isinstance(engine.pool, (sa.pool.StaticPool, sa.pool.SingletonThreadPool))
+    if url.get_backend_name() != "sqlite" or not shared or database in ("", ":memory:") or database.startswith("file:"):
+        return engine
+    in_transaction = getattr(db_session, "in_transaction", None)
+    if callable(in_transaction) and in_transaction():  # ask on the session's own connection: nothing is reset
+        foreign_keys = bool(db_session.connection().exec_driver_sql("PRAGMA foreign_keys").scalar())
+    else:
+        with engine.connect() as connection:
+            foreign_keys = bool(connection.exec_driver_sql("PRAGMA foreign_keys").scalar())
+    # the file's journal mode is the owner's (switching it would wait for the caller's transaction)
+    own = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    sa.event.listen(own, "connect", functools.partial(_pragmas, foreign_keys=foreign_keys))
+    return own
+
+
+def _pragmas(dbapi_connection: Any, _record: Any, *, foreign_keys: bool) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=30000")
+    if foreign_keys:
+        cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
 
 
 def last_order(sink: Any, run_id: str) -> int:

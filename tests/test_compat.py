@@ -477,6 +477,28 @@ def test_a_missing_session_row_holds_the_rows_until_it_exists(cmbagent_db, caplo
     assert cmb.table_count(cmbagent_db, cmb.messages, run_id=run_id) == 1
 
 
+def test_cmbagents_one_connection_engine_keeps_the_sessions_transaction(tmp_path):
+    """cmbagent's SQLite engine has one connection (StaticPool): the sink writes on a connection of its own,
+    so it never rolls back (the pool's reset) nor commits what the caller's session has pending; foreign keys
+    stay on for it."""
+    url = f"sqlite:///{tmp_path / 'static.db'}"
+    engine = sa.create_engine(url, connect_args={"check_same_thread": False}, poolclass=sa.pool.StaticPool)
+    sa.event.listen(engine, "connect", lambda connection, _: connection.execute("PRAGMA foreign_keys=ON"))
+    cmb.metadata.create_all(engine)
+    cmb.add_run(engine, "run-static", "session-static")
+    with OrmSession(engine) as db_session:
+        db_session.execute(sa.insert(cmb.sessions).values(id="pending", name="the caller's own work"))
+        captor = EventCaptureManager(db_session=db_session, run_id="run-static", session_id="session-static")
+        captor.set_context(node_id="step_9", step_id="step_9")
+        captor.capture_tool_call("engineer", "fit", {"ell_max": 2000})
+        db_session.commit()
+        assert captor.flush()
+        captor.close()
+    assert cmb.table_count(engine, cmb.sessions, id="pending") == 1
+    rows = [r for r in cmb.history(engine, "run-static") if r["event_type"] == "tool_call"]
+    assert len(rows) == 1 and (rows[0]["node_id"], rows[0]["meta"]["node_id_ref"]) == (None, "step_9")
+
+
 def test_bad_metadata_never_poisons_later_captures(cmbagent_db):
     """cmbagent's first capture deadlocks and one unserialisable meta value breaks every later one; not here."""
 
