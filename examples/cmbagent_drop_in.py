@@ -1,7 +1,9 @@
 """cmbagent drop-in: the ``event_capture``/``ag2_hooks`` API on spans, writing cmbagent's ``execution_events`` rows.
 
-cmbagent's own calls keep working (``EventCaptureManager(db_session, run_id, session_id)``, ``set_event_captor``,
-``install_ag2_hooks``, ``capture_*``); AG2 spans and legacy captures share one gapless order per run.
+cmbagent's own calls keep working, in the shapes its ``PhaseExecutionManager`` and ``ag2_hooks`` make them
+(``EventCaptureManager(db_session=, run_id=, session_id=, enabled=True, websocket=None)``, ``set_event_captor``,
+``install_ag2_hooks``, ``set_context``, ``capture_*``); the rows read as cmbagent's own capture writes them
+(a message is an ``agent_call``/``message`` row), and AG2 spans and captures share one gapless order per run.
 Offline by default (an embedded scripted OpenAI-compatible server on 127.0.0.1, no API key);
 ``--llm-url URL --model NAME`` (key from OPENAI_API_KEY) use a real endpoint; ``--db PATH`` keeps the database.
 """
@@ -41,38 +43,45 @@ def get_ell_max(experiment: str) -> int:
     return {"planck": 2500, "act": 4000}.get(experiment.lower(), 2000)
 
 
-install_ag2_hooks()  # was: cmbagent.execution.ag2_hooks.install_ag2_hooks()
 run_id, session_id = str(uuid.uuid4()), str(uuid.uuid4())
 with Session(engine) as db_session:
-    captor = EventCaptureManager(db_session, run_id, session_id)  # was: cmbagent.execution.event_capture
+    # as cmbagent's PhaseExecutionManager._setup_event_capture() (was: cmbagent.execution.event_capture)
+    captor = EventCaptureManager(db_session=db_session, run_id=run_id, session_id=session_id, enabled=True,
+                                 websocket=None)
+    captor.set_context(node_id=None, step_id=None)
     set_event_captor(captor)
+    install_ag2_hooks()  # was: cmbagent.execution.ag2_hooks.install_ag2_hooks()
     captor.set_context(node_id="node-1", step_id="planning")
-    call = captor.capture_agent_call("planner", "Plan the power-spectrum analysis")
+    call = captor.capture_agent_call(agent_name="planner", message="Plan the power-spectrum analysis",
+                                     metadata={"sender": "user"})
     assistant = ConversableAgent("engineer", llm_config=config, system_message="Use the tool, then TERMINATE.")
     user = ConversableAgent("executor", llm_config=False, human_input_mode="NEVER", code_execution_config=False,
                             is_termination_msg=lambda m: "TERMINATE" in (m.get("content") or ""))
     register_function(get_ell_max, caller=assistant, executor=user, description="Maximum multipole of an experiment.")
     with contextlib.redirect_stdout(io.StringIO()):  # AG2's transcript off
         user.initiate_chat(assistant, message="Which ell_max for Planck?", max_turns=3, silent=True)
-    captor.capture_agent_response("planner", "Plan: fit up to ell_max = 2500", event_id=call)
+    captor.capture_agent_response(agent_name="planner", response="Plan: fit up to ell_max = 2500", event_id=call,
+                                  metadata={"duration_ms": 40})
     captor.set_context(node_id="node-2", step_id="fit")
-    captor.capture_handoff("planner", "engineer", reason="plan ready")
-    captor.capture_code_execution("engineer", "fit(ell_max=2500)", result="chi2 = 1.02", exit_code=0, duration_ms=12)
+    captor.capture_handoff(from_agent="planner", to_agent="engineer", reason="plan ready")
+    captor.capture_code_execution(agent_name="engineer", code="fit(ell_max=2500)", language="python",
+                                  result="chi2 = 1.02", exit_code=0, duration_ms=12)
     captor.capture_file_generation("engineer", "plots/cl_fit.png", "plot", size_bytes=20480)
-    captor.capture_message("engineer", "planner", "Fit done, plot saved.")
-    captor.close()  # ends the run and writes every row
+    captor.capture_message(sender="engineer", recipient="planner", content="Fit done, plot saved.", tokens=6)
+    captor.flush()
+    captor.close()  # ends the run and writes every row (as PhaseExecutionManager._flush_event_capture())
     set_event_captor(None)
     rows = db_session.execute(sa.text(
-        "select execution_order, event_type, agent_name, step_id, depth, meta"
+        "select execution_order, event_type, event_subtype, agent_name, step_id, depth, meta"
         " from execution_events where run_id = :run order by execution_order"), {"run": run_id}).all()
 uninstall_ag2_hooks()
 llm.stop()
 
 print(f"run {run_id}  db {db}\n")
-print(f"{'order':>5}  {'type':<12} {'agent':<10} {'step':<9} name")
-for order, kind, agent, step, depth, meta in rows:
+print(f"{'order':>5}  {'type':<12} {'subtype':<9} {'agent':<10} {'step':<9} name")
+for order, kind, subtype, agent, step, depth, meta in rows:
     meta = json.loads(meta or "{}")
-    name = meta.get("span_name") or f"{meta.get('cmbagent.message.sender')} -> {meta.get('cmbagent.message.recipient')}"
-    print(f"{order:>5}  {kind:<12} {agent or '-':<10} {step or '-':<9} {'  ' * depth}{name}")
+    name = meta.get("span_name") or "message"  # a message row (agent_call/message; agent = the recipient)
+    print(f"{order:>5}  {kind:<12} {subtype or '-':<9} {agent or '-':<10} {step or '-':<9} {'  ' * depth}{name}")
 orders = [row[0] for row in rows]
 print(f"\n{len(rows)} rows; one gapless order 1..{orders[-1]}: {orders == list(range(1, len(orders) + 1))}")

@@ -54,11 +54,12 @@ tracing.shutdown()
 
 connection = sqlite3.connect(db)
 handoffs = connection.execute(
-    "select execution_order, json_extract(inputs, '$.from'), json_extract(outputs, '$.to') from execution_events"
+    "select execution_order, json_extract(inputs, '$.from_agent'), json_extract(inputs, '$.to_agent') from execution_events"
     " where run_id = ? and event_type = 'handoff' order by execution_order", (run.run_id,)).fetchall()
 counts = connection.execute(
-    "select agent_name, count(*) from execution_events where run_id = ? and event_type = 'message'"
-    " group by agent_name order by agent_name", (run.run_id,)).fetchall()
+    "select json_extract(inputs, '$.sender') as sender, count(*) from execution_events where run_id = ?"
+    " and event_type = 'agent_call' and event_subtype = 'message'"  # cmbagent's message rows
+    " group by sender order by sender", (run.run_id,)).fetchall()
 connection.close()
 print(f"run {run.run_id}  trace {run.trace_id}  db {db}\n\nhandoffs:")
 for order, source, target in handoffs:

@@ -61,14 +61,17 @@ tracing.shutdown()  # flushes every sink
 
 print(f"run {run.run_id}  trace {run.trace_id}  db {db}\n")
 print(f"{'order':>5}  {'type':<12} {'agent':<10} {'status':<9} name")
-query = ("select execution_order, event_type, agent_name, status, depth, meta from execution_events"
+query = ("select execution_order, event_type, event_subtype, agent_name, status, depth, inputs, meta from execution_events"
          " where run_id = ? order by execution_order")
 connection = sqlite3.connect(db)
 rows = connection.execute(query, (run.run_id,)).fetchall()
 connection.close()
-for order, kind, agent, status, depth, meta in rows:  # spans and messages share one gapless order
-    meta = json.loads(meta or "{}")
-    name = meta.get("span_name") or f"{meta.get('cmbagent.message.sender')} -> {meta.get('cmbagent.message.recipient')}"
+for order, kind, subtype, agent, status, depth, inputs, meta in rows:  # spans and messages share one gapless order
+    meta, inputs = json.loads(meta or "{}"), json.loads(inputs or "{}")
+    if subtype == "message":  # cmbagent's message rows: agent_call / message, agent = the recipient
+        kind, name = "message", f"{inputs.get('sender')} -> {inputs.get('recipient')}"
+    else:
+        name = meta.get("span_name")
     print(f"{order:>5}  {kind:<12} {agent or '-':<10} {status:<9} {'  ' * depth}{name}")
 totals = run.span.attributes
 print(f"\n{len(rows)} rows; tokens in/out {totals.get('gen_ai.usage.input_tokens', 0)}/"

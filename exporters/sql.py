@@ -27,13 +27,17 @@ from sqlalchemy.engine import Engine
 from otel_cmbagent.live import add_message_listener, remove_message_listener
 from otel_cmbagent.utils import log_internal_error
 
+from .foreign_keys import ForeignKeyGuard
 from .rows import LINK_COLUMNS, STATUS_RUNNING, message_row, snapshot, span_row
+from .side_tables import SideTables
 from .worker import BackgroundWorker
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
 
 DEFAULT_TABLE_NAME = "execution_events"
-_START, _END, _ROW = "start", "end", "row"
+_START, _END, _ROW, _RETRY = "start", "end", "row", "retry"
+# Rows waiting for their run/session row are tried again this often (and on every flush).
+HELD_RECHECK_SECONDS = 1.0
 _TIME_COLUMNS = ("timestamp", "started_at", "completed_at")
 
 
@@ -111,7 +115,12 @@ def default_spill_path(engine: Engine) -> Path:
 
 
 class _TableWriter:
-    """Maps rows onto a table's columns and upserts them in one transaction."""
+    """Maps rows onto a table's columns and upserts them in one transaction.
+
+    On a user's table with foreign keys (cmbagent's) the rows pass a :class:`ForeignKeyGuard`
+    first; cmbagent's side tables (files, messages, cost_records), when present, get their rows
+    in the same transaction.
+    """
 
     def __init__(self, engine: Engine, table: sa.Table) -> None:
         self.engine = engine
@@ -122,6 +131,8 @@ class _TableWriter:
         self.columns = columns
         self.required = {c.name for c in table.c if not c.nullable and c.default is None and c.server_default is None}
         self.skipped = 0
+        self.guard = ForeignKeyGuard(table, self.meta_column)
+        self.side = SideTables(table)
 
     def to_table(self, row: Mapping[str, Any]) -> dict[str, Any] | None:
         out: dict[str, Any] = {}
@@ -142,21 +153,31 @@ class _TableWriter:
             return None
         return out
 
-    def write(self, rows: Iterable[Mapping[str, Any]]) -> int:
-        """Upsert rows in one transaction, one row per id, in first-seen order (parents before children)."""
-        latest: dict[str, dict[str, Any]] = {}
+    def write(self, rows: Iterable[Mapping[str, Any]]) -> tuple[int, list[dict[str, Any]]]:
+        """Upsert rows in one transaction, one row per id, in first-seen order (parents before children).
+
+        Returns ``(rows written, rows held)``: held rows wait for their run/session row.
+        """
+        latest: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
         for row in rows:
             mapped = self.to_table(row)
             if mapped is None:
                 continue
             previous = latest.get(mapped["id"])
             if previous is None or row.get("status") != STATUS_RUNNING:
-                latest[mapped["id"]] = mapped  # a final row wins; the position stays the first one
+                latest[mapped["id"]] = (dict(row), mapped)  # a final row wins; the position stays the first one
         if not latest:
-            return 0
+            return 0, []
         with self.engine.begin() as connection:
-            self._upsert(connection, list(latest.values()))
-        return len(latest)
+            self.side.reflect(connection)
+            ready, held = self.guard.prepare(connection, list(latest.values()))
+            if ready:
+                records = self.side.records(ready)
+                done = self.side.already_final(connection, {event for _, event, _ in records})
+                self._upsert(connection, [mapped for _, mapped in ready])
+                self.side.write(connection, [r for r in records if r[1] not in done])
+        self.guard.confirm(ready)
+        return len(ready), [row for row, _ in held]
 
     def _upsert(self, connection: sa.Connection, rows: list[dict[str, Any]]) -> None:
         # executemany needs one key set: fill the gaps with None
@@ -204,6 +225,11 @@ class SQLEventSink(SpanProcessor):
     ``table``: None for our default table (created if missing), or an existing
     SQLAlchemy ``Table`` with cmbagent's columns (e.g. ``ExecutionEvent.__table__``),
     which is used as it is; without ``trace_id``/``span_id`` columns those go in ``meta``.
+    On such a table with its foreign keys enforced, a row never fails on an optional
+    reference (node/step/parent: NULL, the value kept in ``meta["<column>_ref"]``), and rows
+    whose ``workflow_runs``/``sessions`` row does not exist yet are held (one warning naming
+    the table) and written once it does; at shutdown rows still held are spilled.
+    cmbagent's ``files``/``messages``/``cost_records`` tables, when present, get their rows too.
     """
 
     def __init__(
@@ -235,6 +261,10 @@ class SQLEventSink(SpanProcessor):
         self.rows_written = 0
         self.rows_spilled = 0
         self.retries = 0
+        self._held: list[dict[str, Any]] = []
+        self._held_checked_at = 0.0
+        self.max_held = max_queue
+        self.rows_held_total = 0
         self._ensure_table(log=True)
         self._worker = BackgroundWorker("otel-cmbagent-sql", self._handle, max_queue=max_queue, max_batch=max_batch)
         add_message_listener(self._on_message)
@@ -264,14 +294,22 @@ class SQLEventSink(SpanProcessor):
             self._worker.put((_ROW, message_row(span, attributes, timestamp_ns, capture_content=self.capture_content)))
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return self._worker.flush(timeout_millis / 1000)
+        """Write everything queued (and retry held rows); False if some rows are still held or it timed out."""
+        if self._held:
+            self._worker.put((_RETRY, None))
+        return self._worker.flush(timeout_millis / 1000) and not self._held
 
     def shutdown(self) -> None:
         if self._shut_down:
             return
         self._shut_down = True
         remove_message_listener(self._on_message)
+        if self._held:
+            self._worker.put((_RETRY, None))
         self._worker.shutdown()
+        if self._held:
+            held, self._held = self._held, []
+            self._spill(held, LookupError(f"{len(held)} rows still wait for their run/session row at shutdown"))
 
     # --- writing ----------------------------------------------------------------
     @property
@@ -282,6 +320,12 @@ class SQLEventSink(SpanProcessor):
             "rows_spilled": self.rows_spilled,
             "rows_skipped": self._writer.skipped,
             "retries": self.retries,
+            "rows_held": len(self._held),
+            "rows_held_total": self.rows_held_total,
+            "fk_nulled": self._writer.guard.nulled,
+            "fk_resolved": self._writer.guard.resolved,
+            **{f"{name}_written": count for name, count in self._writer.side.written.items()},
+            **{f"{name}_skipped": count for name, count in self._writer.side.skipped.items() if count},
         }
 
     def _ensure_table(self, log: bool = False) -> bool:
@@ -326,10 +370,12 @@ class SQLEventSink(SpanProcessor):
         """
         ends = {item.get_span_context().span_id: item for kind, item in items if kind == _END}
         written: set[int] = set()
-        rows: list[dict[str, Any]] = []
+        rows: list[dict[str, Any]] = self._take_held(any(kind == _RETRY for kind, _ in items))
         for kind, item in items:
             if kind == _ROW:
                 rows.append(item)
+                continue
+            if kind == _RETRY:
                 continue
             span_id = item.get_span_context().span_id
             if span_id in written:
@@ -340,7 +386,29 @@ class SQLEventSink(SpanProcessor):
                 rows.append(span_row(ended, ended=True, capture_content=self.capture_content))
             else:
                 rows.append(span_row(item, ended=False, capture_content=self.capture_content))
-        self._write_batch(rows)
+        if rows:
+            self._write_batch(rows)
+
+    def _take_held(self, retry: bool) -> list[dict[str, Any]]:
+        """The held rows, when it is time to try them again (they keep their place: before newer rows)."""
+        now = time.monotonic()
+        if not self._held or not (retry or now - self._held_checked_at >= HELD_RECHECK_SECONDS):
+            return []
+        if retry:
+            self._writer.guard.forget_absent()
+        self._held_checked_at = now
+        held, self._held = self._held, []
+        return held
+
+    def _hold(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        self._held.extend(rows)
+        self.rows_held_total += len(rows)
+        if len(self._held) > self.max_held:
+            overflow = self._held[: len(self._held) - self.max_held]
+            del self._held[: len(overflow)]
+            self._spill(overflow, OverflowError(f"more than {self.max_held} rows held for a missing run/session row"))
 
     def _write_batch(self, rows: list[dict[str, Any]]) -> None:
         attempts = 1 if self._degraded else self.max_retries
@@ -349,7 +417,9 @@ class SQLEventSink(SpanProcessor):
             try:
                 if not self._ensure_table():
                     raise RuntimeError("table not ready")
-                self.rows_written += self._writer.write(rows)
+                written, held = self._writer.write(rows)
+                self.rows_written += written
+                self._hold(held)
                 self._degraded = False
                 return
             except sa.exc.IntegrityError as exc:
@@ -371,7 +441,9 @@ class SQLEventSink(SpanProcessor):
         rejected: list[dict[str, Any]] = []
         for row in rows:
             try:
-                self.rows_written += self._writer.write([row])
+                written, held = self._writer.write([row])
+                self.rows_written += written
+                self._hold(held)
             except sa.exc.IntegrityError:
                 rejected.append(row)
         if rejected:
@@ -406,7 +478,8 @@ def replay(
 ) -> int:
     """Write a spill file back into the table (idempotent upserts); returns the rows written.
 
-    With ``remove`` the file is renamed ``*.replayed`` once every row is in.
+    With ``remove`` the file is renamed ``*.replayed`` once every row is in. Rows whose
+    run/session row still does not exist stay in the file (it then holds only those).
     """
     path = Path(spill_path)
     engine = make_engine(target)
@@ -415,6 +488,7 @@ def replay(
         table.metadata.create_all(engine, tables=[table], checkfirst=True)
     writer = _TableWriter(engine, table)
     written = 0
+    held: list[dict[str, Any]] = []
     batch: list[dict[str, Any]] = []
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, 1):
@@ -425,10 +499,20 @@ def replay(
             except ValueError as exc:
                 raise ValueError(f"{path}:{line_number}: not a spilled row ({exc})") from None
             if len(batch) >= batch_size:
-                written += writer.write(batch)
+                written += _replay_batch(writer, batch, held)
                 batch = []
     if batch:
-        written += writer.write(batch)
-    if remove:
+        written += _replay_batch(writer, batch, held)
+    if held:
+        _logger.warning("otel-cmbagent: %d spilled rows still have no run/session row; left in %s", len(held), path)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row, default=_json_default) + "\n" for row in held)
+    elif remove:
         path.rename(path.with_name(path.name + ".replayed"))
+    return written
+
+
+def _replay_batch(writer: _TableWriter, batch: list[dict[str, Any]], held: list[dict[str, Any]]) -> int:
+    written, waiting = writer.write(held + batch)
+    held[:] = waiting
     return written

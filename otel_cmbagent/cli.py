@@ -39,6 +39,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from otel_cmbagent import store
+from otel_cmbagent.exporters.rows import is_message, row_attributes, row_kind
 from otel_cmbagent.store import StoreError
 from otel_cmbagent.version import __version__
 
@@ -165,10 +166,10 @@ def _meta(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _name(row: Mapping[str, Any]) -> str:
-    if row.get("event_type") == "message":
-        meta = _meta(row)
-        sender = meta.get("cmbagent.message.sender") or row.get("agent_name") or "?"
-        recipient = meta.get("cmbagent.message.recipient") or "?"
+    if is_message(row):
+        inputs = row.get("inputs") if isinstance(row.get("inputs"), dict) else {}
+        sender = inputs.get("sender") or "?"
+        recipient = inputs.get("recipient") or row.get("agent_name") or "?"
         return f"{sender} → {recipient}"
     return _meta(row).get("span_name") or str(row.get("event_type") or "?")
 
@@ -295,7 +296,7 @@ def runs(db: str | None, limit: int, as_json: bool) -> None:
 
 # --- tree ---------------------------------------------------------------------------------------
 def _tree_label(row: Mapping[str, Any]) -> Text:
-    event_type = str(row.get("event_type") or "?")
+    event_type = row_kind(row)
     label = Text()
     label.append(f"#{row.get('execution_order')} ", style="dim")
     if event_type == "message":
@@ -334,7 +335,7 @@ def _tree_label(row: Mapping[str, Any]) -> Text:
 def _add_nodes(parent: Tree, nodes: list[dict[str, Any]], messages: bool, max_depth: int | None, level: int) -> None:
     for node in nodes:
         row = node["event"]
-        if not messages and row.get("event_type") == "message":
+        if not messages and is_message(row):
             continue
         branch = parent.add(_tree_label(row))
         if max_depth is not None and level + 1 >= max_depth:
@@ -347,7 +348,7 @@ def _add_nodes(parent: Tree, nodes: list[dict[str, Any]], messages: bool, max_de
 
 def _count(nodes: list[dict[str, Any]], messages: bool) -> int:
     return sum(
-        (messages or n["event"].get("event_type") != "message") + _count(n["children"], messages) for n in nodes
+        (messages or not is_message(n["event"])) + _count(n["children"], messages) for n in nodes
     )
 
 
@@ -422,7 +423,7 @@ def timeline(run_id: str, db: str | None, width: int | None, messages: bool) -> 
     rows = [r for r in for_terminal(store.run_events(engine, resolved))
             if isinstance(r.get("started_at") or r.get("timestamp"), datetime)]
     if not messages:
-        rows = [r for r in rows if r.get("event_type") != "message"]
+        rows = [r for r in rows if not is_message(r)]
     rows = _depth_first(store.event_tree(rows))  # parallel branches stay together under their parent
     console.print(_run_header(summary), soft_wrap=True)
     if not rows:
@@ -450,7 +451,7 @@ def timeline(run_id: str, db: str | None, width: int | None, messages: bool) -> 
     labels = []
     for row in rows:
         indent = "  " * max(0, (row.get("depth") or 0) - min_depth)
-        text = _name(row) if row.get("event_type") != "message" else f"✉ {_name(row)}"
+        text = _name(row) if not is_message(row) else f"✉ {_name(row)}"
         labels.append(indent + " ".join(text.split()))
     label_width = min(max(len(label) for label in labels), 48)
     duration_width = 10
@@ -466,7 +467,7 @@ def timeline(run_id: str, db: str | None, width: int | None, messages: bool) -> 
 
     seen_types: list[str] = []
     for row, label in zip(rows, labels):
-        event_type = str(row.get("event_type") or "?")
+        event_type = row_kind(row)
         style = TYPE_STYLES.get(event_type, "white")
         if event_type not in seen_types and event_type != "message":
             seen_types.append(event_type)
@@ -529,7 +530,7 @@ def events(run_id: str, db: str | None, event_types: tuple[str, ...], agents: tu
                             ("tokens", "right")):
         table.add_column(column, justify=justify, no_wrap=column not in ("name",))
     for row in rows:
-        event_type = str(row.get("event_type") or "?")
+        event_type = row_kind(row)
         meta = _meta(row)
         tokens = fmt_tokens(meta.get("gen_ai.usage.input_tokens"), meta.get("gen_ai.usage.output_tokens")) \
             if event_type == "llm_call" else ""
@@ -563,20 +564,6 @@ _IDENTITY_COLUMNS = (
     ("agent_name", "gen_ai.agent.name"),
     ("agent_role", "cmbagent.agent.role"),
 )
-_SKIPPED_META = {"span_name", "trace_id", "span_id"}
-
-
-def _row_maps() -> tuple[dict[str, str], dict[str, str], set[str]]:
-    """inputs/outputs keys -> attribute keys (the inverse of the row builder's mapping)."""
-    try:
-        from otel_cmbagent.exporters import rows as rows_module
-    except ImportError:  # pragma: no cover
-        return {}, {}, set()
-    inputs = {key: attribute for attribute, key in getattr(rows_module, "_INPUTS", {}).items()}
-    outputs = {key: attribute for attribute, key in getattr(rows_module, "_OUTPUTS", {}).items()}
-    return inputs, outputs, set(getattr(rows_module, "_JSON_ATTRIBUTES", set()))
-
-
 def _attribute(value: Any, *, as_json: bool = False) -> Any:
     """An OTLP-safe attribute value (None when there is nothing to send)."""
     if value is None:
@@ -645,7 +632,6 @@ def spans_from_rows(
     from otel_cmbagent.semconv import CONTENT_ATTRIBUTES
 
     now_ns = now_ns if now_ns is not None else time.time_ns()
-    input_keys, output_keys, json_attributes = _row_maps()
     resource = Resource.create({SERVICE_NAME: service_name})
     scope = InstrumentationScope("otel_cmbagent", __version__)
     flags = TraceFlags(TraceFlags.SAMPLED)
@@ -666,36 +652,25 @@ def spans_from_rows(
         return content or attribute not in CONTENT_ATTRIBUTES
 
     def sections(row: Mapping[str, Any], attributes: dict[str, Any]) -> None:
-        for column, keys in (("inputs", input_keys), ("outputs", output_keys)):
-            values = row.get(column)
-            if not isinstance(values, dict):
-                continue
-            for key, value in values.items():
-                attribute = keys.get(key)
-                if attribute is None or not allowed(attribute):
-                    continue
-                converted = _attribute(value, as_json=attribute in json_attributes)
-                if converted is not None:
-                    attributes[attribute] = converted
+        """Attributes from inputs/outputs/meta, through the row mapping's own inverse."""
+        for attribute, value in row_attributes(row, allowed).items():
+            converted = _attribute(value)
+            if converted is not None:
+                attributes[attribute] = converted
 
-    span_rows = [row for row in rows if row.get("event_type") != "message"]
+    span_rows = [row for row in rows if not is_message(row)]
     events_by_parent: dict[Any, list[Any]] = {}
     message_events = 0
     for row in rows:
-        if row.get("event_type") != "message":
+        if not is_message(row):
             continue
         parent = by_id.get(row.get("parent_event_id"))
-        if parent is None or parent.get("event_type") == "message":
+        if parent is None or is_message(parent):
             continue
         attributes: dict[str, Any] = {"cmbagent.event_type": "message"}
         for key in ("execution_order", "depth"):
             if row.get(key) is not None:
                 attributes[f"cmbagent.{key}"] = row[key]
-        for key, value in _meta(row).items():
-            if key not in _SKIPPED_META and allowed(key):
-                converted = _attribute(value)
-                if converted is not None:
-                    attributes[key] = converted
         sections(row, attributes)
         stamp = _ns(row.get("timestamp") or row.get("started_at")) or now_ns
         events_by_parent.setdefault(parent.get("id"), []).append(Event("cmbagent.message", attributes, stamp))
@@ -705,18 +680,12 @@ def spans_from_rows(
     for row in span_rows:
         context = context_of(row)
         parent_row = by_id.get(row.get("parent_event_id"))
-        parent = context_of(parent_row) if parent_row is not None and parent_row.get("event_type") != "message" \
-            else None
+        parent = context_of(parent_row) if parent_row is not None and not is_message(parent_row) else None
         attributes = {}
         for column, attribute in _IDENTITY_COLUMNS:
             converted = _attribute(row.get(column))
             if converted is not None:
                 attributes[attribute] = converted
-        for key, value in _meta(row).items():
-            if key not in _SKIPPED_META and allowed(key):
-                converted = _attribute(value, as_json=key in json_attributes)
-                if converted is not None:
-                    attributes[key] = converted
         sections(row, attributes)
         start = _ns(row.get("started_at") or row.get("timestamp")) or now_ns
         end = _ns(row.get("completed_at"))

@@ -66,6 +66,12 @@ class OrderSequence:
     def last(self) -> int:
         return self._last
 
+    def continue_after(self, value: int) -> None:
+        """Go on from ``value`` (a run resumed by a new captor or process: its orders stay unique)."""
+        if value > self._last:
+            self._counter = itertools.count(value + 1)
+            self._last = value
+
 
 # One sequence per live run id: two scopes that share a run id share one order.
 # Weak values: a run's counter is released as soon as no context refers to it.

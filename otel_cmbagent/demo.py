@@ -44,6 +44,7 @@ from typing import Any, Callable
 from opentelemetry.sdk.trace import SpanProcessor
 
 import otel_cmbagent as oc
+from otel_cmbagent.exporters.rows import row_kind
 from otel_cmbagent.testing.scripted_llm import Reply, ScriptedLLM, code, text, tool_call
 
 __all__ = [
@@ -453,19 +454,18 @@ class LiveView:
         self._lock = threading.Lock()
 
     def _label(self, data: dict[str, Any]) -> str:
-        kind = data.get("event_type") or "?"
+        kind = row_kind(data)
         inputs = data.get("inputs") if isinstance(data.get("inputs"), dict) else {}
-        outputs = data.get("outputs") if isinstance(data.get("outputs"), dict) else {}
         if kind == "message":
             return _short(_message_text(inputs.get("content")), 56)
-        if kind == "handoff" and inputs.get("from") and outputs.get("to"):
-            return f"handoff {inputs['from']} -> {outputs['to']}"
+        if kind == "handoff" and inputs.get("from_agent") and inputs.get("to_agent"):
+            return f"handoff {inputs['from_agent']} -> {inputs['to_agent']}"
         return self.names.names.get(str(data.get("span_id")), kind)
 
     def __call__(self, event_type: str, data: dict[str, Any]) -> None:
         from rich.markup import escape
 
-        kind = str(data.get("event_type") or "?")
+        kind = row_kind(data)
         status = str(data.get("status") or "")
         is_message = kind == "message"
         with self._lock:

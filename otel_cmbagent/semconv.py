@@ -99,6 +99,12 @@ CONVERSATION_KIND = "cmbagent.conversation.kind"
 CONVERSATION_RECIPIENT = "cmbagent.conversation.recipient"
 CONVERSATION_CHATS = "cmbagent.conversation.chats"
 ERROR_MESSAGE = "cmbagent.error.message"
+# What cmbagent's event-capture API (otel_cmbagent.compat) passes along: its ``context`` and
+# ``metadata`` arguments (JSON), a handoff's ``reason`` and a message's ``tokens``.
+CONTEXT = "cmbagent.context"
+METADATA = "cmbagent.metadata"
+HANDOFF_REASON = "cmbagent.handoff.reason"
+MESSAGE_TOKENS = "cmbagent.message.tokens"
 
 # Span event carrying one agent-to-agent message.
 MESSAGE_EVENT_NAME = "cmbagent.message"
@@ -114,7 +120,8 @@ EVENT_CODE_EXEC = "code_exec"
 EVENT_FILE_GEN = "file_gen"
 EVENT_HANDOFF = "handoff"
 EVENT_HUMAN_INPUT = "human_input"
-EVENT_MESSAGE = "message"
+EVENT_MESSAGE = "message"  # the span event's type; its row is cmbagent's agent_call/message
+EVENT_ERROR = "error"
 
 # Attributes that carry content (message, argument, result, code, output).
 # The content switch removes exactly these; exporters with their own content
@@ -131,5 +138,6 @@ CONTENT_ATTRIBUTES: frozenset[str] = frozenset(
         HUMAN_INPUT_RESPONSE,
         MESSAGE_CONTENT,
         MESSAGE_TOOL_CALLS,
+        CONTEXT,
     }
 )

@@ -32,6 +32,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from otel_cmbagent.exporters.rows import MESSAGE_EVENT_TYPE, MESSAGE_SUBTYPE
+
 __all__ = [
     "AmbiguousRunError",
     "DEFAULT_DB",
@@ -54,7 +56,7 @@ DEFAULT_TABLE = "execution_events"
 SQL_URL_ENV = "OTEL_CMBAGENT_SQL_URL"
 
 _LLM_CALL = "llm_call"
-_MESSAGE = "message"
+_MESSAGE = "message"  # the kind of cmbagent's message rows (agent_call / message)
 _RUNNING = "running"
 _FAILED = "failed"
 _COMPLETED = "completed"
@@ -223,6 +225,25 @@ class _Shape:
         if self.has_links:
             return sa.or_(c.run_id.in_(run_ids), sa.and_(c.run_id.is_(None), c.trace_id.in_(run_ids)))
         return c.run_id.in_(run_ids)
+
+
+def _is_message(columns: Any) -> Any:
+    return sa.and_(columns.event_type == MESSAGE_EVENT_TYPE, columns.event_subtype == MESSAGE_SUBTYPE)
+
+
+def kind_column(columns: Any) -> Any:
+    """A row's kind in SQL: ``message`` for cmbagent's message rows (agent_call/message), else its event_type."""
+    return sa.case((_is_message(columns), sa.literal(_MESSAGE)), else_=columns.event_type)
+
+
+def kinds_condition(columns: Any, kinds: Iterable[str]) -> Any:
+    """Rows of these kinds (``message`` = message rows; ``agent_call`` = agent calls that are not messages)."""
+    wanted = set(kinds)
+    conditions = [_is_message(columns)] if _MESSAGE in wanted else []
+    types = sorted(wanted - {_MESSAGE})
+    if types:
+        conditions.append(sa.and_(columns.event_type.in_(types), sa.not_(_is_message(columns))))
+    return sa.or_(*conditions) if conditions else sa.false()
 
 
 def _shape(engine: Engine, table: str | sa.Table | None) -> _Shape:
@@ -406,17 +427,17 @@ def list_runs(engine: Engine, limit: int | None = 50, *, table: str | sa.Table |
 
 
 def run_summary(engine: Engine, run_id: str, *, table: str | sa.Table | None = None) -> dict[str, Any]:
-    """The :func:`list_runs` entry of one run plus ``by_type`` (rows per event type, in first-seen order)."""
+    """The :func:`list_runs` entry of one run plus ``by_type`` (rows per kind: event type, or ``message``)."""
     shape = _shape(engine, table)
     groups = list(_execute(engine, _groups_statement(shape).where(shape.where_run(run_id))))
     if not groups:
         raise RunNotFoundError(f"no run {run_id!r} in {_describe(engine)}", run_id)
     (summary,) = _summaries(engine, shape, groups[:1])
-    c = shape.table.c
+    kind = kind_column(shape.table.c).label("kind")
     statement = (
-        sa.select(c.event_type, sa.func.count(), sa.func.min(c.execution_order).label("first_order"))
+        sa.select(kind, sa.func.count(), sa.func.min(shape.table.c.execution_order).label("first_order"))
         .where(shape.where_run(run_id))
-        .group_by(c.event_type)
+        .group_by(kind)
         .order_by("first_order")
     )
     summary["by_type"] = {event_type: int(count) for event_type, count, _first in _execute(engine, statement)}
@@ -497,7 +518,7 @@ def run_events(
     statement = sa.select(shape.table).where(shape.where_run(run_id))
     types = _as_set(event_type)
     if types:
-        statement = statement.where(c.event_type.in_(sorted(types)))
+        statement = statement.where(kinds_condition(c, types))
     agents = _as_set(agent)
     if agents:
         statement = statement.where(c.agent_name.in_(sorted(agents)))

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 import otel_cmbagent as oc
 from otel_cmbagent import store
-from otel_cmbagent.exporters.rows import event_id
+from otel_cmbagent.exporters.rows import event_id, is_message
 from otel_cmbagent.exporters.sql import SQLEventSink, make_engine
 from otel_cmbagent.testing import ScriptedLLM
 from otel_cmbagent.testing.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
@@ -62,6 +62,10 @@ def rows_of(traced, run_id):
 
 def meta(row):
     return row["meta"] if isinstance(row["meta"], dict) else json.loads(row["meta"])
+
+
+def inputs(row):
+    return row["inputs"] if isinstance(row["inputs"], dict) else json.loads(row["inputs"])
 
 
 # --- help ----------------------------------------------------------------------------------------
@@ -145,7 +149,7 @@ def test_tree_accepts_a_unique_prefix(traced):
 def test_timeline_last_draws_bars(traced):
     out = run_cli("timeline", "last", "--db", traced["path"], "--width", "60", check=0).stdout
     lines = out.splitlines()
-    spans = [r for r in rows_of(traced, traced["code_run"]) if r["event_type"] != "message"]
+    spans = [r for r in rows_of(traced, traced["code_run"]) if not is_message(r)]
     bar_lines = [line for line in lines if "█" in line or "▏" in line]
     assert len(bar_lines) >= len(spans)
     root = next(line for line in lines if line.startswith("invoke_workflow failing-code"))
@@ -157,7 +161,7 @@ def test_timeline_last_draws_bars(traced):
         "invoke_agent")
     assert "✉" not in out, "messages only on request"
     with_messages = run_cli("timeline", "last", "--db", traced["path"], "--messages", check=0).stdout
-    messages = [r for r in rows_of(traced, traced["code_run"]) if r["event_type"] == "message"]
+    messages = [r for r in rows_of(traced, traced["code_run"]) if is_message(r)]
     assert with_messages.count("◆") == len(messages)
 
 
@@ -195,8 +199,8 @@ def test_events_filters(traced):
 # --- export --------------------------------------------------------------------------------------
 def check_exported(spans, rows):
     """The received spans are the stored rows: same trace/span/parent ids, times, statuses; messages as events."""
-    span_rows = {r["id"]: r for r in rows if r["event_type"] != "message"}
-    messages = [r for r in rows if r["event_type"] == "message"]
+    span_rows = {r["id"]: r for r in rows if not is_message(r)}
+    messages = [r for r in rows if is_message(r)]
     assert len(spans) == len(span_rows)
     for span in spans:
         row = span_rows[event_id(int(span["trace_id"], 16), int(span["span_id"], 16))]
@@ -224,7 +228,8 @@ def check_exported(spans, rows):
     for span, event in events:
         (message,) = [m for m in messages if m["execution_order"] == event["attributes"]["cmbagent.execution_order"]]
         assert event_id(int(span["trace_id"], 16), int(span["span_id"], 16)) == message["parent_event_id"]
-        assert event["attributes"]["cmbagent.message.sender"] == message["agent_name"]
+        assert event["attributes"]["cmbagent.message.recipient"] == message["agent_name"]
+        assert event["attributes"]["cmbagent.message.sender"] == inputs(message)["sender"]
 
 
 @pytest.mark.parametrize("receiver_cls,protocol,base_url", [
@@ -237,7 +242,7 @@ def test_export_keeps_the_original_trace(traced, receiver_cls, protocol, base_ur
     with receiver_cls() as receiver:
         endpoint = receiver.endpoint.removesuffix("/v1/traces") if base_url else receiver.endpoint
         result = run_cli("export", "last", "--otlp", endpoint, "--protocol", protocol, "--db", traced["path"], check=0)
-        spans = receiver.wait_for(len([r for r in rows if r["event_type"] != "message"]), timeout=10)
+        spans = receiver.wait_for(len([r for r in rows if not is_message(r)]), timeout=10)
     check_exported(spans, rows)
     trace_id = rows[0]["trace_id"]
     assert f"exported {len(spans)} spans" in result.stdout
@@ -256,7 +261,7 @@ def test_export_with_content_and_endpoint_from_the_environment(traced):
                "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "true",
                "OTEL_SERVICE_NAME": "cmbagent"}
         run_cli("export", TOOL_RUN_PREFIX, "--db", traced["path"], env=env, check=0)
-        spans = receiver.wait_for(len([r for r in rows if r["event_type"] != "message"]), timeout=10)
+        spans = receiver.wait_for(len([r for r in rows if not is_message(r)]), timeout=10)
     check_exported(spans, rows)
     (tool,) = [s for s in spans if s["name"] == "execute_tool add"]
     assert json.loads(tool["attributes"]["gen_ai.tool.call.arguments"])["a"] == 20
@@ -282,7 +287,7 @@ def test_cmbagents_own_table(tmp_path):
     assert [e["span_id"] for e in events] == [r["span_id"] for r in rows]
     with OTLPHTTPReceiver() as receiver:
         run_cli("export", "cmb-run-1", "--otlp", receiver.endpoint, "--db", url, check=0)
-        spans = receiver.wait_for(len([r for r in rows if r["event_type"] != "message"]), timeout=10)
+        spans = receiver.wait_for(len([r for r in rows if not is_message(r)]), timeout=10)
     check_exported(spans, rows)
 
 
@@ -303,7 +308,7 @@ def test_export_of_a_live_run_marks_it_incomplete(tmp_path):
                 rows = table_rows(make_engine(url))
                 with OTLPHTTPReceiver() as receiver:
                     run_cli("export", "live-run", "--otlp", receiver.endpoint, "--db", url, check=0)
-                    spans = receiver.wait_for(len([r for r in rows if r["event_type"] != "message"]), timeout=10)
+                    spans = receiver.wait_for(len([r for r in rows if not is_message(r)]), timeout=10)
         finally:
             tracing.shutdown()
     running = {r["span_id"] for r in rows if r["status"] == "running"}

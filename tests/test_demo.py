@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 from rich.console import Console
 
+from otel_cmbagent.exporters.rows import row_kind
 from otel_cmbagent.demo import RUN_NAME, DemoResult, code_result, db_work_dir, run_demo
 from otel_cmbagent.testing import ScriptedLLM, text
 
@@ -37,10 +38,10 @@ def meta(row: dict) -> dict:
     return json.loads(value) if isinstance(value, str) else (value or {})
 
 
-def outputs(row: dict) -> dict:
+def inputs(row: dict) -> dict:
     import json
 
-    value = row["outputs"]
+    value = row["inputs"]
     return json.loads(value) if isinstance(value, str) else (value or {})
 
 
@@ -79,7 +80,7 @@ def test_demo_workflow(tmp_path, capfd, live):
     assert result.wall_time_s < 30
     rows = read_rows(db_path)
     check_run(rows, result)
-    counts = Counter(row["event_type"] for row in rows)
+    counts = Counter(row_kind(row) for row in rows)
     assert EVENT_TYPES <= set(counts), f"missing event types: {EVENT_TYPES - set(counts)}"
 
     # the planning group chat: every speaker change is a handoff
@@ -90,7 +91,7 @@ def test_demo_workflow(tmp_path, capfd, live):
 
     # the fit: the tool fails once, is retried with other arguments and succeeds
     tools = [row for row in rows if row["event_type"] == "tool_call"]
-    fits = [row for row in tools if meta(row)["gen_ai.tool.name"] == "fit_power_law"]
+    fits = [row for row in tools if inputs(row)["tool_name"] == "fit_power_law"]
     assert [row["status"] for row in fits] == ["failed", "completed"]
     assert "did not converge" in fits[0]["error_message"]
     assert {row["step_id"] for row in fits} == {"fit"}
@@ -99,15 +100,15 @@ def test_demo_workflow(tmp_path, capfd, live):
     code_runs = [row for row in rows if row["event_type"] == "code_exec"]
     assert [row["status"] for row in code_runs] == ["completed", "completed"]
     assert [row["step_id"] for row in code_runs] == ["plan", "plot"]
-    files = {os.path.basename(outputs(row)["path"]): row for row in rows if row["event_type"] == "file_gen"}
+    files = {os.path.basename(inputs(row)["file_path"]): row for row in rows if row["event_type"] == "file_gen"}
     assert {"spectrum.csv", "spectrum.png"} <= set(files)
-    assert outputs(files["spectrum.csv"])["file_type"] == "data"
-    assert outputs(files["spectrum.png"])["file_type"] == "plot"
+    assert inputs(files["spectrum.csv"])["file_type"] == "data"
+    assert inputs(files["spectrum.png"])["file_type"] == "plot"
     for name in ("spectrum.csv", "spectrum.png"):
         assert files[name]["parent_event_id"] == code_runs[0]["id"]
-    with open(outputs(files["spectrum.png"])["path"], "rb") as handle:
+    with open(inputs(files["spectrum.png"])["file_path"], "rb") as handle:
         assert handle.read(8) == PNG_SIGNATURE
-    assert os.path.commonpath([result.work_dir, outputs(files["spectrum.csv"])["path"]]) == result.work_dir
+    assert os.path.commonpath([result.work_dir, inputs(files["spectrum.csv"])["file_path"]]) == result.work_dir
     assert os.path.isfile(os.path.join(result.work_dir, "report", "report.md"))
 
     # parallel steps have their own conversations, in the same run

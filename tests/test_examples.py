@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from otel_cmbagent.exporters.rows import is_message, row_kind
 from otel_cmbagent.testing import ScriptedLLM, text
 from otel_cmbagent.testing.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
 
@@ -90,15 +91,15 @@ def test_quickstart_rows_in_sqlite(tmp_path):
     assert_gapless(rows)
     assert_tree(rows)
     printed = [(int(o), k, a) for o, k, a in re.findall(r"^\s+(\d+)  (\w+)\s+(\S+)", out, re.MULTILINE)]
-    assert printed == [(r["execution_order"], r["event_type"], r["agent_name"] or "-") for r in rows]
+    assert printed == [(r["execution_order"], row_kind(r), r["agent_name"] or "-") for r in rows]
     assert {r["status"] for r in rows} == {"completed"}
-    assert SPAN_TYPES | {"message"} <= {r["event_type"] for r in rows}
+    assert SPAN_TYPES | {"message"} <= {row_kind(r) for r in rows}
     (tool,) = [r for r in rows if r["event_type"] == "tool_call"]
     assert tool["inputs"]["arguments"] == {"a": 6, "b": 7} and tool["outputs"]["result"] == "42"
     (code,) = [r for r in rows if r["event_type"] == "code_exec"]
-    assert code["outputs"]["exit_code"] == 0 and "saved result.json" in code["outputs"]["output"]
+    assert code["meta"]["exit_code"] == 0 and "saved result.json" in code["outputs"]["result"]
     (file,) = [r for r in rows if r["event_type"] == "file_gen"]
-    assert file["outputs"]["path"].endswith("/coding/result.json") and file["parent_event_id"] == code["id"]
+    assert file["inputs"]["file_path"].endswith("/coding/result.json") and file["parent_event_id"] == code["id"]
     assert rows[0]["meta"]["gen_ai.usage.input_tokens"] > 0
 
 
@@ -112,17 +113,17 @@ def test_group_chat_handoffs_and_message_counts(tmp_path):
     (group,) = [r for r in rows if r["meta"].get("cmbagent.conversation.kind") == "group_chat"]
     assert group["meta"]["cmbagent.group.agents"] == ["user", "planner", "engineer", "reviewer"]
     handoffs = [r for r in rows if r["event_type"] == "handoff"]
-    pairs = [(h["inputs"]["from"], h["outputs"]["to"]) for h in handoffs]
+    pairs = [(h["inputs"]["from_agent"], h["inputs"]["to_agent"]) for h in handoffs]
     assert pairs == [("user", "planner"), ("planner", "engineer"), ("engineer", "reviewer")]
     assert all(h["parent_event_id"] == group["id"] for h in handoffs)
     assert re.findall(r"^\s+\d+  (\w+) -> (\w+)$", out, re.MULTILINE) == pairs
     counts: dict[str, int] = {}
     for r in rows:
-        if r["event_type"] == "message":
-            counts[r["agent_name"]] = counts.get(r["agent_name"], 0) + 1
+        if is_message(r):
+            counts[r["inputs"]["sender"]] = counts.get(r["inputs"]["sender"], 0) + 1
     assert {a: int(n) for a, n in re.findall(r"^  (\w+)\s+(\d+)$", out, re.MULTILINE)} == counts
     assert {"planner", "engineer", "reviewer", "chat_manager"} <= set(counts)
-    assert "TERMINATE" in json.dumps([r["inputs"] for r in rows if r["agent_name"] == "reviewer"])
+    assert "TERMINATE" in json.dumps([r["inputs"] for r in rows if is_message(r) and r["inputs"]["sender"] == "reviewer"])
 
 
 def test_dag_parallel_steps_share_the_run_and_overlap(tmp_path):
@@ -188,7 +189,7 @@ def test_live_websocket_streams_envelopes_during_the_run(tmp_path):
     assert sorted(statuses) == [r["execution_order"] for r in rows]  # every event of the run came over the wire
     for row in rows:
         final = (row["event_type"], row["agent_name"] or "-", row["status"])
-        expected = {final} if row["event_type"] == "message" else {final, final[:2] + ("running",)}
+        expected = {final} if is_message(row) else {final, final[:2] + ("running",)}
         assert statuses[row["execution_order"]] == expected
     assert re.search(rf"^run {rows[0]['run_id']}: {len(seen)} envelopes sent", out, re.MULTILINE)
 
@@ -201,21 +202,25 @@ def test_cmbagent_drop_in_rows_in_one_order(tmp_path):
     assert_gapless(rows)
     assert_tree(rows)
     assert len({r["run_id"] for r in rows}) == 1 and len({r["session_id"] for r in rows}) == 1
-    assert SPAN_TYPES - {"code_exec", "file_gen"} | {"handoff", "message"} <= {r["event_type"] for r in rows}
+    assert SPAN_TYPES - {"code_exec", "file_gen"} | {"handoff", "message"} <= {row_kind(r) for r in rows}
     by_type = {}
     for r in rows:
         by_type.setdefault(r["event_type"], []).append(r)
-    (planner,) = [r for r in by_type["agent_call"] if r["agent_name"] == "planner"]
+    (planner,) = [r for r in by_type["agent_call"] if r["agent_name"] == "planner" and not is_message(r)]
     (conversation,) = by_type["conversation"]
     assert conversation["parent_event_id"] == planner["id"], "the AG2 chat nests under the open legacy agent call"
-    assert planner["outputs"]["messages"][0]["content"] == "Plan: fit up to ell_max = 2500"
+    assert planner["outputs"] == {"response": "Plan: fit up to ell_max = 2500"}
+    assert planner["inputs"] == {"message": "Plan the power-spectrum analysis", "context": {}}
+    assert (planner["meta"]["sender"], planner["meta"]["duration_ms"]) == ("user", 40)
     assert {r["step_id"] for r in by_type["llm_call"]} == {"planning"}
     assert by_type["tool_call"][0]["outputs"]["result"] == "2500"
     (code,) = by_type["code_exec"]
-    assert code["step_id"] == "fit" and code["outputs"] == {"output": "chi2 = 1.02", "exit_code": 0}
-    assert code["duration_ms"] == 12
-    assert by_type["file_gen"][0]["outputs"]["path"] == "plots/cl_fit.png"
-    assert by_type["handoff"][0]["meta"]["cmbagent.handoff.reason"] == "plan ready"
+    assert code["step_id"] == "fit" and code["outputs"] == {"result": "chi2 = 1.02"} and code["meta"]["exit_code"] == 0
+    assert code["duration_ms"] == 12 and code["event_subtype"] == "complete"
+    assert by_type["file_gen"][0]["inputs"] == {"file_path": "plots/cl_fit.png", "file_type": "plot"}
+    assert by_type["handoff"][0]["meta"]["reason"] == "plan ready" and by_type["handoff"][0]["agent_name"] == "planner"
+    (done,) = [r for r in rows if is_message(r) and r["inputs"]["recipient"] == "planner"]
+    assert (done["agent_name"], done["meta"]["tokens"], done["step_id"]) == ("planner", 6, "fit")
     printed = [int(o) for o in re.findall(r"^\s+(\d+)  \w+", out, re.MULTILINE)]
     assert printed == list(range(1, len(rows) + 1))
     assert f"one gapless order 1..{len(rows)}: True" in out

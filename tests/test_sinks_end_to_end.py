@@ -9,12 +9,13 @@ import sys
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import otel_cmbagent as oc
-from otel_cmbagent.exporters.rows import event_id
+from otel_cmbagent.exporters.rows import event_id, is_message, row_kind
 from otel_cmbagent.exporters.sql import SQLEventSink, make_engine, replay
 from otel_cmbagent.testing.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
+from cmbagent_schema import add_run, cmbagent_engine, rows_of
+import cmbagent_schema as cmb
 from sinks_util import PausedRun, scripted_run, table_rows
 
 from conftest import FAKE_KEY
@@ -56,7 +57,7 @@ def test_same_events_everywhere(tmp_path, postgres_url, scripted_llm, monkeypatc
     assert [r["execution_order"] for r in sqlite_rows] == list(range(1, len(sqlite_rows) + 1))
     assert {r["run_id"] for r in sqlite_rows} == {run.run_id}
 
-    span_rows = {r["id"]: r for r in sqlite_rows if r["event_type"] != "message"}
+    span_rows = {r["id"]: r for r in sqlite_rows if not is_message(r)}
     assert len(otlp_spans) == len(span_rows)
     for span in otlp_spans:
         row = span_rows[event_id(int(span["trace_id"], 16), int(span["span_id"], 16))]
@@ -137,77 +138,47 @@ def test_postgres_stopped_mid_run_then_replayed(postgres_server, postgres_url, t
     sink.shutdown()
 
 
-class Base(DeclarativeBase):
-    pass
-
-
-class WorkflowRun(Base):
-    __tablename__ = "workflow_runs"
-    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
-
-
-class Session(Base):
-    __tablename__ = "sessions"
-    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
-
-
-class ExecutionEvent(Base):
-    """cmbagent's model, with its foreign keys."""
-
-    __tablename__ = "execution_events"
-    id = sa.Column(sa.String(36), primary_key=True)
-    run_id = sa.Column(sa.String(36), sa.ForeignKey("workflow_runs.id"), nullable=False, index=True)
-    node_id = sa.Column(sa.String(36), nullable=True, index=True)
-    step_id = sa.Column(sa.String(36), nullable=True, index=True)
-    session_id = sa.Column(sa.String(36), sa.ForeignKey("sessions.id"), nullable=False, index=True)
-    parent_event_id = sa.Column(sa.String(36), sa.ForeignKey("execution_events.id"), nullable=True)
-    event_type = sa.Column(sa.String(50), nullable=False, index=True)
-    event_subtype = sa.Column(sa.String(50))
-    agent_name = sa.Column(sa.String(100), index=True)
-    agent_role = sa.Column(sa.String(50))
-    timestamp = sa.Column(sa.DateTime(timezone=True), nullable=False, index=True)
-    started_at = sa.Column(sa.DateTime(timezone=True))
-    completed_at = sa.Column(sa.DateTime(timezone=True))
-    duration_ms = sa.Column(sa.Integer)
-    inputs = sa.Column(sa.JSON)
-    outputs = sa.Column(sa.JSON)
-    error_message = sa.Column(sa.Text)
-    meta = sa.Column(sa.JSON)
-    execution_order = sa.Column(sa.Integer, nullable=False, index=True)
-    depth = sa.Column(sa.Integer, nullable=False, default=0)
-    status = sa.Column(sa.String(50), default="completed")
-
-
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_rows_land_in_cmbagents_own_table(backend, tmp_path, postgres_url, scripted_llm):
-    """sql_table=ExecutionEvent.__table__: rows land in cmbagent's table, linked (FKs hold) and ordered."""
+def test_rows_land_in_cmbagents_own_table(backend, tmp_path, postgres_url, scripted_llm, caplog):
+    """sql_table=cmbagent's execution_events (foreign keys on): rows land linked and ordered; a run whose
+    workflow_runs row does not exist yet is held - one warning naming the table - and lands once it does."""
     url = f"sqlite:///{tmp_path / 'cmb.db'}" if backend == "sqlite" else postgres_url
-    engine = make_engine(url)
-    Base.metadata.create_all(engine)
-    with engine.begin() as connection:
-        connection.execute(sa.insert(WorkflowRun.__table__).values(id="run-cmb"))
-        connection.execute(sa.insert(Session.__table__).values(id="session-cmb"))
+    engine = cmbagent_engine(url)
+    add_run(engine, "run-cmb", "session-cmb")
     tracing = oc.setup_tracing(
-        sql_url=engine, sql_table=ExecutionEvent.__table__, spill_path=tmp_path / "cmb.spill.jsonl",
+        sql_url=engine, sql_table=cmb.execution_events, spill_path=tmp_path / "cmb.spill.jsonl",
         set_global=False, handle_sigterm=False,
     )
     try:
         scripted_run(scripted_llm, run_id="run-cmb", session_id="session-cmb")
-        with oc.run(run_id="run-without-parent-row", session_id="session-cmb"):
-            pass  # its foreign key fails: that row alone is spilled, the rest lands
-        tracing.force_flush()
+        with oc.run(run_id="run-created-late", session_id="session-cmb"):
+            pass
+        assert not tracing.sql.force_flush(), "rows are still waiting for their run"
+        assert tracing.stats["sql"]["rows_held"] >= 1 and tracing.stats["sql"]["rows_spilled"] == 0
+        assert not table_rows(engine, where="where run_id = 'run-created-late'")
+        warnings = [r.getMessage() for r in caplog.records if "run-created-late" in r.getMessage()]
+        assert len(warnings) == 1 and "workflow_runs" in warnings[0] and "Create that row" in warnings[0]
+        add_run(engine, "run-created-late", "session-cmb", with_session=False)
+        assert tracing.sql.force_flush()
     finally:
         tracing.shutdown()
+    assert tracing.stats["sql"]["rows_held"] == 0 and tracing.stats["sql"]["rows_spilled"] == 0
+    assert [r["event_type"] for r in table_rows(engine, where="where run_id = 'run-created-late'")] == ["run"]
     rows = table_rows(engine, where="where run_id = 'run-cmb'")
     assert [r["execution_order"] for r in rows] == list(range(1, len(rows) + 1))
     meta = rows[0]["meta"] if isinstance(rows[0]["meta"], dict) else json.loads(rows[0]["meta"])
     assert len(meta["trace_id"]) == 32 and len(meta["span_id"]) == 16
-    assert {"run", "conversation", "agent_call", "llm_call", "tool_call", "message"} <= {r["event_type"] for r in rows}
+    assert {"run", "conversation", "agent_call", "llm_call", "tool_call", "message"} <= {row_kind(r) for r in rows}
     by_id = {r["id"]: r for r in rows}
     assert all(r["parent_event_id"] in by_id for r in rows[1:])
-    if backend == "postgresql":  # SQLite does not enforce foreign keys unless asked to
-        assert tracing.stats["sql"]["rows_spilled"] >= 1
-        assert not table_rows(engine, where="where run_id = 'run-without-parent-row'")
+    # cmbagent's side tables: a messages row per message, a cost_records row per LLM call
+    messages = [r for r in rows if is_message(r)]
+    llm_calls = [r for r in rows if r["event_type"] == "llm_call"]
+    assert sorted(m["event_id"] for m in rows_of(engine, cmb.messages)) == sorted(m["id"] for m in messages)
+    costs = rows_of(engine, cmb.cost_records, run_id="run-cmb")
+    assert len(costs) == len(llm_calls) == 3
+    decoded = [r["meta"] if isinstance(r["meta"], dict) else json.loads(r["meta"]) for r in llm_calls]
+    assert sum(c["total_tokens"] for c in costs) == sum(m["tokens"] for m in decoded) > 0
 
 
 def test_sigterm_flushes_every_sink(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 import otel_cmbagent as oc
-from otel_cmbagent.exporters.rows import event_id
+from otel_cmbagent.exporters.rows import event_id, is_message, row_kind
 from otel_cmbagent.exporters.sql import SQLEventSink, execution_events_table, make_engine, replay
 from sinks_util import PausedRun, scripted_run, table_rows
 
@@ -33,7 +33,7 @@ def test_rows_match_spans(tracing, scripted_llm):
     assert [r["execution_order"] for r in rows] == list(range(1, len(rows) + 1))
     assert {r["run_id"] for r in rows} == {run.run_id}
     assert {r["status"] for r in rows} == {"completed"}
-    types = [r["event_type"] for r in rows]
+    types = [row_kind(r) for r in rows]
     assert {"run", "conversation", "agent_call", "llm_call", "tool_call", "message"} <= set(types)
     ids = {r["id"] for r in rows}
     by_id = {r["id"]: r for r in rows}
@@ -59,7 +59,7 @@ def test_rows_are_visible_while_the_run_is_live(tracing, scripted_llm):
         assert tracing.force_flush()
         live = {r["event_type"]: r for r in table_rows(tracing.sql.engine) if r["status"] == "running"}
         assert {"run", "conversation", "agent_call", "tool_call"} <= set(live)
-        messages = [r for r in table_rows(tracing.sql.engine) if r["event_type"] == "message"]
+        messages = [r for r in table_rows(tracing.sql.engine) if is_message(r)]
         assert messages, "messages are written as they are sent, not when the conversation ends"
     tracing.force_flush()
     assert {r["status"] for r in table_rows(tracing.sql.engine)} == {"completed"}
@@ -143,6 +143,43 @@ def test_replay_twice_is_idempotent(tmp_path):
     assert replay(spill, url, remove=False) == 1
     assert replay(spill, url, remove=False) == 1
     assert len(table_rows(make_engine(url))) == 1
+
+
+def test_side_rows_are_written_once_whatever_is_replayed(tmp_path, tracer_provider, span_exporter, scripted_llm):
+    """cmbagent's messages/cost_records rows (autoincrement ids, no upsert) stay one per event when every span
+    is delivered again and the run's rows are replayed from a spill file."""
+    import cmbagent_schema as cmb
+    from otel_cmbagent.exporters.rows import message_rows, span_row
+    from otel_cmbagent.exporters.sql import _json_default
+
+    engine = cmb.cmbagent_engine(f"sqlite:///{tmp_path / 'side.db'}")
+    cmb.add_run(engine, "run-side", "session-side")
+    sink = SQLEventSink(engine, table=cmb.execution_events)
+    tracer_provider.add_span_processor(sink)
+    instrumentor = oc.AG2Instrumentor()
+    instrumentor.instrument(tracer_provider=tracer_provider)
+    try:
+        scripted_run(scripted_llm, run_id="run-side", session_id="session-side")
+        sink.force_flush()
+        counts = (cmb.table_count(engine, cmb.messages), cmb.table_count(engine, cmb.cost_records))
+        spans = span_exporter.get_finished_spans()
+        for span in spans:
+            sink.on_end(span)  # a duplicated delivery of every end
+        sink.force_flush()
+    finally:
+        instrumentor.uninstrument()
+        sink.shutdown()
+    spill = tmp_path / "side.spill.jsonl"
+    with open(spill, "w") as handle:
+        for span in spans:
+            for row in [span_row(span, ended=True), *message_rows(span)]:
+                handle.write(json.dumps(row, default=_json_default) + "\n")
+    replay(spill, engine, table=cmb.execution_events)
+    messages = [r for r in table_rows(engine) if is_message(r)]
+    assert counts == (len(messages), len([r for r in table_rows(engine) if r["event_type"] == "llm_call"])) == (
+        cmb.table_count(engine, cmb.messages), cmb.table_count(engine, cmb.cost_records))
+    assert counts[0] >= 3 and counts[1] == 3
+    assert sink.stats["messages_written"] == counts[0] and sink.stats["rows_spilled"] == 0
 
 
 def test_bad_sql_url_is_a_clear_error():

@@ -13,6 +13,7 @@ from autogen import ConversableAgent
 from autogen.coding import LocalCommandLineCodeExecutor
 
 import otel_cmbagent as oc
+from otel_cmbagent.exporters.rows import row_kind
 from otel_cmbagent import store
 from otel_cmbagent.exporters.sql import make_engine
 from otel_cmbagent.testing import ScriptedLLM, code, text
@@ -209,7 +210,7 @@ def test_event_tree_nests_by_parent(traced_db):
     assert sorted(walk(roots[0])) == sorted(r["id"] for r in rows)
     (conversation,) = roots[0]["children"]
     assert conversation["event"]["event_type"] == "conversation"
-    kinds = {child["event"]["event_type"] for child in conversation["children"]}
+    kinds = {row_kind(child["event"]) for child in conversation["children"]}
     assert kinds == {"message", "agent_call"}
     # a filtered list: rows whose parent is missing become roots
     only_llm = store.event_tree(store.run_events(engine, traced_db["tool_run"], event_type="llm_call"))
@@ -281,16 +282,15 @@ def test_rows_outside_a_run_are_grouped_by_trace(tmp_path):
 def make_cmbagent_db(directory):
     """cmbagent's own tables (ExecutionEvent has no trace_id/span_id columns) with two traced runs:
     ``cmb-run-1`` (a tool chat) and ``cmb-run-2`` (failing code). Returns ``(url, engine)``."""
-    from test_sinks_end_to_end import Base, ExecutionEvent, Session, WorkflowRun
+    import cmbagent_schema as cmb
 
     url = f"sqlite:///{directory / 'cmb.db'}"
     engine = make_engine(url)
-    Base.metadata.create_all(engine)
-    with engine.begin() as connection:
-        for run_id in ("cmb-run-1", "cmb-run-2"):
-            connection.execute(sa.insert(WorkflowRun.__table__).values(id=run_id))
-        connection.execute(sa.insert(Session.__table__).values(id="cmb-session"))
-    tracing = oc.setup_tracing(sql_url=engine, sql_table=ExecutionEvent.__table__, set_global=False,
+    cmb.metadata.create_all(engine)
+    cmb.add_session(engine, "cmb-session")
+    for run_id in ("cmb-run-1", "cmb-run-2"):
+        cmb.add_run(engine, run_id, "cmb-session", with_session=False)
+    tracing = oc.setup_tracing(sql_url=engine, sql_table=cmb.execution_events, set_global=False,
                                handle_sigterm=False)
     try:
         with ScriptedLLM() as llm:
@@ -299,7 +299,7 @@ def make_cmbagent_db(directory):
         tracing.force_flush()
     finally:
         tracing.shutdown()
-    assert "trace_id" not in {c.name for c in ExecutionEvent.__table__.c}
+    assert "trace_id" not in {c.name for c in cmb.execution_events.c}
     return url, engine
 
 

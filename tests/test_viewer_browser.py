@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from otel_cmbagent import store
+from otel_cmbagent.exporters.rows import is_message
 from otel_cmbagent.viewer.app import ViewerServer
 from test_viewer import SYNTHETIC_WRITER, XSS, tracing_for, xss_run
 
@@ -117,7 +118,7 @@ def test_live_run_in_the_browser(tmp_path, scripted_llm, browser, page):
             tracing.shutdown()
 
         rows = store.run_events(store.open_store(str(db)), future.result().run_id)
-        spans = [r for r in rows if r["event_type"] != "message"]
+        spans = [r for r in rows if not is_message(r)]
         page.wait_for_function(f"() => window.__viewer.eventCount() === {len(rows)}")
         assert bars(page).count() == len(spans)
         assert bars(page, '[data-status="running"]').count() == 0
@@ -211,7 +212,7 @@ def test_run_from_another_process_appears_live(tmp_path, page):
         rows = store.run_events(store.open_store(str(db)), "second-run")
         page.wait_for_selector('[data-testid="run-header"][data-status="completed"]')
         page.wait_for_function(f"() => window.__viewer.eventCount() === {len(rows)}")
-        assert bars(page).count() == sum(1 for r in rows if r["event_type"] != "message")
+        assert bars(page).count() == sum(1 for r in rows if not is_message(r))
         assert bars(page, '[data-status="running"]').count() == 0
         page.wait_for_selector('[data-testid="run-row"][data-run-id="second-run"][data-status="completed"]')
         assert not page.errors, page.errors

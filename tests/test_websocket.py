@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_cmbagent as oc
+from otel_cmbagent.exporters.rows import is_message
 import otel_cmbagent.live as oc_live
 from otel_cmbagent.exporters import rows
 from otel_cmbagent.exporters.websocket import (
@@ -156,7 +157,7 @@ def test_start_end_and_live_messages_for_every_span(scripted_llm):
         assert start_index < end_index
         assert (start["status"], start["event_subtype"]) == ("running", "start")
         assert start["duration_ms"] is None
-        assert (end["status"], end["event_subtype"]) == ("completed", "complete")
+        assert (end["status"], end["event_subtype"]) == ("completed", row["event_subtype"]) != ("completed", "start")
         assert end["duration_ms"] == row["duration_ms"]
         for item in (start, end):
             assert item["execution_order"] == row["execution_order"]
@@ -166,7 +167,7 @@ def test_start_end_and_live_messages_for_every_span(scripted_llm):
             assert item["timestamp"] == row["timestamp"].isoformat()
 
     # messages arrive live: after their span's start and before its end, with the message's own order
-    messages = [item for item in data if item["event_type"] == "message"]
+    messages = [item for item in data if is_message(item)]
     exported_messages = [m for s in spans for m in rows.message_rows(s)]
     assert len(messages) == len(exported_messages) >= 3
     assert {(m["event_id"], m["execution_order"]) for m in messages} == {
@@ -176,7 +177,7 @@ def test_start_end_and_live_messages_for_every_span(scripted_llm):
         index = data.index(message)
         parent_start, parent_end = position[message["parent_event_id"]]
         assert parent_start < index < parent_end
-        assert message["status"] == "completed" and message["event_subtype"] == "sent"
+        assert message["status"] == "completed" and message["event_subtype"] == "message"
     assert "What is 2+3?" in json.dumps(messages[0]["inputs"])
 
     # the websocket and the exported spans show the same (id, order) pairs; orders are 1..N
@@ -200,7 +201,7 @@ def test_content_policy_applies_to_data(scripted_llm):
     assert "What is 2+3?" not in dumped and "5 TERMINATE" not in dumped
     (tool_end,) = [d for d in recorder.data if d["event_type"] == "tool_call" and d["status"] == "completed"]
     assert "arguments" not in (tool_end["inputs"] or {}) and "result" not in (tool_end["outputs"] or {})
-    assert len([d for d in recorder.data if d["event_type"] == "message"]) >= 3  # the events still arrive
+    assert len([d for d in recorder.data if is_message(d)]) >= 3  # the events still arrive
 
 
 def test_raising_callback_never_breaks_the_chat(scripted_llm, caplog):

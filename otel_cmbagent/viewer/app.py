@@ -241,7 +241,7 @@ class _Source:
             changed = sa.or_(changed, c.id.in_(list(running_ids)))
         statement = sa.select(table).where(self.where_run(table, run_key), changed)
         if event_types:
-            statement = statement.where(c.event_type.in_(list(event_types)))
+            statement = statement.where(store.kinds_condition(c, event_types))
         if agents:
             statement = statement.where(c.agent_name.in_(list(agents)))
         statement = statement.order_by(c.execution_order, c.timestamp, c.id)

@@ -383,12 +383,17 @@
   }
 
   // --- events -> tree -------------------------------------------------------------------------------
+  // cmbagent's rows: a message is an agent_call of subtype "message" (agent_name = its recipient)
+  function kindOf(d) {
+    return d.event_type === 'agent_call' && d.event_subtype === 'message' ? 'message' : (d.event_type || 'info');
+  }
+
   function spanName(d) {
     const meta = d.meta && typeof d.meta === 'object' ? d.meta : {};
-    if (d.event_type === 'message') {
-      const from = meta['cmbagent.message.sender'] || d.agent_name || '?';
-      const to = meta['cmbagent.message.recipient'];
-      return 'message ' + from + (to ? ' → ' + to : '');
+    if (kindOf(d) === 'message') {
+      const inputs = d.inputs && typeof d.inputs === 'object' ? d.inputs : {};
+      const to = inputs.recipient || d.agent_name;
+      return 'message ' + (inputs.sender || '?') + (to ? ' → ' + to : '');
     }
     return meta.span_name || d.event_type || 'event';
   }
@@ -434,7 +439,7 @@
     const ev = {
       id: d.id || d.event_id,
       parentId: d.parent_event_id || null,
-      type: d.event_type || 'info',
+      type: kindOf(d),
       status: d.status || 'completed',
       order: Number(d.execution_order) || 0,
       agent: d.agent_name || '',
@@ -996,13 +1001,12 @@
   let liveDuration = null;   // updates the duration field of a running selection
 
   const INPUT_LABELS = {
-    messages: 'Input (newest message)', arguments: 'Arguments', code_blocks: 'Code', prompt: 'Prompt',
-    from: 'From', content: 'Content', tool_calls: 'Tool calls',
+    messages: 'Input (newest message)', message: 'Message', context: 'Context', arguments: 'Arguments',
+    code: 'Code', prompt: 'Prompt', content: 'Content', tool_calls: 'Tool calls',
   };
-  const OUTPUT_LABELS = {
-    messages: 'Output', result: 'Result', output: 'Output', exit_code: 'Exit code', response: 'Response',
-    to: 'To', path: 'Path', size_bytes: 'Size (bytes)', file_type: 'File type',
-  };
+  const OUTPUT_LABELS = { messages: 'Output', result: 'Result', response: 'Response' };
+  // shown as fields, not in the inputs section
+  const INPUT_FIELDS = ['tool_name', 'file_path', 'file_type', 'from_agent', 'to_agent', 'sender', 'recipient'];
 
   function renderDetails() {
     liveDuration = null;
@@ -1046,14 +1050,15 @@
     const tokensIn = meta['gen_ai.usage.input_tokens'], tokensOut = meta['gen_ai.usage.output_tokens'];
     if (tokensIn != null || tokensOut != null) field('Tokens', fmtNum(Number(tokensIn) || 0) + ' in / ' + fmtNum(Number(tokensOut) || 0) + ' out', 'details-tokens');
     if (meta['gen_ai.usage.cost'] != null) field('Cost', fmtCost(meta['gen_ai.usage.cost']));
-    if (meta['gen_ai.tool.name']) field('Tool', meta['gen_ai.tool.name'] + (meta['gen_ai.tool.call.id'] ? '  (' + meta['gen_ai.tool.call.id'] + ')' : ''), 'details-tool');
-    if (outputs.path != null) field('File', String(outputs.path), 'details-file');
-    if (outputs.file_type || meta['cmbagent.file.change']) field('File kind', [outputs.file_type, meta['cmbagent.file.change'], outputs.size_bytes != null ? fmtNum(outputs.size_bytes) + ' bytes' : null].filter(Boolean).join(' · '));
-    if (outputs.exit_code != null) field('Exit code', String(outputs.exit_code));
-    if (inputs.from != null || outputs.to != null) field('Handoff', (inputs.from || '?') + ' → ' + (outputs.to || '?'));
+    if (inputs.tool_name) field('Tool', inputs.tool_name + (meta['gen_ai.tool.call.id'] ? '  (' + meta['gen_ai.tool.call.id'] + ')' : ''), 'details-tool');
+    if (inputs.file_path != null) field('File', String(inputs.file_path), 'details-file');
+    if (inputs.file_type || meta['cmbagent.file.change']) field('File kind', [inputs.file_type, meta['cmbagent.file.change'], meta.size_bytes != null ? fmtNum(meta.size_bytes) + ' bytes' : null].filter(Boolean).join(' · '));
+    if (ev.type === 'code_exec' && meta.exit_code != null) field('Exit code', String(meta.exit_code));
+    if (ev.type === 'code_exec' && meta.language) field('Language', String(meta.language));
+    if (inputs.from_agent != null || inputs.to_agent != null) field('Handoff', (inputs.from_agent || '?') + ' → ' + (inputs.to_agent || '?') + (meta.reason ? ' (' + meta.reason + ')' : ''));
     if (ev.type === 'message') {
-      field('From', meta['cmbagent.message.sender'] || ev.agent);
-      field('To', meta['cmbagent.message.recipient']);
+      field('From', inputs.sender);
+      field('To', inputs.recipient || ev.agent);
       if (meta['cmbagent.message.role']) field('Role', meta['cmbagent.message.role']);
     }
     if (meta['gen_ai.conversation.turns'] != null) field('Turns', String(meta['gen_ai.conversation.turns']));
@@ -1063,13 +1068,14 @@
       body.push(h('div', { class: 'section' }, h('div', { class: 'section-title' }, 'Error'),
         h('div', { class: 'error-box', 'data-testid': 'details-error' }, String(d.error_message))));
     }
-    const inputKeys = Object.keys(inputs).filter((k) => k !== 'from');
+    const isEmpty = (v) => v === null || v === undefined || (typeof v === 'object' && !Array.isArray(v) && !Object.keys(v).length);
+    const inputKeys = Object.keys(inputs).filter((k) => !INPUT_FIELDS.includes(k) && !isEmpty(inputs[k]));
     if (inputKeys.length) {
       body.push(h('div', { class: 'section', 'data-testid': 'details-inputs' },
         h('div', { class: 'section-title' }, ev.type === 'message' ? 'Message' : 'Inputs'),
         inputKeys.map((k) => kv(INPUT_LABELS[k] || k, inputs[k], k))));
     }
-    const outputKeys = Object.keys(outputs).filter((k) => !['to', 'path', 'exit_code', 'size_bytes', 'file_type'].includes(k));
+    const outputKeys = Object.keys(outputs).filter((k) => !isEmpty(outputs[k]));
     if (outputKeys.length) {
       body.push(h('div', { class: 'section', 'data-testid': 'details-outputs' },
         h('div', { class: 'section-title' }, 'Outputs'),
@@ -1164,14 +1170,13 @@
     const list = ev.msgs;
     const items = [];
     for (const msg of list.slice(0, MAX_MESSAGES_LISTED)) {
-      const meta = msg.d.meta || {};
       const inputs = msg.d.inputs || {};
       let text = '';
       if (inputs.content !== undefined) text = typeof inputs.content === 'string' ? inputs.content : isParts(inputs.content) ? partsText(inputs.content) : JSON.stringify(inputs.content, null, 2);
       if (inputs.tool_calls) text += (text ? '\n' : '') + JSON.stringify(inputs.tool_calls, null, 2);
       const head = h('div', { class: 'msg-head', title: 'show this message' },
-        h('span', null, '#' + msg.order), h('b', null, meta['cmbagent.message.sender'] || msg.agent || '?'), '→',
-        h('b', null, meta['cmbagent.message.recipient'] || '?'));
+        h('span', null, '#' + msg.order), h('b', null, inputs.sender || '?'), '→',
+        h('b', null, inputs.recipient || msg.agent || '?'));
       head.addEventListener('click', () => select(msg.id));
       items.push(h('div', { class: 'msg' + (R.selected === msg.id ? ' selected' : ''), 'data-testid': 'details-message', 'data-event-id': msg.id },
         head, text ? pre(text.length > 4000 ? text.slice(0, 4000) + '…' : text) : null));
