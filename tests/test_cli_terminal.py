@@ -13,6 +13,7 @@ import pytest
 from autogen import ConversableAgent
 
 import otel_cmbagent as oc
+from otel_cmbagent.exporters.rows import is_message
 from otel_cmbagent.testing import ScriptedLLM, text
 from test_cli import run_cli
 
@@ -67,7 +68,7 @@ def test_tree_shows_the_escaped_agent_and_message(evil_db):
 def test_json_output_keeps_the_exact_values(evil_db):
     rows = [json.loads(line) for line in run_cli("events", "last", "--db", evil_db, "--json", check=0).stdout.splitlines()]
     assert EVIL_AGENT in {row["agent_name"] for row in rows}
-    message = next(row for row in rows if row["event_type"] == "message" and "pwned" in json.dumps(row["inputs"]))
-    assert message["inputs"]["content"] == [{"type": "text", "content": CONTENT}]
+    message = next(row for row in rows if is_message(row) and "pwned" in json.dumps(row["inputs"]))
+    assert message["inputs"]["content"] == CONTENT
     runs = [json.loads(line) for line in run_cli("runs", "--db", evil_db, "--json", check=0).stdout.splitlines()]
     assert runs[0]["name"].endswith(f"run {TITLE}")

@@ -21,6 +21,7 @@ from autogen import ConversableAgent, GroupChat, GroupChatManager, register_func
 
 import otel_cmbagent as oc
 from otel_cmbagent.config import DEFAULT_MAX_VALUE_LENGTH
+from otel_cmbagent.exporters.rows import row_kind
 from otel_cmbagent.exporters.sql import make_engine
 from otel_cmbagent.testing import text, tool_call
 from otel_cmbagent.testing.otlp_receiver import OTLPHTTPReceiver
@@ -139,7 +140,7 @@ def test_no_form_of_any_secret_reaches_any_sink_the_cli_or_the_viewer(tmp_path, 
         exported = export_receiver.spans
 
     # the run really carried the secrets everywhere it could: tool call, failure, messages, long content
-    assert {r["event_type"] for r in rows} >= {"conversation", "tool_call", "message", "llm_call"}
+    assert {row_kind(r) for r in rows} >= {"conversation", "tool_call", "message", "llm_call"}
     assert any(r["event_type"] == "tool_call" and r["status"] == "failed" for r in rows)
     assert otlp_spans and received and exported
     assert any("[REDACTED]" in str(r["inputs"]) for r in rows)
