@@ -37,12 +37,17 @@ import json, sys, time
 import otel_cmbagent as oc
 from otel_cmbagent.spans import add_ordered_event
 
+import os
 db, run_id, steps, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+gate = sys.argv[5] if len(sys.argv) > 5 else None  # with a gate, step i > 0 waits for the file "<gate>.<i>"
 tracing = oc.setup_tracing(sql_url=db if "://" in db else "sqlite:///" + db, otlp=False, instrument=False,
                            set_global=True, handle_sigterm=False)
 tracer = tracing.tracer_provider.get_tracer("synthetic-writer")
 with oc.run(name="synthetic from another process", run_id=run_id):
     for i in range(steps):
+        deadline = time.monotonic() + 60
+        while gate and i and not os.path.exists(f"{gate}.{i}") and time.monotonic() < deadline:
+            time.sleep(0.02)
         with oc.step(step_id=f"step-{i}"):
             with tracer.start_as_current_span(f"invoke_agent worker", attributes={
                 "cmbagent.event_type": "agent_call", "gen_ai.agent.name": "worker"}) as agent:

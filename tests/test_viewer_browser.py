@@ -187,7 +187,8 @@ def test_run_from_another_process_appears_live(tmp_path, page):
     with ViewerServer(str(db), poll_interval=0.2) as server:
         page.goto(server.url)
         page.wait_for_selector('[data-testid="waterfall"][data-ready="true"][data-run-id="first-run"]')
-        writer = subprocess.Popen([sys.executable, "-c", SYNTHETIC_WRITER, str(db), "second-run", "6", "0.4"],
+        gate = tmp_path / "gate"  # the writer's second step waits for "gate.1": the page sees the run grow
+        writer = subprocess.Popen([sys.executable, "-c", SYNTHETIC_WRITER, str(db), "second-run", "6", "0.4", str(gate)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             row = page.locator('[data-testid="run-row"][data-run-id="second-run"]')
@@ -198,7 +199,9 @@ def test_run_from_another_process_appears_live(tmp_path, page):
             page.wait_for_selector('[data-testid="waterfall"][data-ready="true"][data-run-id="second-run"]')
             page.wait_for_selector('[data-testid="bar"][data-status="running"]')
             counts = [bars(page).count()]
-            for _ in range(20):
+            for step in range(1, 6):
+                (tmp_path / f"gate.{step}").touch()
+            for _ in range(50):
                 time.sleep(0.3)
                 counts.append(bars(page).count())
                 if counts[-1] > counts[0]:
