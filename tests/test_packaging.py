@@ -62,6 +62,7 @@ ENVIRONMENTS: dict[str, tuple[str, ...]] = {
     "ag2-0.14.0": ("ag2[openai]==0.14.0",),
     "cmbagent-autogen": ("cmbagent-autogen==0.0.91.post11",),
     "ag2-1.2.1": ("ag2==1.2.1",),
+    "zero-code": ("[contrib]", "ag2[openai]==0.14.0"),
 }
 
 
@@ -210,3 +211,30 @@ def test_resolves_next_to_cmbagent_on_python_312(installs):
     assert "opentelemetry-instrumentation-threading" not in versions
     ours = resolved["otel-cmbagent"]["metadata"]["requires_dist"]
     assert not [requirement for requirement in ours if "==" in requirement and "extra ==" not in requirement]
+
+
+def test_zero_code_run_reaches_a_real_otlp_receiver_in_order(installs):
+    """``pip install otel-cmbagent[contrib]`` + AG2, then ``opentelemetry-instrument python app.py``: no code change,
+    every AG2 step arrives over OTLP with the run's gapless order (the sequencer added by the entry point)."""
+    from otel_cmbagent.testing.otlp_receiver import OTLPHTTPReceiver
+
+    result = _result(installs, "zero-code")
+    instrument = Path(result["python"]).with_name("opentelemetry-instrument")
+    app = ROOT / "examples" / "zero_code" / "app.py"
+    with OTLPHTTPReceiver() as receiver:
+        env = {**os.environ, "OTEL_TRACES_EXPORTER": "otlp", "OTEL_METRICS_EXPORTER": "none",
+               "OTEL_LOGS_EXPORTER": "none", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+               "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.endpoint, "OTEL_SERVICE_NAME": "zero-code-app"}
+        done = subprocess.run([instrument, result["python"], app], cwd=result["work"], capture_output=True,
+                              text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "chat finished" in done.stdout
+        spans = receiver.wait_for(3, timeout=30)
+    names = [span["name"] for span in spans]
+    assert "conversation user" in names and "invoke_agent assistant" in names
+    assert any(name.startswith("chat ") for name in names)
+    # spans and their message events share the run's one gapless sequence
+    orders = [span["attributes"]["cmbagent.execution_order"] for span in spans]
+    orders += [event["attributes"]["cmbagent.execution_order"] for span in spans for event in span["events"]
+               if event["name"] == "cmbagent.message"]
+    assert len(orders) > len(spans) and sorted(orders) == list(range(1, len(orders) + 1))
