@@ -14,7 +14,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from sqlalchemy.engine import Engine
 from otel_cmbagent.live import add_message_listener, remove_message_listener
 from otel_cmbagent.utils import log_internal_error
 
+from .fit import TableFit
 from .foreign_keys import ForeignKeyGuard
 from .rows import LINK_COLUMNS, STATUS_RUNNING, message_row, snapshot, span_row
 from .side_tables import SideTables
@@ -133,6 +135,7 @@ class _TableWriter:
         self.skipped = 0
         self.guard = ForeignKeyGuard(table, self.meta_column)
         self.side = SideTables(table)
+        self.fit = TableFit(table, engine.dialect.name, self.meta_column)
 
     def to_table(self, row: Mapping[str, Any]) -> dict[str, Any] | None:
         out: dict[str, Any] = {}
@@ -147,6 +150,7 @@ class _TableWriter:
                 out[key] = value
         if self.meta_column:
             out[self.meta_column] = meta
+        self.fit.fit(out)
         missing = [name for name in self.required if out.get(name) is None]
         if missing:  # e.g. cmbagent's table needs a run_id: spans outside a run cannot go there
             self.skipped += 1
@@ -260,6 +264,7 @@ class SQLEventSink(SpanProcessor):
         self._degraded = False
         self.rows_written = 0
         self.rows_spilled = 0
+        self.rows_rejected = 0  # refused by the database on their own (spilled too)
         self.retries = 0
         self._held: list[dict[str, Any]] = []
         self._held_checked_at = 0.0
@@ -318,6 +323,7 @@ class SQLEventSink(SpanProcessor):
             **self._worker.stats.as_dict(),
             "rows_written": self.rows_written,
             "rows_spilled": self.rows_spilled,
+            "rows_rejected": self.rows_rejected,
             "rows_skipped": self._writer.skipped,
             "retries": self.retries,
             "rows_held": len(self._held),
@@ -411,25 +417,23 @@ class SQLEventSink(SpanProcessor):
             self._spill(overflow, OverflowError(f"more than {self.max_held} rows held for a missing run/session row"))
 
     def _write_batch(self, rows: list[dict[str, Any]]) -> None:
+        """Write a batch; a database that fails is retried with backoff, then the batch is spilled; a batch the
+        database refuses for its values is split until the refused rows are found (see :func:`write_isolating`)."""
         attempts = 1 if self._degraded else self.max_retries
         delay = self.retry_backoff
         for attempt in range(attempts):
             try:
                 if not self._ensure_table():
                     raise RuntimeError("table not ready")
-                written, held = self._writer.write(rows)
-                self.rows_written += written
-                self._hold(held)
+                self._write(rows)
                 self._degraded = False
-                return
-            except sa.exc.IntegrityError as exc:
-                # Some rows break a constraint of the user's table (e.g. a foreign key to a run
-                # that is not in workflow_runs): retrying cannot help, but the other rows must land.
-                self._degraded = False
-                self._write_one_by_one(rows, exc)
                 return
             except Exception as exc:  # noqa: BLE001
                 error = exc
+                if not database_failed(exc):
+                    self._degraded = False
+                    self._isolate(rows)
+                    return
                 if attempt + 1 < attempts:
                     self.retries += 1
                     time.sleep(delay)
@@ -437,35 +441,223 @@ class SQLEventSink(SpanProcessor):
         self._degraded = True
         self._spill(rows, error)
 
-    def _write_one_by_one(self, rows: list[dict[str, Any]], error: BaseException) -> None:
-        rejected: list[dict[str, Any]] = []
-        for row in rows:
-            try:
-                written, held = self._writer.write([row])
-                self.rows_written += written
-                self._hold(held)
-            except sa.exc.IntegrityError:
-                rejected.append(row)
-        if rejected:
-            self._spill(rejected, error)
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        written, held = self._writer.write(rows)
+        self.rows_written += written
+        self._hold(held)
 
-    def _spill(self, rows: list[dict[str, Any]], error: BaseException) -> None:
+    def _isolate(self, rows: list[dict[str, Any]]) -> None:
         try:
-            self.spill_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.spill_path, "a", encoding="utf-8") as handle:
-                for row in rows:
-                    handle.write(json.dumps(row, default=_json_default) + "\n")
-            self.rows_spilled += len(rows)
+            refused = write_isolating(self._write, rows)
+        except DatabaseFailed as failed:
+            self._degraded = True
+            self._spill(failed.rows, failed.error)
+            return
+        for row, error in refused:
+            self._reject(row, error)
+
+    def _reject(self, row: dict[str, Any], error: BaseException) -> None:
+        self.rows_rejected += 1
+        if self.rows_rejected == 1:
             _logger.warning(
-                "otel-cmbagent: database write failed (%s: %s); spilled %d rows to %s (replay with replay())",
-                type(error).__name__,
-                str(error).splitlines()[0][:200] if str(error) else "",
-                len(rows),
-                self.spill_path,
+                "otel-cmbagent: the database refused a row of run %r (%s: %s); it alone is spilled to %s, the rest "
+                "of its batch is written (refused rows are counted in stats['rows_rejected']; logged once)",
+                row.get("run_id"), type(error).__name__, _first_line(error), self.spill_path,
             )
+        self._spill([row], error, log=False)
+
+    def _spill(self, rows: list[dict[str, Any]], error: BaseException, *, log: bool = True) -> None:
+        try:
+            append_rows(self.spill_path, rows)
+            self.rows_spilled += len(rows)
+            if log:
+                _logger.warning(
+                    "otel-cmbagent: database write failed (%s: %s); spilled %d rows to %s (replay with replay())",
+                    type(error).__name__, _first_line(error), len(rows), self.spill_path,
+                )
         except OSError as exc:
             self._worker.stats.dropped += len(rows)
             _logger.error("otel-cmbagent: could not spill %d rows to %s: %s", len(rows), self.spill_path, exc)
+
+
+# --- failures: the database's, or a row's --------------------------------------------------------------
+# What a database (or the way to it) that fails looks like; anything else a batch raises is about its values
+# (DataError, IntegrityError, a StatementError wrapping an encoding or serialisation error, ...).
+_DATABASE_ERRORS = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError,
+                    sa.exc.InternalError, sa.exc.NoSuchTableError, OSError, RuntimeError)
+
+
+def database_failed(error: BaseException) -> bool:
+    """True when ``error`` says the database failed (down, locked, table gone), not one of the rows."""
+    return isinstance(error, _DATABASE_ERRORS) and not isinstance(error, UnicodeError)
+
+
+class DatabaseFailed(Exception):
+    """The database itself failed while a refused batch was being split: ``rows`` are not written."""
+
+    def __init__(self, rows: list[dict[str, Any]], error: BaseException) -> None:
+        super().__init__(str(error))
+        self.rows = rows
+        self.error = error
+
+
+def write_isolating(
+    write: Callable[[list[dict[str, Any]]], None], rows: list[dict[str, Any]]
+) -> list[tuple[dict[str, Any], BaseException]]:
+    """Write a batch the database refused in halves, then quarters..., in order, until every row that is
+    refused on its own is found: returns those with their errors (one bad row in 512 costs ~18 writes).
+    Raises :class:`DatabaseFailed` with the rows not yet written if the database itself fails meanwhile."""
+    refused: list[tuple[dict[str, Any], BaseException]] = []
+    pending = [rows]
+    while pending:
+        part = pending.pop()
+        try:
+            write(part)
+        except Exception as exc:  # noqa: BLE001
+            if database_failed(exc):
+                raise DatabaseFailed([row for rest in [part, *reversed(pending)] for row in rest], exc) from exc
+            if len(part) == 1:
+                refused.append((part[0], exc))
+            else:
+                middle = len(part) // 2
+                pending += [part[middle:], part[:middle]]  # the first half is written first
+    return refused
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error)
+    return text.splitlines()[0][:200] if text else ""
+
+
+# --- spill files ------------------------------------------------------------------------------------------
+def append_rows(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Append rows as JSON Lines; a last line cut short (a crash mid-write) is ended first, so the new lines
+    stay whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        if handle.tell() > 0:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                handle.write(b"\n")
+        handle.write("".join(json.dumps(row, default=_json_default) + "\n" for row in rows).encode("utf-8"))
+
+
+@dataclass
+class ReplayReport:
+    """What :func:`replay_report` did: rows written, rows still waiting for their run/session row, and the
+    lines it could not use (``unreadable``: not a spilled row, e.g. cut short; ``refused``: the database
+    refused the row), by line number, with the first error. Every line not written is left in ``path``."""
+
+    path: Path
+    written: int = 0
+    held: int = 0
+    incomplete: int = 0  # rows without a value the table requires (e.g. a run_id for cmbagent's table)
+    unreadable: list[int] = field(default_factory=list)
+    refused: list[int] = field(default_factory=list)
+    first_error: str | None = None  # the error of the lowest line number skipped
+    left_in: Path | None = None
+    _first_line: int = field(default=0, repr=False)
+
+    def note(self, lines: list[int], line: int, error: str) -> None:
+        lines.append(line)
+        if self.first_error is None or line < self._first_line:
+            self.first_error, self._first_line = f"line {line}: {error}", line
+
+
+def _read_spill(path: Path, report: ReplayReport) -> Iterable[tuple[int, dict[str, Any]]]:
+    with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not row.get("id"):
+                    raise ValueError("not a row object with an id")
+                yield number, _from_json(row)
+            except (ValueError, TypeError) as exc:
+                report.note(report.unreadable, number, f"not a spilled row ({type(exc).__name__}: {exc})"[:300])
+
+
+def replay_report(
+    spill_path: str | os.PathLike[str],
+    target: str | Engine,
+    *,
+    table: sa.Table | None = None,
+    batch_size: int = 512,
+    remove: bool = True,
+) -> ReplayReport:
+    """Write a spill file back into the table (idempotent upserts), skipping what cannot be written.
+
+    Lines that are not rows (a last line cut short by a crash) and rows the database refuses are skipped and
+    reported by line number; every valid row is written. What was not written (those lines, and rows whose
+    run/session row still does not exist) is left in the file; with ``remove`` and nothing left, the file is
+    renamed ``*.replayed``. A database that fails raises (nothing is removed).
+    """
+    path = Path(spill_path)
+    engine = make_engine(target)
+    if table is None:
+        table = execution_events_table()
+        table.metadata.create_all(engine, tables=[table], checkfirst=True)
+    writer = _TableWriter(engine, table)
+    report = ReplayReport(path)
+    numbers: dict[int, int] = {}  # id(row) -> its line number, for the rows in hand
+    held: list[dict[str, Any]] = []
+    batch: list[dict[str, Any]] = []
+    for number, row in _read_spill(path, report):
+        numbers[id(row)] = number
+        batch.append(row)
+        if len(batch) >= batch_size:
+            _replay_batch(writer, batch, held, report, numbers)
+            numbers = {id(row): numbers[id(row)] for row in held}
+            batch = []
+    if batch:
+        _replay_batch(writer, batch, held, report, numbers)
+    report.held = len(held)
+    report.incomplete = writer.skipped
+    _leave_unwritten(path, report, [json.dumps(row, default=_json_default) + "\n" for row in held], remove)
+    return report
+
+
+def _replay_batch(writer: _TableWriter, batch: list[dict[str, Any]], held: list[dict[str, Any]],
+                  report: ReplayReport, numbers: dict[int, int]) -> None:
+    def write(rows: list[dict[str, Any]]) -> None:
+        written, waiting = writer.write(rows)
+        report.written += written
+        held.extend(waiting)
+
+    rows, held[:] = held + batch, []
+    try:
+        write(rows)
+        return
+    except Exception as exc:  # noqa: BLE001
+        if database_failed(exc):
+            raise
+    try:
+        refused = write_isolating(write, rows)
+    except DatabaseFailed as failed:
+        raise failed.error from None
+    for row, error in refused:
+        report.note(report.refused, numbers[id(row)], f"{type(error).__name__}: {_first_line(error)}")
+
+
+def _leave_unwritten(path: Path, report: ReplayReport, held: list[str], remove: bool) -> None:
+    """Rewrite ``path`` with what was not written (held rows, then the skipped lines as they were)."""
+    skipped = set(report.unreadable) | set(report.refused)
+    kept: list[str] = []
+    if skipped:
+        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+            kept = [line if line.endswith("\n") else line + "\n"
+                    for number, line in enumerate(handle, 1) if number in skipped]
+    if held or kept:
+        path.write_text("".join(held + kept), encoding="utf-8", errors="surrogateescape")
+        report.left_in = path
+        if report.held:
+            _logger.warning("otel-cmbagent: %d spilled rows still have no run/session row; left in %s", report.held, path)
+        if kept:
+            _logger.warning("otel-cmbagent: %d lines of %s could not be written (%s); left in the file",
+                            len(kept), path, report.first_error)
+    elif remove:
+        path.rename(path.with_name(path.name + ".replayed"))
 
 
 def replay(
@@ -476,43 +668,5 @@ def replay(
     batch_size: int = 512,
     remove: bool = True,
 ) -> int:
-    """Write a spill file back into the table (idempotent upserts); returns the rows written.
-
-    With ``remove`` the file is renamed ``*.replayed`` once every row is in. Rows whose
-    run/session row still does not exist stay in the file (it then holds only those).
-    """
-    path = Path(spill_path)
-    engine = make_engine(target)
-    if table is None:
-        table = execution_events_table()
-        table.metadata.create_all(engine, tables=[table], checkfirst=True)
-    writer = _TableWriter(engine, table)
-    written = 0
-    held: list[dict[str, Any]] = []
-    batch: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                batch.append(_from_json(json.loads(line)))
-            except ValueError as exc:
-                raise ValueError(f"{path}:{line_number}: not a spilled row ({exc})") from None
-            if len(batch) >= batch_size:
-                written += _replay_batch(writer, batch, held)
-                batch = []
-    if batch:
-        written += _replay_batch(writer, batch, held)
-    if held:
-        _logger.warning("otel-cmbagent: %d spilled rows still have no run/session row; left in %s", len(held), path)
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(row, default=_json_default) + "\n" for row in held)
-    elif remove:
-        path.rename(path.with_name(path.name + ".replayed"))
-    return written
-
-
-def _replay_batch(writer: _TableWriter, batch: list[dict[str, Any]], held: list[dict[str, Any]]) -> int:
-    written, waiting = writer.write(held + batch)
-    held[:] = waiting
-    return written
+    """:func:`replay_report`, returning the number of rows written."""
+    return replay_report(spill_path, target, table=table, batch_size=batch_size, remove=remove).written

@@ -855,8 +855,13 @@ def export(run_id: str, endpoint: str | None, protocol: str | None, db: str | No
 @db_option
 @click.option("--keep", is_flag=True, help="Leave the spill file as it is (default: rename it *.replayed).")
 def replay(spill_file: str, db: str | None, keep: bool) -> None:
-    """Write rows spilled while the database was down back into it (idempotent upserts)."""
-    from otel_cmbagent.exporters.sql import replay as replay_rows
+    """Write rows spilled while the database was down back into it (idempotent upserts).
+
+    Lines that are not rows (a last line cut short by a crash) and rows the database refuses are skipped and
+    reported by line number; every valid row is written; what was not written stays in the file (exit code 1
+    when lines were skipped).
+    """
+    from otel_cmbagent.exporters.sql import replay_report
 
     path = Path(spill_file).expanduser()
     if not path.exists():
@@ -864,10 +869,31 @@ def replay(spill_file: str, db: str | None, keep: bool) -> None:
     if path.is_dir():
         raise StoreError(f"{path} is a directory, not a spill file")
     target = _db(db)
-    written = replay_rows(path, store.db_url(target), remove=not keep)
-    console.print(f"replayed {written} rows from {path} into {target}", soft_wrap=True)
-    if not keep:
+    report = replay_report(path, store.db_url(target), remove=not keep)
+    console.print(Text(f"replayed {report.written} rows from {printable(str(path))} into {printable(target)}"),
+                  soft_wrap=True)
+    for lines, what in ((report.unreadable, "not a spilled row"), (report.refused, "refused by the database")):
+        if lines:
+            console.print(Text(f"skipped {len(lines)} {'line' if len(lines) == 1 else 'lines'} ({what}): "
+                               f"{_line_numbers(lines)}"), soft_wrap=True)
+    if report.first_error:
+        console.print(Text(f"first error: {printable(report.first_error)}"), soft_wrap=True)
+    if report.held:
+        console.print(f"{report.held} rows wait for their run/session row", soft_wrap=True)
+    if report.incomplete:
+        console.print(f"{report.incomplete} rows lack a value the table requires (e.g. a run id): not written",
+                      soft_wrap=True)
+    if report.left_in is not None:
+        console.print(Text(f"what was not written is left in {printable(str(report.left_in))}"), soft_wrap=True)
+    elif not keep:
         console.print(f"(the spill file is now {path.name}.replayed)", style="dim", soft_wrap=True)
+    if report.unreadable or report.refused:
+        sys.exit(1)
+
+
+def _line_numbers(numbers: Sequence[int], shown: int = 20) -> str:
+    text = ", ".join(map(str, numbers[:shown]))
+    return f"line {text}" if len(numbers) == 1 else f"lines {text}" + (f", … ({len(numbers) - shown} more)" if len(numbers) > shown else "")
 
 
 # --- serve --------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from otel_cmbagent.exporters.fit import fit_text
 from otel_cmbagent.exporters.rows import MESSAGE_EVENT_TYPE, MESSAGE_SUBTYPE
 
 __all__ = [
@@ -462,8 +463,9 @@ def resolve_run(engine: Engine, ref: str, *, table: str | sa.Table | None = None
 
     c = shape.table.c
     key = shape.key.label("run_key")
-    if _execute(engine, sa.select(key).where(shape.where_run(ref)).limit(1)):
-        return ref
+    for candidate in dict.fromkeys([ref, _as_stored(shape, ref)]):
+        if _execute(engine, sa.select(key).where(shape.where_run(candidate)).limit(1)):
+            return candidate
 
     pattern = ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     conditions = [shape.key.like(pattern, escape="\\")]
@@ -488,6 +490,12 @@ def resolve_run(engine: Engine, ref: str, *, table: str | sa.Table | None = None
         ref,
         matches,
     )
+
+
+def _as_stored(shape: _Shape, run_id: str) -> str:
+    """A run id longer than the column as the SQL sink fitted it (the full id is in ``meta["run_id_full"]``)."""
+    length = getattr(shape.run_id.type, "length", None)
+    return fit_text(run_id, length) if length else run_id
 
 
 def _as_set(value: str | Iterable[str] | None) -> set[str] | None:

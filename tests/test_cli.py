@@ -344,6 +344,41 @@ def test_replay_a_spill_file(tmp_path, scripted_llm):
     assert "spilled-" in run_cli("runs", "--db", target, check=0).stdout  # its short id
 
 
+def test_replay_skips_a_cut_last_line_and_a_refused_row_and_writes_every_valid_row(tmp_path, scripted_llm):
+    """A spill file whose last line was cut short (the process died mid-write) and one of whose rows the
+    database refuses (a timestamp written as a number by another tool): `replay` writes every other row, reports both lines by number
+    with the first error, leaves them in the file and exits 1. (It wrote 0 rows and raised before.)"""
+    spill = tmp_path / "rows.spill.jsonl"
+    not_a_db = tmp_path / "a-directory"
+    not_a_db.mkdir()
+    tracing = oc.setup_tracing(sql_url=None, set_global=False, handle_sigterm=False)
+    sink = SQLEventSink(f"sqlite:///{not_a_db}", spill_path=spill, max_retries=1, retry_backoff=0.01)
+    tracing.tracer_provider.add_span_processor(sink)
+    try:
+        scripted_run(scripted_llm, run_id="spilled-run")
+        sink.force_flush()
+    finally:
+        tracing.shutdown()
+    lines = spill.read_text().splitlines(keepends=True)
+    bad = json.loads(lines[2])
+    bad["timestamp"] = 1767225600
+    lines[2] = json.dumps(bad) + "\n"
+    lines[-1] = lines[-1][: len(lines[-1]) // 2]
+    spill.write_text("".join(lines))
+    valid = {json.loads(line)["id"] for line in lines[:2] + lines[3:-1]}
+    target = tmp_path / "replayed.db"
+    result = run_cli("replay", spill, "--db", target, check=1)
+    rows = table_rows(make_engine(f"sqlite:///{target}"))
+    assert {r["id"] for r in rows} == valid and len(valid) == len(lines) - 2
+    assert f"replayed {len(rows)} rows" in result.stdout
+    assert f"skipped 1 line (not a spilled row): line {len(lines)}" in result.stdout
+    assert "skipped 1 line (refused by the database): line 3" in result.stdout
+    assert "first error: line 3: StatementError" in result.stdout, result.stdout
+    assert spill.read_text().splitlines() == [lines[2].rstrip("\n"), lines[-1]]
+    again = run_cli("replay", spill, "--db", target, check=1)  # the two lines are still reported, nothing lost
+    assert "replayed 0 rows" in again.stdout and "line 1" in again.stdout and "line 2" in again.stdout
+
+
 # --- errors: one line, no traceback --------------------------------------------------------------
 def _closed_port() -> int:
     with socket.socket() as s:
