@@ -32,6 +32,7 @@ from .fit import TableFit
 from .foreign_keys import ForeignKeyGuard
 from .rows import LINK_COLUMNS, STATUS_RUNNING, message_row, snapshot, span_row
 from .side_tables import SideTables
+from .sqlite_file import BLOCKED, RECONNECTED, SQLiteFileGuard
 from .worker import BackgroundWorker
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
@@ -105,6 +106,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA mmap_size=0")  # the database file is read, not mapped: a file cut short cannot SIGBUS us
     cursor.close()
 
 
@@ -258,6 +260,7 @@ class SQLEventSink(SpanProcessor):
         self.spill_path = Path(spill_path) if spill_path else default_spill_path(self.engine)
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
+        self._file = SQLiteFileGuard(self.engine, reconnect=not isinstance(target, Engine), spill_path=self.spill_path)
         self._writer = _TableWriter(self.engine, self.table)
         self._open_spans: set[int] = set()
         self._open_lock = threading.Lock()
@@ -270,7 +273,8 @@ class SQLEventSink(SpanProcessor):
         self._held_checked_at = 0.0
         self.max_held = max_queue
         self.rows_held_total = 0
-        self._ensure_table(log=True)
+        if self._file.check() != BLOCKED:
+            self._ensure_table(log=True)
         self._worker = BackgroundWorker("otel-cmbagent-sql", self._handle, max_queue=max_queue, max_batch=max_batch)
         add_message_listener(self._on_message)
         self._shut_down = False
@@ -345,6 +349,7 @@ class SQLEventSink(SpanProcessor):
                     if not sa.inspect(connection).has_table(self.table.name, schema=self.table.schema):
                         raise ValueError(f"table {self.table.name!r} does not exist in the target database")
             self._table_ready = True
+            self._file.wrote()
         except ValueError:
             raise
         except Exception as exc:  # noqa: BLE001 - database down at setup: rows retry/spill later
@@ -419,6 +424,12 @@ class SQLEventSink(SpanProcessor):
     def _write_batch(self, rows: list[dict[str, Any]]) -> None:
         """Write a batch; a database that fails is retried with backoff, then the batch is spilled; a batch the
         database refuses for its values is split until the refused rows are found (see :func:`write_isolating`)."""
+        state = self._file.check()
+        if state == BLOCKED:  # the file is gone or unusable (logged once by the guard)
+            self._spill(rows, LookupError(f"{self._file.path} is gone or unusable"), log=False)
+            return
+        if state == RECONNECTED:
+            self._table_ready = False
         attempts = 1 if self._degraded else self.max_retries
         delay = self.retry_backoff
         for attempt in range(attempts):
@@ -443,6 +454,7 @@ class SQLEventSink(SpanProcessor):
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         written, held = self._writer.write(rows)
+        self._file.wrote()
         self.rows_written += written
         self._hold(held)
 
