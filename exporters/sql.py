@@ -34,6 +34,7 @@ from .rows import LINK_COLUMNS, STATUS_RUNNING, message_row, snapshot, span_row
 from .side_tables import SideTables
 from .sqlite_file import BLOCKED, RECONNECTED, SQLiteFileGuard
 from .worker import BackgroundWorker
+from .writers import WRITER_KEY, Heartbeat, this_writer
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
 
@@ -236,6 +237,8 @@ class SQLEventSink(SpanProcessor):
     whose ``workflow_runs``/``sessions`` row does not exist yet are held (one warning naming
     the table) and written once it does; at shutdown rows still held are spilled.
     cmbagent's ``files``/``messages``/``cost_records`` tables, when present, get their rows too.
+    ``heartbeat``: keep this process's row in ``otel_cmbagent_writers`` (see :mod:`.writers`); None = only
+    when the sink creates its own table, or when that table already exists.
     """
 
     def __init__(
@@ -250,6 +253,7 @@ class SQLEventSink(SpanProcessor):
         max_batch: int = 512,
         max_retries: int = 5,
         retry_backoff: float = 0.1,
+        heartbeat: bool | None = None,
     ) -> None:
         self.engine = make_engine(target)
         self.table = table if table is not None else execution_events_table()
@@ -275,7 +279,13 @@ class SQLEventSink(SpanProcessor):
         self.rows_held_total = 0
         if self._file.check() != BLOCKED:
             self._ensure_table(log=True)
-        self._worker = BackgroundWorker("otel-cmbagent-sql", self._handle, max_queue=max_queue, max_batch=max_batch)
+        create_heartbeat = self._create_table if heartbeat is None else heartbeat
+        self._heartbeat = Heartbeat(self.engine, create=create_heartbeat, schema=self.table.schema) \
+            if heartbeat is not False else None
+        self._worker = BackgroundWorker(
+            "otel-cmbagent-sql", self._handle, max_queue=max_queue, max_batch=max_batch, tick=self._beat,
+            tick_interval=self._heartbeat.interval if self._heartbeat else float("inf"),
+        )
         add_message_listener(self._on_message)
         self._shut_down = False
 
@@ -396,9 +406,21 @@ class SQLEventSink(SpanProcessor):
                 written.add(span_id)
                 rows.append(span_row(ended, ended=True, capture_content=self.capture_content))
             else:
-                rows.append(span_row(item, ended=False, capture_content=self.capture_content))
+                row = span_row(item, ended=False, capture_content=self.capture_content)
+                row["meta"][WRITER_KEY] = this_writer()  # readers tell a dead writer's rows from live ones
+                rows.append(row)
         if rows:
             self._write_batch(rows)
+
+    def _beat(self) -> None:
+        """The heartbeat (worker thread, every few seconds), unless the database is unusable or not set up."""
+        if self._heartbeat is None or not self._table_ready:
+            return
+        state = self._file.check()
+        if state == RECONNECTED:
+            self._table_ready = False
+        elif state != BLOCKED:
+            self._heartbeat.beat()
 
     def _take_held(self, retry: bool) -> list[dict[str, Any]]:
         """The held rows, when it is time to try them again (they keep their place: before newer rows)."""

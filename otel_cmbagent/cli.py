@@ -60,7 +60,7 @@ TYPE_STYLES = {
     "message": "dim",
     "error": "red",
 }
-STATUS_STYLES = {"completed": "green", "failed": "bold red", "running": "bold yellow"}
+STATUS_STYLES = {"completed": "green", "failed": "bold red", "running": "bold yellow", "interrupted": "bold magenta"}
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 def _console() -> Console:
@@ -209,6 +209,8 @@ def _status_text(status: Any, error: Any = None) -> Text:
         return Text("● live", style=STATUS_STYLES["running"])
     if status == "failed":
         return Text("✗ failed" + (f": {_shorten(error, 60)}" if error else ""), style=STATUS_STYLES["failed"])
+    if status == "interrupted":  # its process was stopped (SIGTERM) or is gone (SIGKILL) while it ran
+        return Text("⏹ interrupted", style=STATUS_STYLES["interrupted"])
     return Text(str(status or "-"), style=STATUS_STYLES.get(str(status), ""))
 
 
@@ -326,7 +328,7 @@ def _tree_label(row: Mapping[str, Any]) -> Text:
         label.append_text(_status_text(status))
     else:
         label.append(f"  {fmt_duration(row.get('duration_ms'))}", style="dim")
-        if status == "failed":
+        if status in ("failed", "interrupted"):
             label.append("  ")
             label.append_text(_status_text(status, row.get("error_message")))
     return label
@@ -415,7 +417,7 @@ def timeline(run_id: str, db: str | None, width: int | None, messages: bool) -> 
     """A waterfall of a run: one line per span, indented by depth, bars on the run's time axis.
 
     Bars show each span's start offset and duration, coloured by event type; failed spans end in ✗,
-    live (still running) spans in ▸. RUN_ID: an id, a unique prefix, or `last`.
+    interrupted ones (their process was stopped or is gone) in ⏹, live (still running) spans in ▸. RUN_ID: an id, a unique prefix, or `last`.
     """
     engine, _target = _open(db)
     resolved = _resolve(engine, run_id)
@@ -492,8 +494,8 @@ def timeline(run_id: str, db: str | None, width: int | None, messages: bool) -> 
                                                     if row.get("duration_ms") is not None
                                                     else _seconds(end_of(row) - start_of(row)) * 1000)
         line.append(f" {duration:>{duration_width - 1}}", style=STATUS_STYLES["running"] if live else "dim")
-        if row.get("status") == "failed":
-            line.append(" ✗", style=STATUS_STYLES["failed"])
+        if row.get("status") in ("failed", "interrupted"):
+            line.append(" ✗" if row["status"] == "failed" else " ⏹", style=STATUS_STYLES[row["status"]])
         console.print(line, soft_wrap=True)
 
     legend = Text(" " * (label_width + 1))
