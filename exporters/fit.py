@@ -19,6 +19,7 @@ A row whose values are all fine is returned as it is: the common case costs a ty
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Mapping
 from datetime import date, datetime
@@ -48,8 +49,33 @@ def decoded(value: bytes | bytearray | memoryview) -> str:
     return storable(bytes(value).decode("utf-8", errors="replace"))
 
 
-def json_safe(value: Any, depth: int = 0) -> Any:
+# The C encoder, strict: what it encodes without NUL (escaped as \u0000) or a lone surrogate is already safe.
+_strict_json = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+
+
+def json_ok(value: Any) -> bool:
+    """True when every JSON column takes ``value`` as it is (checked by the C encoder)."""
+    try:
+        text = _strict_json(value)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return "\\u0000" not in text and (text.isascii() or _utf8(text))
+
+
+def json_safe(value: Any) -> Any:
     """``value`` as every JSON column takes it (the same object when it already is)."""
+    return value if json_ok(value) else _json_walk(value)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _json_walk(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
         return storable(value)
     if value is None or isinstance(value, (bool, int)):
@@ -59,11 +85,11 @@ def json_safe(value: Any, depth: int = 0) -> Any:
     if depth >= _MAX_DEPTH:
         return "<max depth>"
     if isinstance(value, Mapping):
-        items = [(_json_key(key), json_safe(item, depth + 1)) for key, item in value.items()]
+        items = [(_json_key(key), _json_walk(item, depth + 1)) for key, item in value.items()]
         same = isinstance(value, dict) and all(a is k and b is v for (a, b), (k, v) in zip(items, value.items()))
         return value if same else dict(items)
     if isinstance(value, (list, tuple)):
-        items = [json_safe(item, depth + 1) for item in value]
+        items = [_json_walk(item, depth + 1) for item in value]
         same = isinstance(value, list) and all(a is b for a, b in zip(items, value))
         return value if same else items
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -82,7 +108,10 @@ def _json_key(key: Any) -> Any:
 
 
 def _integer_bounds(column: sa.Column, sqlite: bool) -> tuple[int, int]:
-    bits = 64 if sqlite or isinstance(column.type, sa.BigInteger) else 16 if isinstance(column.type, sa.SmallInteger) else 32
+    if sqlite or isinstance(column.type, sa.BigInteger):
+        bits = 64
+    else:
+        bits = 16 if isinstance(column.type, sa.SmallInteger) else 32
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
@@ -107,17 +136,25 @@ class TableFit:
     def fit(self, row: dict[str, Any]) -> dict[str, Any]:
         """``row`` (mapped onto the table) with every value storable; changed in place, and returned."""
         kept: dict[str, Any] = {}
+        documents = []
         for name, value in row.items():
             if value is None:
                 continue
             if name in self.lengths:
+                length = self.lengths[name]
+                if type(value) is str and value.isascii() and "\x00" not in value and (
+                        length is None or len(value) <= length):
+                    continue  # almost every value
                 row[name] = self._text(name, value, kept)
             elif name in self.json:
-                row[name] = json_safe(value)
+                documents.append(name)
             elif name in self.integers and isinstance(value, int) and not isinstance(value, bool):
                 low, high = self.integers[name]
                 if not low <= value <= high:
                     row[name], kept[name] = None, value
+        if documents and not json_ok([row[name] for name in documents]):  # one check for all of them
+            for name in documents:
+                row[name] = json_safe(row[name])
         if kept:
             meta = row.get(self.meta_column) if self.meta_column else None
             if isinstance(meta, dict):
@@ -125,13 +162,13 @@ class TableFit:
         return row
 
     def _text(self, name: str, value: Any, kept: dict[str, Any]) -> str:
+        length = self.lengths[name]
         if isinstance(value, str):
             text = storable(value)
         elif isinstance(value, (bytes, bytearray, memoryview)):
             text = decoded(value)
         else:
             text = storable(str(value))
-        length = self.lengths[name]
         if length is not None and len(text) > length:
             kept[name] = text
             text = fit_text(text, length)

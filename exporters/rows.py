@@ -234,6 +234,7 @@ _AGENT_ATTRIBUTE = {semconv.EVENT_HANDOFF: semconv.HANDOFF_FROM, _MESSAGE_KIND: 
 # event_subtype of an ended span (default "complete"); these keep theirs when failed too
 _SUBTYPES = {semconv.EVENT_TOOL_CALL: "execute", semconv.EVENT_HANDOFF: "transfer", semconv.EVENT_FILE_GEN: "create"}
 # meta keys computed here (not attributes): the export back to spans skips them
+# (``cmbagent.writer``: the process that wrote a running row, added by the SQL sink)
 DERIVED_META = frozenset({"span_name", "trace_id", "span_id", "tokens", "cost_usd", "code_length", "cmbagent.writer"})
 _NUMERIC_META = ("tokens", "cost_usd")
 # attributes that hold JSON text but have no field in a row's type (kept decoded in meta)

@@ -686,7 +686,8 @@ def _leave_unwritten(path: Path, report: ReplayReport, held: list[str], remove: 
         path.write_text("".join(held + kept), encoding="utf-8", errors="surrogateescape")
         report.left_in = path
         if report.held:
-            _logger.warning("otel-cmbagent: %d spilled rows still have no run/session row; left in %s", report.held, path)
+            _logger.warning("otel-cmbagent: %d spilled rows still have no run/session row; left in %s",
+                            report.held, path)
         if kept:
             _logger.warning("otel-cmbagent: %d lines of %s could not be written (%s); left in the file",
                             len(kept), path, report.first_error)
@@ -694,13 +695,6 @@ def _leave_unwritten(path: Path, report: ReplayReport, held: list[str], remove: 
         path.rename(path.with_name(path.name + ".replayed"))
 
 
-def replay(
-    spill_path: str | os.PathLike[str],
-    target: str | Engine,
-    *,
-    table: sa.Table | None = None,
-    batch_size: int = 512,
-    remove: bool = True,
-) -> int:
-    """:func:`replay_report`, returning the number of rows written."""
-    return replay_report(spill_path, target, table=table, batch_size=batch_size, remove=remove).written
+def replay(spill_path: str | os.PathLike[str], target: str | Engine, **options: Any) -> int:
+    """:func:`replay_report` (same options), returning the number of rows written."""
+    return replay_report(spill_path, target, **options).written

@@ -895,7 +895,8 @@ def replay(spill_file: str, db: str | None, keep: bool) -> None:
 
 def _line_numbers(numbers: Sequence[int], shown: int = 20) -> str:
     text = ", ".join(map(str, numbers[:shown]))
-    return f"line {text}" if len(numbers) == 1 else f"lines {text}" + (f", … ({len(numbers) - shown} more)" if len(numbers) > shown else "")
+    more = f", … ({len(numbers) - shown} more)" if len(numbers) > shown else ""
+    return f"line {text}" if len(numbers) == 1 else f"lines {text}{more}"
 
 
 # --- serve --------------------------------------------------------------------------------------

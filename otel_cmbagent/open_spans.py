@@ -28,11 +28,11 @@ class OpenSpans(SpanProcessor):
 
     def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
         with self._lock:
-            self._spans[id(span)] = span
+            self._spans[span.context.span_id] = span
 
-    def on_end(self, span: ReadableSpan) -> None:
+    def on_end(self, span: ReadableSpan) -> None:  # a ReadableSpan copy of the Span: keyed by span id
         with self._lock:
-            self._spans.pop(id(span), None)
+            self._spans.pop(span.context.span_id, None)
 
     def __len__(self) -> int:
         return len(self._spans)

@@ -487,9 +487,10 @@ def _groups_statement(shape: _Shape) -> Any:
 def list_runs(engine: Engine, limit: int | None = 50, *, table: str | sa.Table | None = None) -> list[dict[str, Any]]:
     """Runs, newest first (by start): ``run_id``, ``session_id``, ``name`` (the run span's name),
     ``started_at``, ``last_event_at``, ``duration_ms`` (so far, for a live run), ``status``
-    (``running`` = live, ``completed``, ``failed``), ``live``, ``events`` (rows), ``agents`` (distinct
-    names, first seen first), ``input_tokens``, ``output_tokens``, ``cost`` and ``llm_calls`` (summed
-    over the run's ``llm_call`` rows: per call, never the cumulative totals), ``trace_id``.
+    (``running`` = live, ``completed``, ``failed``, ``interrupted``: its process was stopped while it ran, or
+    the process that wrote its running rows is gone - see :func:`mark_interrupted`), ``live``, ``events``
+    (rows), ``agents`` (distinct names, first seen first), ``input_tokens``, ``output_tokens``, ``cost`` and
+    ``llm_calls`` (summed over the run's ``llm_call`` rows: per call, never the cumulative totals), ``trace_id``.
     """
     shape = _shape(engine, table)
     statement = _groups_statement(shape).order_by(sa.desc("first_seen"), sa.desc("run_key"))

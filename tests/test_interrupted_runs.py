@@ -172,3 +172,39 @@ def test_a_writer_on_another_host_is_known_dead_by_its_heartbeat(tmp_path):
         assert time.monotonic() < deadline, "the stale heartbeat was never noticed"
         time.sleep(0.5)
     assert summary(run.db, "remote-run")["status"] == "interrupted"
+
+
+EXITING_CHILD = """
+import sys, threading, time
+import otel_cmbagent as oc
+
+tracing = oc.setup_tracing(sql_url=f"sqlite:///{sys.argv[1]}", otlp=False, instrument=False)
+tracer = tracing.tracer_provider.get_tracer("worker")
+started = threading.Event()
+
+
+def work():
+    with oc.run(name="daemon work", run_id="exiting-run"), tracer.start_as_current_span("long step"):
+        started.set()
+        time.sleep(120)
+
+
+threading.Thread(target=work, daemon=True).start()
+started.wait(30)
+with oc.run(name="short", run_id="finished-run"), tracer.start_as_current_span("quick step"):
+    pass
+print(len(tracing.open_spans), flush=True)  # only the daemon thread's two spans are open
+"""
+
+
+def test_spans_still_open_when_the_process_exits_end_as_interrupted(tmp_path):
+    """The main thread returns while a daemon thread is inside a run: at exit its open spans end as interrupted
+    (their rows final), the finished run stays completed, and spans that ended are not kept by the tracker."""
+    db = tmp_path / "exit.db"
+    child = subprocess.run([sys.executable, "-c", EXITING_CHILD, str(db)], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.split() == ["2"]
+    rows = table_rows(make_engine(f"sqlite:///{db}"))
+    statuses = {(r["run_id"], r["status"], r["error_message"]) for r in rows}
+    assert statuses == {("exiting-run", "interrupted", "interrupted by the process exiting"),
+                        ("finished-run", "completed", None)}, statuses

@@ -73,7 +73,8 @@ def test_a_poisoned_run_costs_the_innocent_run_no_row(sql_url, tmp_path, caplog)
     spans = memory.get_finished_spans()
     innocent = expected_rows(spans, run_ids["innocent"])
     poisoned = expected_rows(spans, run_ids["poisoned"])
-    assert innocent and innocent <= set(rows), f"the innocent run lost {len(innocent - set(rows))} of {len(innocent)} rows"
+    lost = innocent - set(rows)
+    assert innocent and not lost, f"the innocent run lost {len(lost)} of {len(innocent)} rows"
     assert poisoned <= set(rows), "the poisoned run's own rows land too, the values replaced"
     failed = [r for r in rows.values() if r["run_id"] == run_ids["poisoned"] and r["status"] == "failed"
               and "bad" in (r["error_message"] or "")]

@@ -256,7 +256,8 @@ def test_a_killed_run_turns_interrupted_in_the_page(tmp_path, page):
 
 def _has_running_run(db, run_id):
     try:
-        return any(r["status"] == "running" for r in store.list_runs(store.open_store(str(db))) if r["run_id"] == run_id)
+        runs = store.list_runs(store.open_store(str(db)))
+        return any(r["status"] == "running" for r in runs if r["run_id"] == run_id)
     except store.StoreError:
         return False
 
