@@ -67,6 +67,18 @@ def json_safe(value: Any) -> Any:
     return value if json_ok(value) else _json_walk(value)
 
 
+def json_text(value: Any) -> str:
+    """JSON text every database takes: the ``json_serializer`` of the engines the SQL sink makes, so their
+    JSON values are made safe while they are serialised anyway (no second pass)."""
+    try:
+        text = _strict_json(value)
+    except (TypeError, ValueError, RecursionError):
+        return _strict_json(_json_walk(value))
+    if "\\u0000" in text or not (text.isascii() or _utf8(text)):
+        return _strict_json(_json_walk(value))
+    return text
+
+
 def _utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -118,8 +130,11 @@ def _integer_bounds(column: sa.Column, sqlite: bool) -> tuple[int, int]:
 class TableFit:
     """How values fit ``table``'s columns on ``dialect`` (SQLite enforces no lengths, and 64-bit integers)."""
 
-    def __init__(self, table: sa.Table, dialect: str, meta_column: str | None = None) -> None:
-        sqlite = dialect == "sqlite"
+    def __init__(self, table: sa.Table, dialect: sa.Dialect | str, meta_column: str | None = None) -> None:
+        name = dialect if isinstance(dialect, str) else dialect.name
+        sqlite = name == "sqlite"
+        # an engine made by make_engine serialises JSON with json_text: nothing to check here
+        self.json_checked = getattr(dialect, "_json_serializer", None) is json_text
         self.meta_column = meta_column
         self.lengths: dict[str, int | None] = {}
         self.json: set[str] = set()
@@ -152,7 +167,7 @@ class TableFit:
                 low, high = self.integers[name]
                 if not low <= value <= high:
                     row[name], kept[name] = None, value
-        if documents and not json_ok([row[name] for name in documents]):  # one check for all of them
+        if documents and not self.json_checked and not json_ok([row[name] for name in documents]):  # one check
             for name in documents:
                 row[name] = json_safe(row[name])
         if kept:

@@ -56,7 +56,7 @@ class SideTables:
             )
             self.written[name] = 0
             self.skipped[name] = 0
-            self.fits[name] = TableFit(self.tables[name], connection.dialect.name, "meta")
+            self.fits[name] = TableFit(self.tables[name], connection.dialect, "meta")
         self._reflected = True
 
     def records(self, pairs: list[Pair]) -> list[tuple[str, str, dict[str, Any]]]:

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 from otel_cmbagent.live import add_message_listener, remove_message_listener
 from otel_cmbagent.utils import log_internal_error
 
-from .fit import TableFit
+from .fit import TableFit, json_text
 from .foreign_keys import ForeignKeyGuard
 from .rows import LINK_COLUMNS, STATUS_RUNNING, message_row, snapshot, span_row
 from .side_tables import SideTables
@@ -94,10 +94,11 @@ def make_engine(target: str | Engine) -> Engine:
             database = url.database
             if database and database != ":memory:" and not database.startswith("file:"):
                 Path(database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
-            engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+            engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                                      json_serializer=json_text)
             sa.event.listen(engine, "connect", _sqlite_pragmas)
             return engine
-        return sa.create_engine(url, pool_pre_ping=True)
+        return sa.create_engine(url, pool_pre_ping=True, json_serializer=json_text)
     except (sa.exc.NoSuchModuleError, ImportError) as exc:
         raise ValueError(f"cannot use sql_url {url.render_as_string(hide_password=True)}: {exc}") from None
 
@@ -138,7 +139,7 @@ class _TableWriter:
         self.skipped = 0
         self.guard = ForeignKeyGuard(table, self.meta_column)
         self.side = SideTables(table)
-        self.fit = TableFit(table, engine.dialect.name, self.meta_column)
+        self.fit = TableFit(table, engine.dialect, self.meta_column)
 
     def to_table(self, row: Mapping[str, Any]) -> dict[str, Any] | None:
         out: dict[str, Any] = {}

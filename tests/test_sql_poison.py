@@ -42,11 +42,14 @@ def expected_rows(spans, run_id: str) -> set[str]:
     return ids
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql, the host's engine"])
 def sql_url(request, tmp_path):
+    """A URL (the sink makes the engine: JSON made safe as it is serialised), or a host's plain Engine (the
+    sink checks JSON values itself)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'poison.db'}"
-    return request.getfixturevalue("postgres_url")
+    url = request.getfixturevalue("postgres_url")
+    return url if request.param == "postgresql" else sa.create_engine(url)
 
 
 def test_a_poisoned_run_costs_the_innocent_run_no_row(sql_url, tmp_path, caplog):
@@ -84,16 +87,18 @@ def test_a_poisoned_run_costs_the_innocent_run_no_row(sql_url, tmp_path, caplog)
     assert not [r for r in caplog.records if "spilled" in r.getMessage()]
 
 
-def test_a_bytes_attribute_costs_no_row(tmp_path):
-    """Host code sets a bytes attribute on the current span (OpenTelemetry keeps bytes as they are): the row
-    lands with the bytes decoded as text, and so do the other rows of its batch."""
+def test_bytes_and_nan_attributes_cost_no_row(sql_url, tmp_path):
+    """Host code sets a bytes and a NaN attribute on the current span (OpenTelemetry keeps both as they are;
+    bytes fail JSON serialisation, PostgreSQL's json rejects NaN): the row lands with the bytes decoded as text
+    and NaN as "NaN", and so do the other rows of its batch."""
     memory = InMemorySpanExporter()
-    tracing = oc.setup_tracing(sql_url=f"sqlite:///{tmp_path / 'bytes.db'}", otlp=False, set_global=False,
+    tracing = oc.setup_tracing(sql_url=sql_url, otlp=False, set_global=False,
                                handle_sigterm=False, spill_path=tmp_path / "bytes.spill.jsonl")
     tracing.tracer_provider.add_span_processor(SimpleSpanProcessor(memory))
 
     def checksum(path: str) -> str:
         trace.get_current_span().set_attribute("app.digest", b"\x89PNG\r\n\x1a\n\xff\x00")
+        trace.get_current_span().set_attribute("app.ratio", float("nan"))
         return "ok"
 
     with ScriptedLLM() as llm:
@@ -108,8 +113,8 @@ def test_a_bytes_attribute_costs_no_row(tmp_path):
         stats = tracing.stats["sql"]
         tracing.shutdown()
     assert {r["id"] for r in rows} == expected_rows(memory.get_finished_spans(), run.run_id)
-    (tool,) = [r for r in rows if r["event_type"] == "tool_call"]
-    assert json.loads(tool["meta"])["app.digest"] == "\ufffdPNG\r\n\x1a\n\ufffd\ufffd"
+    (tool,) = [store.decode_row(r) for r in rows if r["event_type"] == "tool_call"]
+    assert tool["meta"]["app.digest"] == "\ufffdPNG\r\n\x1a\n\ufffd\ufffd" and tool["meta"]["app.ratio"] == "NaN"
     assert stats["rows_spilled"] == 0, stats
 
 
