@@ -457,8 +457,7 @@ class SQLEventSink(SpanProcessor):
         delay = self.retry_backoff
         for attempt in range(attempts):
             try:
-                if not self._ensure_table():
-                    raise RuntimeError("table not ready")
+                self._table_or_raise()
                 self._write(rows)
                 self._degraded = False
                 return
@@ -474,6 +473,15 @@ class SQLEventSink(SpanProcessor):
                     delay *= 2
         self._degraded = True
         self._spill(rows, error)
+
+    def _table_or_raise(self) -> None:
+        """The table is there, or a database failure (retried, then spilled) - never a row's fault."""
+        try:
+            ready = self._ensure_table()
+        except ValueError as exc:  # a host's table that is gone
+            raise RuntimeError(str(exc)) from exc
+        if not ready:
+            raise RuntimeError("table not ready")
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         written, held = self._writer.write(rows)
