@@ -43,7 +43,7 @@ def best_per_call(fn: Callable[[], Any], calls: int, repeat: int = 5) -> float:
 
 
 def environment(calls: int) -> None:
-    from otel_cmbagent import utils
+    from otel_cmbagent.pipeline import values as utils
 
     utils.notice_environment()
     steady = best_per_call(utils.notice_environment, calls)
@@ -87,7 +87,7 @@ def _message_cost(module: Any, contents: list[str], repeat: int = 5) -> float:
 
 
 def messages(count: int, baseline_revision: str | None) -> None:
-    from otel_cmbagent import utils
+    from otel_cmbagent.pipeline import values as utils
 
     modules = {"this version": utils}
     if baseline_revision:
@@ -136,7 +136,7 @@ def otlp(calls: int) -> None:
 def viewer(requests: int) -> None:
     import httpx
 
-    from otel_cmbagent.viewer import app as viewer_app
+    from otel_cmbagent.apps.viewer import app as viewer_app
 
     def bind_without_tcp(host: str, port: int) -> socket.socket:  # the previous _bind_socket
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -174,7 +174,7 @@ def _span_rows(count: int) -> list[dict[str, Any]]:
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from otel_cmbagent.exporters.rows import span_row
+    from otel_cmbagent.table.rows import span_row
 
     memory = InMemorySpanExporter()
     provider = TracerProvider()
@@ -195,7 +195,7 @@ def _span_rows(count: int) -> list[dict[str, Any]]:
 
 
 def sql_fitting(count: int) -> None:
-    from otel_cmbagent.exporters.fit import TableFit
+    from otel_cmbagent.table.fit import TableFit
     from otel_cmbagent.exporters.sql import SQLEventSink, _TableWriter
 
     rows = _span_rows(count)
@@ -228,7 +228,7 @@ def open_span_tracking(spans: int) -> None:
     from opentelemetry.sdk.trace import TracerProvider
 
     import otel_cmbagent as oc
-    from otel_cmbagent.open_spans import OpenSpans
+    from otel_cmbagent.pipeline.open_spans import OpenSpans
 
     cells = {}
     for label, processors in (("sequencer", [oc.SequencingSpanProcessor()]),

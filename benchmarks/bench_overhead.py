@@ -42,7 +42,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_cmbagent as oc
-from otel_cmbagent.setup import DEFAULT_MAX_EVENTS_PER_SPAN
+from otel_cmbagent.tracing import DEFAULT_MAX_EVENTS_PER_SPAN
 
 SPAN_TARGET_US = 3.0
 MODES = ("plain", "ours", "ag2")

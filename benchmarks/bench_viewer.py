@@ -35,8 +35,8 @@ from pathlib import Path
 
 import httpx
 
-from otel_cmbagent import store
-from otel_cmbagent.viewer.app import ViewerServer
+from otel_cmbagent.table import store
+from otel_cmbagent.apps.viewer.app import ViewerServer
 
 CHROMIUM = os.environ.get("OTEL_CMBAGENT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -46,7 +46,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 WRITER = r'''
 import json, sys, time
 import otel_cmbagent as oc
-from otel_cmbagent.spans import add_ordered_event
+from otel_cmbagent.instrumentation.spans import add_ordered_event
 
 db, run_id, initial, extra, rate = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 tracing = oc.setup_tracing(sql_url="sqlite:///" + db, otlp=False, instrument=False, set_global=True,

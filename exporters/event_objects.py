@@ -23,12 +23,12 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
-from otel_cmbagent import semconv
-from otel_cmbagent.live import add_message_listener, remove_message_listener
-from otel_cmbagent.utils import log_internal_error
+from otel_cmbagent.pipeline import semconv
+from otel_cmbagent.pipeline.listeners import add_message_listener, remove_message_listener
+from otel_cmbagent.pipeline.values import log_internal_error
 
-from .rows import message_row, snapshot, span_row
-from .worker import BackgroundWorker
+from otel_cmbagent.table.rows import message_row, snapshot, span_row
+from otel_cmbagent.exporters.worker import BackgroundWorker
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
 

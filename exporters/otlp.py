@@ -14,11 +14,11 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import Link, Status
 
-from otel_cmbagent.config import CAPTURE_CONTENT_ENV, parse_bool_env
-from otel_cmbagent.semconv import CONTENT_ATTRIBUTES
-from otel_cmbagent.utils import log_internal_error, storable
+from otel_cmbagent.pipeline.config import CAPTURE_CONTENT_ENV, parse_bool_env
+from otel_cmbagent.pipeline.semconv import CONTENT_ATTRIBUTES
+from otel_cmbagent.pipeline.values import log_internal_error, storable
 
-from .worker import SHUTDOWN_TIMEOUT_ENV, shutdown_timeout
+from otel_cmbagent.exporters.worker import SHUTDOWN_TIMEOUT_ENV, shutdown_timeout
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
 

@@ -25,16 +25,16 @@ from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from sqlalchemy.engine import Engine
 
-from otel_cmbagent.live import add_message_listener, remove_message_listener
-from otel_cmbagent.utils import log_internal_error
+from otel_cmbagent.pipeline.listeners import add_message_listener, remove_message_listener
+from otel_cmbagent.pipeline.values import log_internal_error
 
-from .fit import TableFit, json_text
-from .foreign_keys import ForeignKeyGuard
-from .rows import LINK_COLUMNS, STATUS_RUNNING, message_row, snapshot, span_row
-from .side_tables import SideTables
-from .sqlite_file import BLOCKED, RECONNECTED, SQLiteFileGuard
-from .worker import BackgroundWorker
-from .writers import WRITER_KEY, Heartbeat, this_writer
+from otel_cmbagent.table.fit import TableFit, json_text
+from otel_cmbagent.exporters.foreign_keys import ForeignKeyGuard
+from otel_cmbagent.table.rows import LINK_COLUMNS, STATUS_RUNNING, message_row, snapshot, span_row
+from otel_cmbagent.exporters.side_tables import SideTables
+from otel_cmbagent.exporters.sqlite_file import BLOCKED, RECONNECTED, SQLiteFileGuard
+from otel_cmbagent.exporters.worker import BackgroundWorker
+from otel_cmbagent.table.writers import WRITER_KEY, Heartbeat, this_writer
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
 

@@ -10,7 +10,7 @@
     provider.add_span_processor(WebsocketCallbackProcessor(broadcaster.callback))
 
 The callback has the signature of cmbagent's ``ws_emit_callback``: ``callback("event_captured", data)``
-where ``data`` is the event's ``execution_events`` row (built by :mod:`otel_cmbagent.exporters.rows`,
+where ``data`` is the event's ``execution_events`` row (built by :mod:`otel_cmbagent.table.rows`,
 so the websocket and the SQL sink show the same ids and orders), with every value JSON-serialisable.
 
 Nothing here runs on the agent's thread except a snapshot of the span: sync callbacks run on a
@@ -39,11 +39,11 @@ from urllib.parse import parse_qs, urlsplit
 from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
-from otel_cmbagent.live import add_message_listener, remove_message_listener
-from otel_cmbagent.utils import log_internal_error
+from otel_cmbagent.pipeline.listeners import add_message_listener, remove_message_listener
+from otel_cmbagent.pipeline.values import log_internal_error
 
-from .rows import message_row, snapshot, span_row
-from .worker import SHUTDOWN_TIMEOUT_ENV, BackgroundWorker, shutdown_timeout
+from otel_cmbagent.table.rows import message_row, snapshot, span_row
+from otel_cmbagent.exporters.worker import SHUTDOWN_TIMEOUT_ENV, BackgroundWorker, shutdown_timeout
 
 __all__ = [
     "EVENT_CAPTURED",

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from opentelemetry import context as otel_context
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY  # the API's key (contrib re-exports it)
 
-from otel_cmbagent.utils import log_internal_error
+from otel_cmbagent.pipeline.values import log_internal_error
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
 

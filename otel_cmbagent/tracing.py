@@ -15,10 +15,10 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 
-from .config import CAPTURE_CONTENT_ENV, parse_bool_env
-from .instrumentor import AG2Instrumentor
-from .open_spans import OpenSpans
-from .processor import SequencingSpanProcessor
+from .pipeline.config import CAPTURE_CONTENT_ENV, parse_bool_env
+from .instrumentation.instrumentor import AG2Instrumentor
+from .pipeline.open_spans import OpenSpans
+from .pipeline.processor import SequencingSpanProcessor
 
 _logger = logging.getLogger(__name__)
 

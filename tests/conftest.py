@@ -67,7 +67,7 @@ def chats_cwd(tmp_path, monkeypatch) -> str:
 @pytest.fixture(scope="session")
 def postgres_server():
     """One throwaway PostgreSQL cluster on 127.0.0.1 for the session (initdb/pg_ctl; never skipped)."""
-    from otel_cmbagent.testing.postgres import PostgresServer
+    from services.postgres import PostgresServer
 
     server = PostgresServer().start()
     server.wait_ready()
@@ -96,7 +96,7 @@ def postgres_url(postgres_server) -> str:
 @pytest.fixture
 def tracer(tracer_provider, monkeypatch):
     """A test tracer on the fixture provider, which oc.run()/oc.step() also use (no instrumentation)."""
-    import otel_cmbagent.context as oc_context
+    import otel_cmbagent.pipeline.context as oc_context
 
     monkeypatch.setattr(oc_context._TracerSource, "provider", tracer_provider)
     return tracer_provider.get_tracer("test")

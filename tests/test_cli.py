@@ -16,11 +16,11 @@ import pytest
 import sqlalchemy as sa
 
 import otel_cmbagent as oc
-from otel_cmbagent import store
-from otel_cmbagent.exporters.rows import event_id, is_message
+from otel_cmbagent.table import store
+from otel_cmbagent.table.rows import event_id, is_message
 from otel_cmbagent.exporters.sql import SQLEventSink, make_engine
 from otel_cmbagent.testing import ScriptedLLM
-from otel_cmbagent.testing.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
+from services.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
 from sinks_util import PausedRun, scripted_run, table_rows
 from test_store import CODE_RUN_PREFIX, TOOL_RUN_PREFIX, make_cmbagent_db, make_traced_db
 

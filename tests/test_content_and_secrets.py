@@ -8,7 +8,7 @@ from autogen import ConversableAgent, register_function
 from autogen.coding import LocalCommandLineCodeExecutor
 
 import otel_cmbagent as oc
-from otel_cmbagent import semconv
+from otel_cmbagent.pipeline import semconv
 from otel_cmbagent.testing import code, text, tool_call
 from spans_util import by_event_type, everything_recorded
 

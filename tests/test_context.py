@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 import otel_cmbagent as oc
-import otel_cmbagent.context as oc_context
+import otel_cmbagent.pipeline.context as oc_context
 from spans_util import everything_recorded
 
 FAKE_KEY = "sk-test-FAKEKEY-0123456789abcdefXYZ"

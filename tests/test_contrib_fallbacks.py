@@ -19,9 +19,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 import otel_cmbagent as oc
-from otel_cmbagent import contrib
-from otel_cmbagent.patching import is_patched
-from otel_cmbagent.threads import BuiltinThreadContext, builtin_thread_context
+from otel_cmbagent.instrumentation import contrib
+from otel_cmbagent.instrumentation.patching import is_patched
+from otel_cmbagent.instrumentation.threads import BuiltinThreadContext, builtin_thread_context
 
 PATCH_POINTS = (
     (threading.Thread, "start"),

@@ -12,8 +12,8 @@ import pytest
 import sqlalchemy as sa
 from rich.console import Console
 
-from otel_cmbagent.exporters.rows import row_kind
-from otel_cmbagent.demo import RUN_NAME, DemoResult, code_result, db_work_dir, run_demo
+from otel_cmbagent.table.rows import row_kind
+from otel_cmbagent.apps.demo import RUN_NAME, DemoResult, code_result, db_work_dir, run_demo
 from otel_cmbagent.testing import ScriptedLLM, text
 
 EVENT_TYPES = {"run", "step", "conversation", "agent_call", "llm_call", "tool_call", "code_exec", "file_gen",

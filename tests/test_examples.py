@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from otel_cmbagent.exporters.rows import is_message, row_kind
+from otel_cmbagent.table.rows import is_message, row_kind
 from otel_cmbagent.testing import ScriptedLLM, text
-from otel_cmbagent.testing.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
+from services.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

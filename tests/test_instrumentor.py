@@ -109,7 +109,7 @@ def test_suppress_instrumentation_key_is_honoured(instrument_with_content, span_
 
 def test_internal_error_is_logged_once_and_swallowed(tracer_provider, span_exporter, scripted_llm, monkeypatch, caplog):
     """A bug in our start hook never breaks the chat; it is logged once per kind; other spans still flow."""
-    from otel_cmbagent.agent_patch import AgentWrappers
+    from otel_cmbagent.instrumentation.agent_patch import AgentWrappers
 
     def broken_start_hook(self, agent, args, kwargs):
         raise KeyError("bug in otel-cmbagent")

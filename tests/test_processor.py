@@ -12,9 +12,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 import otel_cmbagent as oc
-import otel_cmbagent.context as oc_context
-import otel_cmbagent.processor as oc_processor
-from otel_cmbagent.utils import log_internal_error
+import otel_cmbagent.pipeline.context as oc_context
+import otel_cmbagent.pipeline.processor as oc_processor
+from otel_cmbagent.pipeline.values import log_internal_error
 
 ORDER = "cmbagent.execution_order"
 DEPTH = "cmbagent.depth"

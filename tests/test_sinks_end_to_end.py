@@ -11,9 +11,9 @@ import pytest
 import sqlalchemy as sa
 
 import otel_cmbagent as oc
-from otel_cmbagent.exporters.rows import event_id, is_message, row_kind
+from otel_cmbagent.table.rows import event_id, is_message, row_kind
 from otel_cmbagent.exporters.sql import SQLEventSink, make_engine, replay
-from otel_cmbagent.testing.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
+from services.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
 from cmbagent_schema import add_run, cmbagent_engine, rows_of
 import cmbagent_schema as cmb
 from sinks_util import PausedRun, scripted_run, table_rows

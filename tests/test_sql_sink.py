@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 import otel_cmbagent as oc
-from otel_cmbagent.exporters.rows import event_id, is_message, row_kind
+from otel_cmbagent.table.rows import event_id, is_message, row_kind
 from otel_cmbagent.exporters.sql import SQLEventSink, execution_events_table, make_engine, replay
 from sinks_util import PausedRun, scripted_run, table_rows
 
@@ -67,7 +67,7 @@ def test_rows_are_visible_while_the_run_is_live(tracing, scripted_llm):
 
 def test_rewrites_are_idempotent(tmp_path, tracer_provider, span_exporter, monkeypatch):
     """The same spans written twice (a retry, a duplicate) leave one row each."""
-    monkeypatch.setattr(oc.context._TracerSource, "provider", tracer_provider)
+    monkeypatch.setattr(oc.pipeline.context._TracerSource, "provider", tracer_provider)
     engine = make_engine(f"sqlite:///{tmp_path / 'dup.db'}")
     sink = SQLEventSink(engine)
     tracer_provider.add_span_processor(sink)
@@ -149,7 +149,7 @@ def test_side_rows_are_written_once_whatever_is_replayed(tmp_path, tracer_provid
     """cmbagent's messages/cost_records rows (autoincrement ids, no upsert) stay one per event when every span
     is delivered again and the run's rows are replayed from a spill file."""
     import cmbagent_schema as cmb
-    from otel_cmbagent.exporters.rows import message_rows, span_row
+    from otel_cmbagent.table.rows import message_rows, span_row
     from otel_cmbagent.exporters.sql import _json_default
 
     engine = cmb.cmbagent_engine(f"sqlite:///{tmp_path / 'side.db'}")
@@ -216,7 +216,7 @@ def test_several_processes_write_one_sqlite_file(tmp_path):
         "import otel_cmbagent as oc, sys\n"
         f"t = oc.setup_tracing(sql_url='sqlite:///{db}', set_global=False, instrument=False)\n"
         "tracer = t.tracer_provider.get_tracer('p')\n"
-        "oc.context._TracerSource.provider = t.tracer_provider\n"
+        "oc.pipeline.context._TracerSource.provider = t.tracer_provider\n"
         "with oc.run(run_id=sys.argv[1]):\n"
         "    for i in range(300):\n"
         "        with tracer.start_as_current_span(f's{i}'): pass\n"

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from otel_cmbagent import store
-from otel_cmbagent.exporters.rows import is_message
-from otel_cmbagent.viewer.app import ViewerServer
+from otel_cmbagent.table import store
+from otel_cmbagent.table.rows import is_message
+from otel_cmbagent.apps.viewer.app import ViewerServer
 from test_viewer import SYNTHETIC_WRITER, XSS, tracing_for, xss_run
 
 from conftest import FAKE_KEY
@@ -264,7 +264,7 @@ def _has_running_run(db, run_id):
 
 def test_demo_run_screenshot(tmp_path, page, monkeypatch):
     """The README screenshot: cmbagent's demo workflow (group chat, code, files, a failed tool call)."""
-    from otel_cmbagent.demo import run_demo
+    from otel_cmbagent.apps.demo import run_demo
 
     monkeypatch.chdir(tmp_path)
     db = "otel_cmbagent.db"  # shown as given in the page's top bar

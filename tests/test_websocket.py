@@ -17,9 +17,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_cmbagent as oc
-from otel_cmbagent.exporters.rows import is_message
-import otel_cmbagent.live as oc_live
-from otel_cmbagent.exporters import rows
+from otel_cmbagent.table.rows import is_message
+import otel_cmbagent.pipeline.listeners as oc_live
+from otel_cmbagent.table import rows
 from otel_cmbagent.exporters.websocket import (
     DATA_FIELDS,
     EVENT_CAPTURED,

@@ -11,7 +11,7 @@ Every call cmbagent's shipped code makes (fork UJ2202/MARS: ``phases/execution_m
 ``branching/branch_executor.py``, ``ag2_hooks``) and every call of its "Stage 3" plan works
 unchanged. Every ``capture_*`` call emits a span (so every sink sees it) and returns the id of
 its row; the rows read as cmbagent's own capture writes them (see
-:mod:`otel_cmbagent.exporters.rows`). AG2 spans started while a captor is set carry its
+:mod:`otel_cmbagent.table.rows`). AG2 spans started while a captor is set carry its
 run/session/node/step ids and share its run's gapless order. There is no second event path.
 """
 
@@ -29,15 +29,15 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import Span, SpanProcessor
 
-from . import semconv
-from .compat_pipeline import router, sinks_for, tracer_provider
-from .context import _IDENTITY_KEY, RunIdentity, sequence_for_run
-from .errors import mark_failed
-from .instrumentor import AG2Instrumentor
-from .messages import messages_json
-from .spans import add_ordered_event
-from .utils import log_internal_error, safe_text, to_json
-from .version import __version__
+from ..pipeline import semconv
+from .pipeline import router, sinks_for, tracer_provider
+from ..pipeline.context import _IDENTITY_KEY, RunIdentity, sequence_for_run
+from ..pipeline.errors import mark_failed
+from ..instrumentation.instrumentor import AG2Instrumentor
+from ..instrumentation.messages import messages_json
+from ..instrumentation.spans import add_ordered_event
+from ..pipeline.values import log_internal_error, safe_text, to_json
+from ..version import __version__
 
 _LIMIT = 16 * 1024  # per value, as the instrumentation's default
 F = TypeVar("F", bound=Callable[..., Any])
@@ -136,7 +136,7 @@ def _timed(method: F) -> F:
 
 
 def _event_id(span: Span, suffix: str = "") -> str:
-    from otel_cmbagent.exporters.rows import event_id
+    from otel_cmbagent.table.rows import event_id
 
     context = span.get_span_context()
     return event_id(context.trace_id, context.span_id, suffix)

@@ -17,13 +17,13 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 
-from . import semconv
-from .instrumentor import ensure_sequencer
-from .processor import SequencingSpanProcessor
-from .utils import log_internal_error
+from ..pipeline import semconv
+from ..instrumentation.instrumentor import ensure_sequencer
+from ..pipeline.processor import SequencingSpanProcessor
+from ..pipeline.values import log_internal_error
 
 if TYPE_CHECKING:
-    from .compat import EventCaptureManager
+    from ..compat import EventCaptureManager
 
 _logger = logging.getLogger("otel_cmbagent.compat")
 

@@ -7,12 +7,12 @@ from typing import Any
 
 from opentelemetry import trace
 
-from . import semconv
-from .errors import mark_failed
+from ..pipeline import semconv
+from ..pipeline.errors import mark_failed
 from .messages import to_otel_message
-from .context import current_conversation_id
+from ..pipeline.context import current_conversation_id
 from .spans import Runtime, SpanStart, add_ordered_event, agent_name, argument
-from .utils import register_secrets_from_config, safe_text, to_json
+from ..pipeline.values import register_secrets_from_config, safe_text, to_json
 
 
 def _llm_identity(agent: Any) -> dict[str, Any]:

@@ -10,10 +10,10 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from . import semconv
-from .errors import mark_failed
+from ..pipeline import semconv
+from ..pipeline.errors import mark_failed
 from .spans import Runtime, SpanStart, agent_name, argument
-from .utils import log_internal_error, safe_text, to_json
+from ..pipeline.values import log_internal_error, safe_text, to_json
 
 _SNAPSHOT_KEY = otel_context.create_key("cmbagent.work_dir_snapshot")
 _SKIPPED_DIRS = {"__pycache__", ".git", ".ipynb_checkpoints", ".venv", "node_modules"}

@@ -7,10 +7,10 @@ from typing import Any
 
 from opentelemetry import trace
 
-from . import semconv
-from .context import UsageTotals, conversation_values, usage_chain, with_new_usage
+from ..pipeline import semconv
+from ..pipeline.context import UsageTotals, conversation_values, usage_chain, with_new_usage
 from .spans import Runtime, SpanStart, agent_name, argument
-from .utils import register_secrets_from_config
+from ..pipeline.values import register_secrets_from_config
 
 def _agent_llm_config(agent: Any) -> Any:
     return getattr(agent, "llm_config", None)

@@ -6,7 +6,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from . import semconv
+from ..pipeline import semconv
 from .spans import Runtime, SpanStart, agent_name, argument
 
 

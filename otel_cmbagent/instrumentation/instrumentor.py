@@ -15,9 +15,9 @@ from opentelemetry import trace
 
 from .agent_patch import AgentWrappers
 from .code_patch import CodeWrappers
-from .config import InstrumentationConfig
+from ..pipeline.config import InstrumentationConfig
 from .contrib import BaseInstrumentor
-from .context import _TracerSource
+from ..pipeline.context import _TracerSource
 from .conversation_patch import ConversationWrappers
 from .groupchat_patch import GroupChatWrappers
 from .llm_patch import LLMWrappers
@@ -25,8 +25,8 @@ from .package import classic_api_problem, installed_requirement
 from .patching import PatchSet
 from .spans import Runtime, before_call, traced
 from .threads import propagate_thread_context
-from .utils import log_internal_error, register_secrets_from_config, register_secrets_from_environment
-from .version import __version__
+from ..pipeline.values import log_internal_error, register_secrets_from_config, register_secrets_from_environment
+from ..version import __version__
 
 _logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def ensure_sequencer(provider: Any) -> bool:
     see the order either way; sinks that act on span start want it added first,
     which ``setup_tracing()`` does.
     """
-    from .processor import SequencingSpanProcessor
+    from ..pipeline.processor import SequencingSpanProcessor
 
     try:
         from opentelemetry.sdk.trace import TracerProvider

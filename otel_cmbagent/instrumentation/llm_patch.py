@@ -8,12 +8,12 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from . import semconv
+from ..pipeline import semconv
 from .agent_patch import provider_name
 from .messages import messages_json, to_otel_message
-from .context import usage_chain
+from ..pipeline.context import usage_chain
 from .spans import Runtime, SpanStart, agent_name
-from .utils import register_secrets_from_config, to_json
+from ..pipeline.values import register_secrets_from_config, to_json
 
 _NOT_CONFIG = frozenset({"messages", "agent", "context", "tools", "functions", "cache", "response_format"})
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .utils import jsonable, to_json
+from ..pipeline.values import jsonable, to_json
 
 
 def _arguments(raw: Any, limit: int) -> Any:

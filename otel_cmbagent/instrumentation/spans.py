@@ -18,13 +18,13 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from . import semconv
-from .config import InstrumentationConfig
+from ..pipeline import semconv
+from ..pipeline.config import InstrumentationConfig
 from .contrib import is_instrumentation_enabled
-from .errors import record_exception
-from .live import notify_message
-from .processor import next_event_order
-from .utils import log_internal_error
+from ..pipeline.errors import record_exception
+from ..pipeline.listeners import notify_message
+from ..pipeline.processor import next_event_order
+from ..pipeline.values import log_internal_error
 
 
 

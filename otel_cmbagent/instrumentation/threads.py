@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from opentelemetry import context as otel_context
 
-from .context import propagate_context
+from ..pipeline.context import propagate_context
 from .patching import PatchSet
 
 _CONTEXT_ATTRIBUTE = "_otel_cmbagent_context"

@@ -23,8 +23,8 @@ from opentelemetry import trace
 from . import semconv
 from .config import DEFAULT_MAX_VALUE_LENGTH
 from .errors import record_exception
-from .utils import clean_text, log_internal_error, safe_str, safe_text
-from .version import __version__
+from .values import clean_text, log_internal_error, safe_str, safe_text
+from ..version import __version__
 
 _IDENTITY_KEY = otel_context.create_key("cmbagent.identity")
 _USAGE_KEY = otel_context.create_key("cmbagent.usage")

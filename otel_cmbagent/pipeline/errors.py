@@ -8,7 +8,7 @@ from typing import Any
 from opentelemetry.trace import Span, Status, StatusCode
 
 from . import semconv
-from .utils import clean_text, log_internal_error, safe_str
+from .values import clean_text, log_internal_error, safe_str
 
 _MAX_ERROR_TEXT = 8 * 1024
 

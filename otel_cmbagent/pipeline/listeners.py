@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Mapping
 
-from .utils import log_internal_error
+from .values import log_internal_error
 
 MessageListener = Callable[[Any, Mapping[str, Any], int], None]
 

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.trace import Status, StatusCode
 
 from . import semconv
-from .utils import log_internal_error
+from .values import log_internal_error
 
 
 class OpenSpans(SpanProcessor):

@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from . import semconv
 from .context import OrderSequence, current_identity
-from .utils import log_internal_error
+from .values import log_internal_error
 
 _trace_sequences: dict[int, OrderSequence] = {}
 # Traces whose spans have all ended keep their counter a while, so a late span

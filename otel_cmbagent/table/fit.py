@@ -27,7 +27,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from otel_cmbagent.utils import storable
+from otel_cmbagent.pipeline.values import storable
 
 _MARK = "\u2026"  # then 8 hex digits
 _DIGEST_LENGTH = 8

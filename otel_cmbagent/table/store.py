@@ -4,7 +4,7 @@ Used by the ``otel-cmbagent`` command and usable by any viewer. SQLAlchemy Core 
 PostgreSQL, on our default table (``trace_id``/``span_id`` columns) and on cmbagent's own table (no
 such columns: they are read from ``meta["trace_id"]``/``meta["span_id"]``)::
 
-    from otel_cmbagent import store
+    from otel_cmbagent.table import store
 
     engine = store.open_store("otel_cmbagent.db")          # a path or a SQLAlchemy URL
     for run in store.list_runs(engine, limit=10):           # newest first
@@ -32,9 +32,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from otel_cmbagent.exporters import writers
-from otel_cmbagent.exporters.fit import fit_text
-from otel_cmbagent.exporters.rows import MESSAGE_EVENT_TYPE, MESSAGE_SUBTYPE
+from otel_cmbagent.table import writers
+from otel_cmbagent.table.fit import fit_text
+from otel_cmbagent.table.rows import MESSAGE_EVENT_TYPE, MESSAGE_SUBTYPE
 
 __all__ = [
     "AmbiguousRunError",

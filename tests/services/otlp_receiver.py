@@ -35,7 +35,7 @@ from typing import Any
 try:
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("otel_cmbagent.testing.otlp_receiver needs opentelemetry-proto: "
+    raise ImportError("tests.services.otlp_receiver needs opentelemetry-proto: "
                       "pip install opentelemetry-exporter-otlp") from exc
 
 __all__ = ["MODES", "OTLPGRPCReceiver", "OTLPHTTPReceiver", "decode_request"]

@@ -38,9 +38,9 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from otel_cmbagent import store
-from otel_cmbagent.exporters.rows import is_message, row_attributes, row_kind
-from otel_cmbagent.store import StoreError
+from otel_cmbagent.table import store
+from otel_cmbagent.table.rows import is_message, row_attributes, row_kind
+from otel_cmbagent.table.store import StoreError
 from otel_cmbagent.version import __version__
 
 PROG = "otel-cmbagent"
@@ -631,7 +631,7 @@ def spans_from_rows(
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
     from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-    from otel_cmbagent.semconv import CONTENT_ATTRIBUTES
+    from otel_cmbagent.pipeline.semconv import CONTENT_ATTRIBUTES
 
     now_ns = now_ns if now_ns is not None else time.time_ns()
     resource = Resource.create({SERVICE_NAME: service_name})
@@ -825,7 +825,7 @@ def export(run_id: str, endpoint: str | None, protocol: str | None, db: str | No
     of a run that never ended get end = now and `cmbagent.incomplete=true`. RUN_ID: an id, a unique
     prefix, or `last`.
     """
-    from otel_cmbagent.config import CAPTURE_CONTENT_ENV, parse_bool_env
+    from otel_cmbagent.pipeline.config import CAPTURE_CONTENT_ENV, parse_bool_env
 
     if endpoint is None:
         endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
@@ -927,7 +927,7 @@ def serve(db: str | None, host: str, port: int, token: str | None, jaeger_url: s
     The page lists runs and shows a live waterfall of a run's events; runs written by other processes
     into the same database appear and update live. /ws streams cmbagent's `event_captured` envelopes.
     """
-    from otel_cmbagent.viewer.app import check_bind, serve_viewer
+    from otel_cmbagent.apps.viewer.app import check_bind, serve_viewer
 
     if not token and not _is_loopback(host):
         raise click.UsageError(
@@ -976,7 +976,7 @@ def demo(
     """
     if model and not llm_url:
         raise click.UsageError("--model needs --llm-url (the embedded scripted LLM has its own model)")
-    from otel_cmbagent.package import classic_api_problem
+    from otel_cmbagent.instrumentation.package import classic_api_problem
 
     problem = classic_api_problem()  # e.g. ag2 1.x installed: say what to install, in one line
     if problem is not None:
@@ -984,12 +984,12 @@ def demo(
     target = _db(db)
     db_path = _sqlite_path(target)
     try:
-        from otel_cmbagent import demo as demo_module
+        from otel_cmbagent.apps import demo as demo_module
     except ImportError as exc:
         raise StoreError(f"the demo is not available in this installation ({exc})") from None
     viewer = None
     if serve_port is not None:
-        from otel_cmbagent.viewer.app import ViewerServer
+        from otel_cmbagent.apps.viewer.app import ViewerServer
 
         viewer = ViewerServer(db_path, port=serve_port).start()
         console.print(f"viewer: {viewer.url}  (the run appears there live)", soft_wrap=True)

@@ -44,7 +44,7 @@ from typing import Any, Callable
 from opentelemetry.sdk.trace import SpanProcessor
 
 import otel_cmbagent as oc
-from otel_cmbagent.exporters.rows import row_kind
+from otel_cmbagent.table.rows import row_kind
 from otel_cmbagent.testing.scripted_llm import Reply, ScriptedLLM, code, text, tool_call
 
 __all__ = [

@@ -1,6 +1,6 @@
 """The live run viewer: a read-only Starlette app over the ``execution_events`` table.
 
-    from otel_cmbagent.viewer.app import create_app, serve_viewer
+    from otel_cmbagent.apps.viewer.app import create_app, serve_viewer
 
     serve_viewer("otel_cmbagent.db")                       # http://127.0.0.1:8765/ until Ctrl-C
     app = create_app("sqlite:///runs.db", token="s3cret")  # an ASGI app to mount or run yourself
@@ -9,7 +9,7 @@ Routes (every one GET/HEAD or websocket; nothing writes or deletes):
 
 - ``/``                            the page (HTML + CSS + plain JS, inlined from ``static/``; no CDN, no build)
 - ``/api/config``                  ``{"jaeger_url", "poll_interval", "version", "db"}``
-- ``/api/runs?limit=N``            runs, newest first (:func:`otel_cmbagent.store.list_runs`)
+- ``/api/runs?limit=N``            runs, newest first (:func:`otel_cmbagent.table.store.list_runs`)
 - ``/api/runs/{run}``              one run's summary plus ``by_type``
 - ``/api/runs/{run}/events``       the run's rows in ``execution_order`` (every column, JSON decoded, ISO times);
   ``?after=N`` only rows with ``execution_order > N``, plus (``&running=id1,id2``) the current rows of the given
@@ -59,8 +59,8 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from otel_cmbagent import store
-from otel_cmbagent.exporters import writers
+from otel_cmbagent.table import store
+from otel_cmbagent.table import writers
 from otel_cmbagent.exporters.websocket import DATA_FIELDS, envelope
 from otel_cmbagent.version import __version__
 
@@ -495,7 +495,7 @@ class _Feed:
 
 # --- the page ------------------------------------------------------------------------------------
 def _static(name: str) -> str:
-    return resources.files("otel_cmbagent.viewer").joinpath("static", name).read_text(encoding="utf-8")
+    return resources.files("otel_cmbagent.apps.viewer").joinpath("static", name).read_text(encoding="utf-8")
 
 
 def _sha256(text: str) -> str:
