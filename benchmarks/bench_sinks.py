@@ -40,7 +40,8 @@ from otel_cmbagent.pipeline import context as oc_context
 from otel_cmbagent.pipeline import semconv
 from otel_cmbagent.exporters.otlp import (ContentPolicyExporter, CountingBatchSpanProcessor, make_otlp_exporter,
                                           otlp_span_processor)
-from otel_cmbagent.table.rows import EXECUTION_EVENT_COLUMNS, span_row
+from otel_cmbagent.table.rows import span_row
+from otel_cmbagent.table.schema import EXECUTION_EVENT_COLUMNS
 from otel_cmbagent.exporters.sql import SQLEventSink, execution_events_table, make_engine
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the real services the tests use
 from services.postgres import PostgresServer  # noqa: E402

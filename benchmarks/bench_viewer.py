@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 from otel_cmbagent.table import store
-from otel_cmbagent.apps.viewer.app import ViewerServer
+from otel_cmbagent.apps.viewer import ViewerServer
 
 CHROMIUM = os.environ.get("OTEL_CMBAGENT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

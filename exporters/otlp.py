@@ -18,7 +18,7 @@ from otel_cmbagent.pipeline.config import CAPTURE_CONTENT_ENV, parse_bool_env
 from otel_cmbagent.pipeline.semconv import CONTENT_ATTRIBUTES
 from otel_cmbagent.pipeline.values import log_internal_error, storable
 
-from otel_cmbagent.exporters.worker import SHUTDOWN_TIMEOUT_ENV, shutdown_timeout
+from .worker import SHUTDOWN_TIMEOUT_ENV, shutdown_timeout
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
 

@@ -7,6 +7,7 @@ Like the SDK's batch processor, the worker is re-created in a forked child.
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import os
 import threading
@@ -24,6 +25,14 @@ _logger = logging.getLogger("otel_cmbagent.exporters")
 
 SHUTDOWN_TIMEOUT_ENV = "OTEL_CMBAGENT_SHUTDOWN_TIMEOUT_MS"
 DEFAULT_SHUTDOWN_TIMEOUT_MILLIS = 5_000
+
+
+def is_coroutine_callable(callback: Any) -> bool:
+    """A coroutine function, or an object with ``async def __call__`` (a callback the worker must schedule)."""
+    if inspect.iscoroutinefunction(callback):
+        return True
+    call = getattr(callback, "__call__", None)  # noqa: B004
+    return call is not None and inspect.iscoroutinefunction(call)
 
 
 def shutdown_timeout(millis: float | None = None) -> float:

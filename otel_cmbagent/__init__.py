@@ -6,9 +6,9 @@
         user.initiate_chat(assistant, message="...")
 """
 
+from .instrumentation.instrumentor import AG2Instrumentor, instrument, uninstrument
 from .pipeline.config import InstrumentationConfig
 from .pipeline.context import RunIdentity, current_identity, propagate_context, run, step
-from .instrumentation.instrumentor import AG2Instrumentor, instrument, uninstrument
 from .pipeline.processor import SequencingSpanProcessor
 from .tracing import Tracing, setup_tracing
 from .version import __version__

@@ -15,15 +15,13 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 
-from .pipeline.config import CAPTURE_CONTENT_ENV, parse_bool_env
 from .instrumentation.instrumentor import AG2Instrumentor
+from .pipeline.config import InstrumentationConfig
 from .pipeline.open_spans import OpenSpans
 from .pipeline.processor import SequencingSpanProcessor
 
 _logger = logging.getLogger(__name__)
 
-SQL_URL_ENV = "OTEL_CMBAGENT_SQL_URL"
-DEFAULT_SQL_URL = "sqlite:///otel_cmbagent.db"
 DEFAULT_SERVICE_NAME = "cmbagent"
 _DEFAULT: Any = object()
 
@@ -108,12 +106,11 @@ def setup_tracing(
       True = content everywhere; False = nowhere.
     """
     from otel_cmbagent.exporters.otlp import otlp_configured, otlp_span_processor
+    from otel_cmbagent.table.schema import DEFAULT_SQL_URL, SQL_URL_ENV
 
     if ws_callback is not None and not callable(ws_callback):
         raise TypeError(f"ws_callback must be callable(event_type, data), not {ws_callback!r}")
-    if capture_content is not None and not isinstance(capture_content, bool):
-        raise TypeError(f"capture_content must be True, False or None, not {capture_content!r}")
-    content_in_spans = capture_content if capture_content is not None else parse_bool_env(CAPTURE_CONTENT_ENV, True)
+    content_in_spans = InstrumentationConfig.resolve(capture_content=capture_content).capture_content
 
     provider = TracerProvider(resource=_resource(service_name), span_limits=_span_limits())
     provider.add_span_processor(SequencingSpanProcessor())

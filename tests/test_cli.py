@@ -17,7 +17,8 @@ import sqlalchemy as sa
 
 import otel_cmbagent as oc
 from otel_cmbagent.table import store
-from otel_cmbagent.table.rows import event_id, is_message
+from otel_cmbagent.table.rows import event_id
+from otel_cmbagent.table.schema import is_message
 from otel_cmbagent.exporters.sql import SQLEventSink, make_engine
 from otel_cmbagent.testing import ScriptedLLM
 from services.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver

@@ -27,7 +27,7 @@ import cmbagent_schema as cmb
 from otel_cmbagent import compat
 from otel_cmbagent.pipeline import context as compat_context
 from otel_cmbagent.compat import EventCaptureManager, get_event_captor, set_event_captor
-from otel_cmbagent.table.rows import is_message, row_kind
+from otel_cmbagent.table.schema import is_message, row_kind
 
 from conftest import FAKE_KEY
 

@@ -15,12 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 import otel_cmbagent as oc
 from otel_cmbagent.instrumentation import contrib
-from otel_cmbagent.instrumentation.patching import is_patched
 from otel_cmbagent.instrumentation.threads import BuiltinThreadContext, builtin_thread_context
 
 PATCH_POINTS = (
@@ -90,7 +90,7 @@ def test_builtin_thread_context_nests_thread_work_under_the_caller(builtin_threa
 
 def test_without_propagation_thread_work_starts_new_traces(tracer_provider, span_exporter):
     """The control: unpatched, none of them sees the parent (so the test above measures the patch)."""
-    if builtin_thread_context.active or any(is_patched(value) or hasattr(value, "__wrapped__") for value in _originals()):
+    if builtin_thread_context.active or any(hasattr(value, "__wrapped__") for value in _originals()):
         pytest.fail("thread propagation is on outside an instrument() call")
     tracer = tracer_provider.get_tracer("test")
     assert _parents_seen_in_threads(tracer, span_exporter) == dict.fromkeys(
@@ -105,7 +105,7 @@ def test_builtin_thread_context_never_wraps_twice_and_restores_exact_originals()
         assert not builtin_thread_context.instrument()  # already on: no second layer
         for (owner, name), original in zip(PATCH_POINTS, originals):
             patched = owner.__dict__[name]
-            assert is_patched(patched) and patched.__wrapped__ is original
+            assert isinstance(patched, wrapt.FunctionWrapper) and patched.__wrapped__ is original
     finally:
         builtin_thread_context.uninstrument()
     assert all(now is before for now, before in zip(_originals(), originals))

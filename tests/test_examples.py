@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from otel_cmbagent.table.rows import is_message, row_kind
+from otel_cmbagent.table.schema import is_message, row_kind
 from otel_cmbagent.testing import ScriptedLLM, text
 from services.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
 

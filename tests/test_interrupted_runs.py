@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from otel_cmbagent.table import store
 from otel_cmbagent.exporters.sql import make_engine
 from otel_cmbagent.table.writers import HEARTBEAT_TABLE
-from otel_cmbagent.apps.viewer.app import ViewerServer
+from otel_cmbagent.apps.viewer import ViewerServer
 from sinks_util import table_rows
 from test_cli import run_cli
 

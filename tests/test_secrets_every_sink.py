@@ -21,11 +21,11 @@ from autogen import ConversableAgent, GroupChat, GroupChatManager, register_func
 
 import otel_cmbagent as oc
 from otel_cmbagent.pipeline.config import DEFAULT_MAX_VALUE_LENGTH
-from otel_cmbagent.table.rows import row_kind
+from otel_cmbagent.table.schema import row_kind
 from otel_cmbagent.exporters.sql import make_engine
 from otel_cmbagent.testing import text, tool_call
 from services.otlp_receiver import OTLPHTTPReceiver
-from otel_cmbagent.apps.viewer.app import ViewerServer
+from otel_cmbagent.apps.viewer import ViewerServer
 from sinks_util import table_rows
 from test_cli import run_cli
 

@@ -11,7 +11,8 @@ import pytest
 import sqlalchemy as sa
 
 import otel_cmbagent as oc
-from otel_cmbagent.table.rows import event_id, is_message, row_kind
+from otel_cmbagent.table.rows import event_id
+from otel_cmbagent.table.schema import is_message, row_kind
 from otel_cmbagent.exporters.sql import SQLEventSink, make_engine, replay
 from services.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
 from cmbagent_schema import add_run, cmbagent_engine, rows_of

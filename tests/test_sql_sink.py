@@ -11,7 +11,8 @@ import pytest
 import sqlalchemy as sa
 
 import otel_cmbagent as oc
-from otel_cmbagent.table.rows import event_id, is_message, row_kind
+from otel_cmbagent.table.rows import event_id
+from otel_cmbagent.table.schema import is_message, row_kind
 from otel_cmbagent.exporters.sql import SQLEventSink, execution_events_table, make_engine, replay
 from sinks_util import PausedRun, scripted_run, table_rows
 
@@ -150,7 +151,7 @@ def test_side_rows_are_written_once_whatever_is_replayed(tmp_path, tracer_provid
     is delivered again and the run's rows are replayed from a spill file."""
     import cmbagent_schema as cmb
     from otel_cmbagent.table.rows import message_rows, span_row
-    from otel_cmbagent.exporters.sql import _json_default
+    from otel_cmbagent.exporters.spill import append_rows
 
     engine = cmb.cmbagent_engine(f"sqlite:///{tmp_path / 'side.db'}")
     cmb.add_run(engine, "run-side", "session-side")
@@ -170,10 +171,7 @@ def test_side_rows_are_written_once_whatever_is_replayed(tmp_path, tracer_provid
         instrumentor.uninstrument()
         sink.shutdown()
     spill = tmp_path / "side.spill.jsonl"
-    with open(spill, "w") as handle:
-        for span in spans:
-            for row in [span_row(span, ended=True), *message_rows(span)]:
-                handle.write(json.dumps(row, default=_json_default) + "\n")
+    append_rows(spill, [row for span in spans for row in [span_row(span, ended=True), *message_rows(span)]])
     replay(spill, engine, table=cmb.execution_events)
     messages = [r for r in table_rows(engine) if is_message(r)]
     assert counts == (len(messages), len([r for r in table_rows(engine) if r["event_type"] == "llm_call"])) == (

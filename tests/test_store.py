@@ -13,7 +13,7 @@ from autogen import ConversableAgent
 from autogen.coding import LocalCommandLineCodeExecutor
 
 import otel_cmbagent as oc
-from otel_cmbagent.table.rows import row_kind
+from otel_cmbagent.table.schema import row_kind
 from otel_cmbagent.table import store
 from otel_cmbagent.exporters.sql import make_engine
 from otel_cmbagent.testing import ScriptedLLM, code, text

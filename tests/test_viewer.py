@@ -17,11 +17,11 @@ with warnings.catch_warnings():  # starlette >= 1.x suggests httpx2 for its Test
     from starlette.testclient import TestClient, WebSocketDenialResponse
 
 import otel_cmbagent as oc
-from otel_cmbagent.table.rows import is_message, row_kind
+from otel_cmbagent.table.schema import is_message, row_kind
 from otel_cmbagent.table import store
 from otel_cmbagent.exporters.websocket import DATA_FIELDS
 from otel_cmbagent.testing import text, tool_call
-from otel_cmbagent.apps.viewer.app import ViewerServer, check_bind, create_app, serve_viewer
+from otel_cmbagent.apps.viewer import ViewerServer, check_bind, create_app, serve_viewer
 from sinks_util import PausedRun
 
 from conftest import FAKE_KEY

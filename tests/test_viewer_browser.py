@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from otel_cmbagent.table import store
-from otel_cmbagent.table.rows import is_message
-from otel_cmbagent.apps.viewer.app import ViewerServer
+from otel_cmbagent.table.schema import is_message
+from otel_cmbagent.apps.viewer import ViewerServer
 from test_viewer import SYNTHETIC_WRITER, XSS, tracing_for, xss_run
 
 from conftest import FAKE_KEY

@@ -6,18 +6,21 @@
     # after
     from otel_cmbagent.compat import (EventCaptureManager, get_event_captor, set_event_captor,
                                       install_ag2_hooks, uninstall_ag2_hooks, patch_code_executor)
+
+``event_capture`` (EventCaptureManager: cmbagent's capture API), ``captor_spans`` (the current captor, and each
+capture as a span), ``attributes`` (a capture's arguments as span attributes), ``ag2_hooks`` (install/uninstall),
+``pipeline`` (where a captor's spans go: its own sinks, from its db_session and callbacks).
 """
 
-from .event_capture import (
-    EventCaptureManager,
-    get_event_captor,
+from .ag2_hooks import (
     install_ag2_hooks,
     patch_code_executor,
     patch_conversable_agent,
     patch_group_chat,
-    set_event_captor,
     uninstall_ag2_hooks,
 )
+from .captor_spans import get_event_captor, set_event_captor
+from .event_capture import EventCaptureManager
 
 __all__ = [
     "EventCaptureManager",

@@ -1,121 +1,32 @@
-"""Drop-in for cmbagent's ``cmbagent.execution.event_capture`` and ``ag2_hooks``, built on the span pipeline.
-
-    # before
-    from cmbagent.execution.event_capture import EventCaptureManager, get_event_captor, set_event_captor
-    from cmbagent.execution.ag2_hooks import install_ag2_hooks, uninstall_ag2_hooks, patch_code_executor
-    # after
-    from otel_cmbagent.compat import (EventCaptureManager, get_event_captor, set_event_captor,
-                                      install_ag2_hooks, uninstall_ag2_hooks, patch_code_executor)
+"""Drop-in for cmbagent's ``cmbagent.execution.event_capture``: ``EventCaptureManager`` on the span pipeline.
 
 Every call cmbagent's shipped code makes (fork UJ2202/MARS: ``phases/execution_manager.py``,
-``branching/branch_executor.py``, ``ag2_hooks``) and every call of its "Stage 3" plan works
-unchanged. Every ``capture_*`` call emits a span (so every sink sees it) and returns the id of
-its row; the rows read as cmbagent's own capture writes them (see
-:mod:`otel_cmbagent.table.rows`). AG2 spans started while a captor is set carry its
-run/session/node/step ids and share its run's gapless order. There is no second event path.
+``branching/branch_executor.py``) and every call of its "Stage 3" plan works unchanged. Every ``capture_*``
+call emits a span (so every sink sees it) and returns the id of its row; the rows read as cmbagent's own
+capture writes them (see :mod:`otel_cmbagent.table.rows`). There is no second event path.
 """
 
 from __future__ import annotations
 
-import contextvars
 import functools
-import json
-import threading
 import time
-from collections import Counter
 from typing import Any, Callable, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.trace import Span, SpanProcessor
+from opentelemetry.sdk.trace import SpanProcessor
 
-from ..pipeline import semconv
-from .pipeline import router, sinks_for, tracer_provider
-from ..pipeline.context import _IDENTITY_KEY, RunIdentity, sequence_for_run
-from ..pipeline.errors import mark_failed
-from ..instrumentation.instrumentor import AG2Instrumentor
-from ..instrumentation.messages import messages_json
 from ..instrumentation.spans import add_ordered_event
-from ..pipeline.values import log_internal_error, safe_text, to_json
+from ..pipeline import semconv
+from ..pipeline.values import log_internal_error
 from ..version import __version__
+from . import attributes as attrs
+from .captor_spans import CaptorSpans, span_row_id
+from .pipeline import router, sinks_for, tracer_provider
 
-_LIMIT = 16 * 1024  # per value, as the instrumentation's default
 F = TypeVar("F", bound=Callable[..., Any])
 
-_event_captor_var: contextvars.ContextVar[Any] = contextvars.ContextVar("event_captor", default=None)
-_otel_token_var: contextvars.ContextVar[object | None] = contextvars.ContextVar("event_captor_otel_token", default=None)
 
-
-def get_event_captor() -> Any:
-    """The event captor of the current execution context (contextvars: per session, per branch)."""
-    return _event_captor_var.get()
-
-
-def set_event_captor(captor: Any) -> None:
-    """Set the captor of the current context (any object, like cmbagent's); scope the OTel context to its run.
-
-    AG2 spans started while an :class:`EventCaptureManager` is set carry its run/session ids and
-    order and nest under its run. ``ThreadPoolExecutor`` work inherits it (threading
-    instrumentation), as do ``contextvars.copy_context()`` runs.
-    """
-    token = _otel_token_var.get()
-    if token is not None:
-        try:
-            otel_context.detach(token)
-        except Exception as exc:  # noqa: BLE001 - set from another context: nothing to undo here
-            log_internal_error("set_event_captor detach", exc)
-        _otel_token_var.set(None)
-    _event_captor_var.set(captor)
-    if isinstance(captor, EventCaptureManager) and captor.enabled and not captor._closed:
-        _otel_token_var.set(otel_context.attach(captor._scoped_context()))
-
-
-# --- ag2_hooks ------------------------------------------------------------------------------
-def install_ag2_hooks(**options: Any) -> bool:
-    """Trace AG2 (cmbagent's ``ag2_hooks.install_ag2_hooks``); idempotent: True, also when already installed."""
-    instrumentor = AG2Instrumentor()
-    if not instrumentor.is_instrumented_by_opentelemetry:
-        instrumentor.instrument(tracer_provider=tracer_provider(), **options)
-    return instrumentor.is_instrumented_by_opentelemetry
-
-
-def uninstall_ag2_hooks() -> None:
-    """Undo ``install_ag2_hooks`` (every patched attribute restored exactly; cmbagent's only logged)."""
-    instrumentor = AG2Instrumentor()
-    if instrumentor.is_instrumented_by_opentelemetry:
-        instrumentor.uninstrument()
-
-
-def patch_conversable_agent() -> bool:
-    """cmbagent's ``patch_conversable_agent()``: agent turns and messages (part of ``install_ag2_hooks``)."""
-    return install_ag2_hooks()
-
-
-def patch_group_chat() -> bool:
-    """cmbagent's ``patch_group_chat()``: speaker selection as handoffs (part of ``install_ag2_hooks``)."""
-    return install_ag2_hooks()
-
-
-def patch_code_executor(executor_class: type | None = None) -> bool:
-    """Trace an executor class's ``execute_code_blocks``; no argument: ``LocalCommandLineCodeExecutor`` (as cmbagent).
-
-    True when that class is traced (now or already).
-    """
-    if not install_ag2_hooks():
-        return False
-    if executor_class is None:
-        try:
-            from autogen.coding import LocalCommandLineCodeExecutor as executor_class
-        except ImportError as exc:
-            log_internal_error("patch_code_executor", exc)
-            return False
-    instrumentor = AG2Instrumentor()
-    if instrumentor.patch_code_executor(executor_class):
-        return True
-    return any(owner is executor_class and name == "execute_code_blocks" for owner, name, _ in instrumentor.patched_attributes)
-
-
-# --- the captor -----------------------------------------------------------------------------
 def _timed(method: F) -> F:
     """A capture call: a no-op when disabled, never raises, its time added to ``total_capture_time_ms``."""
 
@@ -135,31 +46,7 @@ def _timed(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _event_id(span: Span, suffix: str = "") -> str:
-    from otel_cmbagent.table.rows import event_id
-
-    context = span.get_span_context()
-    return event_id(context.trace_id, context.span_id, suffix)
-
-
-def _metadata(metadata: Any) -> dict[str, Any]:
-    return {semconv.METADATA: to_json(metadata, _LIMIT)} if metadata else {}
-
-
-def _with_earlier_metadata(span: Span, attributes: dict[str, Any]) -> dict[str, Any]:
-    """An ending event keeps the metadata it started with (cmbagent replaces it; the response's wins per key)."""
-    earlier = (getattr(span, "attributes", None) or {}).get(semconv.METADATA)
-    later = attributes.get(semconv.METADATA)
-    if not earlier or not later:
-        return attributes
-    try:
-        merged = {**json.loads(earlier), **json.loads(later)}
-    except (ValueError, TypeError):
-        return attributes
-    return {**attributes, semconv.METADATA: to_json(merged, _LIMIT)}
-
-
-class EventCaptureManager:
+class EventCaptureManager(CaptorSpans):
     """cmbagent's event captor on OpenTelemetry: each capture is a span, each span a row.
 
     Same constructor as cmbagent's (``db_session, run_id, session_id, enabled=True,
@@ -181,24 +68,14 @@ class EventCaptureManager:
         *,
         ws_emit_callback: Callable[[str, dict[str, Any]], Any] | None = None,
     ) -> None:
+        super().__init__(run_id, session_id, enabled)
         self.db = db_session
-        self.run_id = str(run_id)
-        self.session_id = str(session_id)
-        self.enabled = bool(enabled)
         self.buffer_size = buffer_size
         self.websocket = websocket
         self._emit_event_callback = emit_event_callback
         self.ws_emit_callback = ws_emit_callback
         self.total_capture_time_ms = 0.0
-        self._sequence = sequence_for_run(self.run_id)  # shared with the span processor
-        self._stacks: dict[int, list[str]] = {}  # thread id -> that thread's open event ids
-        self._node_id: str | None = None
-        self._step_id: str | None = None
-        self._open: dict[str, Span] = {}
-        self._counts: Counter[str] = Counter()
         self._sinks: tuple[SpanProcessor, ...] = ()
-        self._root: Span | None = None
-        self._closed = False
         if self.enabled:
             self._start_run()
 
@@ -209,17 +86,7 @@ class EventCaptureManager:
         except Exception as exc:  # noqa: BLE001 - no sinks: spans still go to the global pipeline
             log_internal_error("EventCaptureManager sinks", exc)
         router.add(self)
-        identity = RunIdentity(self.run_id, self.session_id, sequence=self._sequence)
-        self._root = self._tracer.start_span(
-            "invoke_workflow cmbagent",
-            context=otel_context.set_value(_IDENTITY_KEY, identity, otel_context.Context()),
-            attributes={
-                semconv.GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_WORKFLOW,
-                semconv.EVENT_TYPE: semconv.EVENT_RUN,
-                semconv.RUN_ID: self.run_id,
-                semconv.SESSION_ID: self.session_id,
-            },
-        )
+        self._start_root()
 
     # --- cmbagent's attributes ------------------------------------------------------------
     @property
@@ -249,13 +116,9 @@ class EventCaptureManager:
     def total_events(self) -> int:
         return sum(self._counts.values())
 
-    @property
-    def event_stack(self) -> list[str]:
-        """This thread's stack of open event ids (nesting), as cmbagent's thread-local stack."""
-        return self._stacks.setdefault(threading.get_ident(), [])
-
     def _next_order(self) -> int:
-        """Thread-safe order counter: the same sequence the span processor uses for this run."""
+        """The run's next order, thread-safe: the sequence the span processor uses for this run. Private in
+        name only: cmbagent's "Stage 3" plan verifies the captor with it (10 threads x 100 calls)."""
         return self._sequence.next()
 
     def set_context(self, node_id: str | None = None, step_id: str | None = None) -> None:
@@ -266,119 +129,27 @@ class EventCaptureManager:
             self._step_id = str(step_id)
         self._rescope()
 
-    # --- spans ----------------------------------------------------------------------------
-    def _rescope(self) -> None:
-        """Re-attach the captor's OTel context after its identity or nesting changed (if it is current)."""
-        if self.enabled and get_event_captor() is self:
-            set_event_captor(self)
-
-    def _scoped_context(self) -> otel_context.Context:
-        identity = RunIdentity(self.run_id, self.session_id, self._node_id, self._step_id, self._sequence)
-        ctx = otel_context.set_value(_IDENTITY_KEY, identity)
-        stack = self.event_stack
-        parent = self._open.get(stack[-1]) if stack else None
-        span = parent or self._root
-        return trace.set_span_in_context(span, ctx) if span is not None else ctx
-
-    def _start(self, name: str, event_type: str, attributes: dict[str, Any]) -> Span:
-        attributes[semconv.EVENT_TYPE] = event_type
-        self._counts[event_type] += 1
-        return self._tracer.start_span(name, context=self._scoped_context(), attributes=attributes)
-
-    def _emit(self, name: str, event_type: str, attributes: dict[str, Any], *, duration_ms: Any = None,
-              error: str | None = None, error_type: str | None = None) -> str:
-        """A span that starts and ends now (``duration_ms``: its length); returns its row id."""
-        span = self._start(name, event_type, attributes)
-        if error:
-            mark_failed(span, error_type or "error", error)
-        end = None
-        if isinstance(duration_ms, (int, float)) and duration_ms > 0 and span.start_time:
-            end = span.start_time + int(duration_ms * 1e6)
-        span.end(end_time=end)
-        return _event_id(span)
-
-    def _open_event(self, name: str, event_type: str, attributes: dict[str, Any]) -> str:
-        """Start a span that stays open (agent call, code run): later captures nest under it."""
-        span = self._start(name, event_type, attributes)
-        event_id = _event_id(span)
-        self._open[event_id] = span
-        self.event_stack.append(event_id)
-        self._rescope()
-        return event_id
-
-    def _close_event(self, event_id: str | None, attributes: dict[str, Any], failure: str | None = None) -> bool:
-        span = self._open.pop(event_id, None) if event_id else None
-        if span is None:
-            return False
-        span.set_attributes(_with_earlier_metadata(span, attributes))
-        if failure:
-            mark_failed(span, "code_execution_error", failure)
-        span.end()
-        for stack in list(self._stacks.values()):  # ended from any thread: off the stack it is on
-            if event_id in stack:
-                stack.remove(event_id)
-        self._rescope()
-        return True
-
     # --- cmbagent's capture calls ------------------------------------------------------------
     @_timed
     def capture_agent_call(self, agent_name: str, message: Any, context: Any = None, metadata: Any = None) -> str | None:
-        attributes = {
-            semconv.GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_AGENT,
-            semconv.GEN_AI_AGENT_NAME: agent_name,
-            semconv.GEN_AI_INPUT_MESSAGES: messages_json([message], _LIMIT),
-            **_metadata(metadata),
-        }
-        if context:
-            attributes[semconv.CONTEXT] = to_json(context, _LIMIT)
+        attributes = attrs.agent_call(agent_name, message, context, metadata)
         return self._open_event(f"invoke_agent {agent_name}", semconv.EVENT_AGENT_CALL, attributes)
 
     @_timed
     def capture_agent_response(
         self, agent_name: str, response: Any, event_id: str | None = None, metadata: Any = None
     ) -> str | None:
-        output = {semconv.GEN_AI_OUTPUT_MESSAGES: messages_json([response], _LIMIT, "assistant"), **_metadata(metadata)}
+        output = attrs.agent_response(response, metadata)
         if self._close_event(event_id, output):
             return event_id
-        attributes = {semconv.GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_AGENT, semconv.GEN_AI_AGENT_NAME: agent_name}
-        return self._emit(f"invoke_agent {agent_name}", semconv.EVENT_AGENT_CALL, {**attributes, **output})
+        return self._emit(f"invoke_agent {agent_name}", semconv.EVENT_AGENT_CALL, {**attrs.agent(agent_name), **output})
 
     @_timed
     def capture_tool_call(
         self, agent_name: str, tool_name: str, arguments: Any, result: Any = None, metadata: Any = None
     ) -> str | None:
-        attributes = {
-            semconv.GEN_AI_OPERATION_NAME: semconv.OP_EXECUTE_TOOL,
-            semconv.GEN_AI_AGENT_NAME: agent_name,
-            semconv.GEN_AI_TOOL_NAME: tool_name,
-            semconv.GEN_AI_TOOL_CALL_ARGUMENTS: to_json(arguments, _LIMIT),
-            **_metadata(metadata),
-        }
-        if result is not None:
-            attributes[semconv.GEN_AI_TOOL_CALL_RESULT] = safe_text(result, _LIMIT)
+        attributes = attrs.tool_call(agent_name, tool_name, arguments, result, metadata)
         return self._emit(f"execute_tool {tool_name}", semconv.EVENT_TOOL_CALL, attributes)
-
-    @staticmethod
-    def _code_attributes(agent_name: str, code: Any, language: Any, metadata: Any) -> dict[str, Any]:
-        return {
-            semconv.GEN_AI_OPERATION_NAME: semconv.OP_EXECUTE_CODE,
-            semconv.GEN_AI_AGENT_NAME: agent_name,
-            semconv.CODE_LANGUAGE: str(language or "python"),
-            semconv.CODE_BLOCKS: to_json([{"language": language, "code": code}], _LIMIT),
-            **_metadata(metadata),
-        }
-
-    @staticmethod
-    def _code_outcome(result: Any, exit_code: Any, success: bool | None = None) -> tuple[dict[str, Any], str | None]:
-        attributes: dict[str, Any] = {}
-        if isinstance(exit_code, int) and not isinstance(exit_code, bool):
-            attributes[semconv.CODE_EXIT_CODE] = exit_code
-        if result is not None:
-            attributes[semconv.CODE_OUTPUT] = safe_text(result, _LIMIT)
-        failure = f"exit code {exit_code}" if exit_code not in (None, 0) else None
-        if success is False and failure is None:
-            failure = "code execution failed"
-        return attributes, failure
 
     @_timed
     def capture_code_execution(
@@ -391,10 +162,10 @@ class EventCaptureManager:
         duration_ms: float | None = None,
         metadata: Any = None,
     ) -> str | None:
-        attributes = self._code_attributes(agent_name, code, language, metadata)
-        outcome, failure = self._code_outcome(result, exit_code)
+        outcome, failure = attrs.code_outcome(result, exit_code)
         return self._emit(
-            f"execute_code {agent_name}", semconv.EVENT_CODE_EXEC, {**attributes, **outcome},
+            f"execute_code {agent_name}", semconv.EVENT_CODE_EXEC,
+            {**attrs.code(agent_name, code, language, metadata), **outcome},
             duration_ms=duration_ms, error=failure, error_type="code_execution_error",
         )
 
@@ -403,7 +174,7 @@ class EventCaptureManager:
         self, agent_name: str, code: str, language: str = "python", metadata: Any = None
     ) -> str | None:
         """A code run that stays open until :meth:`capture_code_execution_end` (the plan's patch uses these)."""
-        attributes = self._code_attributes(agent_name, code, language, metadata)
+        attributes = attrs.code(agent_name, code, language, metadata)
         return self._open_event(f"execute_code {agent_name}", semconv.EVENT_CODE_EXEC, attributes)
 
     @_timed
@@ -419,49 +190,22 @@ class EventCaptureManager:
     ) -> str | None:
         """End one code run (``event_id``), or - the plan's ``(agent_name=, result=, success=)`` shape -
         every code run this thread has open (of ``agent_name``, when given); returns the last id ended."""
-        attributes, failure = self._code_outcome(result, exit_code, success)
-        attributes.update(_metadata(metadata))
-        ids = [event_id] if event_id else self._open_code_runs(agent_name)
+        attributes, failure = attrs.code_outcome(result, exit_code, success)
+        attributes.update(attrs.metadata(metadata))
+        ids = [event_id] if event_id else self._open_events_of(semconv.EVENT_CODE_EXEC, agent_name)
         ended = [i for i in ids if self._close_event(i, attributes, failure)]
         return ended[-1] if ended else None
-
-    def _open_code_runs(self, agent_name: str | None) -> list[str]:
-        out = []
-        for event_id in reversed(self.event_stack):
-            attributes = getattr(self._open.get(event_id), "attributes", None) or {}
-            if attributes.get(semconv.EVENT_TYPE) == semconv.EVENT_CODE_EXEC and (
-                agent_name is None or attributes.get(semconv.GEN_AI_AGENT_NAME) == agent_name
-            ):
-                out.append(event_id)
-        return out
 
     @_timed
     def capture_file_generation(
         self, agent_name: str, file_path: str, file_type: str, size_bytes: int | None = None, metadata: Any = None
     ) -> str | None:
-        attributes: dict[str, Any] = {
-            semconv.GEN_AI_OPERATION_NAME: semconv.OP_FILE,
-            semconv.GEN_AI_AGENT_NAME: agent_name,
-            semconv.FILE_PATH: str(file_path),
-            semconv.FILE_TYPE: str(file_type),
-            **_metadata(metadata),
-        }
-        if isinstance(size_bytes, int) and not isinstance(size_bytes, bool):
-            attributes[semconv.FILE_SIZE] = size_bytes
+        attributes = attrs.file_generation(agent_name, file_path, file_type, size_bytes, metadata)
         return self._emit(f"file {file_path}", semconv.EVENT_FILE_GEN, attributes)
 
     @_timed
     def capture_handoff(self, from_agent: str, to_agent: str, context: Any = None, reason: str | None = None) -> str | None:
-        attributes: dict[str, Any] = {
-            semconv.GEN_AI_OPERATION_NAME: semconv.OP_HANDOFF,
-            semconv.HANDOFF_FROM: from_agent,
-            semconv.HANDOFF_TO: to_agent,
-            semconv.GEN_AI_AGENT_NAME: from_agent,
-        }
-        if reason:
-            attributes[semconv.HANDOFF_REASON] = str(reason)
-        if context:
-            attributes[semconv.CONTEXT] = to_json(context, _LIMIT)
+        attributes = attrs.handoff(from_agent, to_agent, context, reason)
         return self._emit(f"handoff {from_agent} -> {to_agent}", semconv.EVENT_HANDOFF, attributes)
 
     @_timed
@@ -471,25 +215,14 @@ class EventCaptureManager:
         """A message event on the current span (or the run), with its own order; its row is agent_call/message."""
         ctx = self._scoped_context()
         span = trace.get_current_span(ctx)
-        attributes: dict[str, Any] = {
-            semconv.EVENT_TYPE: semconv.EVENT_MESSAGE,
-            semconv.MESSAGE_SENDER: str(sender),
-            semconv.MESSAGE_RECIPIENT: str(recipient),
-            semconv.MESSAGE_CONTENT: to_json([{"type": "text", "content": content}], _LIMIT),
-            **_metadata(metadata),
-        }
-        if isinstance(tokens, int) and not isinstance(tokens, bool):
-            attributes[semconv.MESSAGE_TOKENS] = tokens
-        for key, value in ((semconv.NODE_ID, self._node_id), (semconv.STEP_ID, self._step_id)):
-            if value:  # the message belongs to the current step, whatever span it hangs on
-                attributes[key] = value
+        attributes = attrs.message(sender, recipient, content, tokens, metadata, self._node_id, self._step_id)
         token = otel_context.attach(ctx)
         try:
             add_ordered_event(span, semconv.MESSAGE_EVENT_NAME, attributes)
         finally:
             otel_context.detach(token)
         self._counts[semconv.EVENT_MESSAGE] += 1
-        return _event_id(span, f"/message/{attributes[semconv.EXECUTION_ORDER]}")
+        return span_row_id(span, f"/message/{attributes[semconv.EXECUTION_ORDER]}")
 
     @_timed
     def capture_error(
@@ -497,11 +230,9 @@ class EventCaptureManager:
     ) -> str | None:
         """An ``error`` row whose subtype is ``error_type`` (cmbagent's default: ``runtime_error``)."""
         return self._emit(
-            f"error {agent_name}",
-            semconv.EVENT_ERROR,
-            {semconv.GEN_AI_AGENT_NAME: agent_name, **_metadata(metadata)},
-            error=str(error_message),
-            error_type=error_type or "runtime_error",
+            f"error {agent_name}", semconv.EVENT_ERROR,
+            {semconv.GEN_AI_AGENT_NAME: agent_name, **attrs.metadata(metadata)},
+            error=str(error_message), error_type=error_type or "runtime_error",
         )
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -535,15 +266,10 @@ class EventCaptureManager:
             return
         self._closed = True
         self.enabled = False
-        for span in list(self._open.values()):
-            span.end()
-        self._open.clear()
-        if self._root is not None:
-            self._root.end()
+        self._end_all()
         deadline = time.monotonic() + 30
         for sink in self._sinks:
             sink.force_flush(max(0, int((deadline - time.monotonic()) * 1000)))
         router.remove(self)
         for sink in self._sinks:
             sink.shutdown()
-

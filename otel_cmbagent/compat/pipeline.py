@@ -17,17 +17,17 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 
-from ..pipeline import semconv
 from ..instrumentation.instrumentor import ensure_sequencer
+from ..pipeline import semconv
 from ..pipeline.processor import SequencingSpanProcessor
 from ..pipeline.values import log_internal_error
+from ..table.schema import DEFAULT_TABLE
 
 if TYPE_CHECKING:
     from ..compat import EventCaptureManager
 
 _logger = logging.getLogger("otel_cmbagent.compat")
 
-CMBAGENT_TABLE = "execution_events"
 
 
 class CaptorRouter(SpanProcessor):
@@ -93,8 +93,8 @@ def sql_sink(db_session: Any, buffer_size: int) -> SpanProcessor | None:
         return None
     engine = writer_engine(get_bind(), db_session)
     table = None
-    if sa.inspect(engine).has_table(CMBAGENT_TABLE):
-        table = sa.Table(CMBAGENT_TABLE, sa.MetaData(), autoload_with=engine)
+    if sa.inspect(engine).has_table(DEFAULT_TABLE):
+        table = sa.Table(DEFAULT_TABLE, sa.MetaData(), autoload_with=engine)
     return SQLEventSink(engine, table=table, max_batch=max(1, int(buffer_size or 1)) * 10)
 
 

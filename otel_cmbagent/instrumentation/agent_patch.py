@@ -8,11 +8,11 @@ from typing import Any
 from opentelemetry import trace
 
 from ..pipeline import semconv
-from ..pipeline.errors import mark_failed
-from .messages import to_otel_message
 from ..pipeline.context import current_conversation_id
+from ..pipeline.errors import mark_failed
+from ..pipeline.values import safe_text, to_json
+from .messages import to_otel_message
 from .spans import Runtime, SpanStart, add_ordered_event, agent_name, argument
-from ..pipeline.values import register_secrets_from_config, safe_text, to_json
 
 
 def _llm_identity(agent: Any) -> dict[str, Any]:
@@ -161,8 +161,3 @@ class AgentWrappers:
             otel_message = to_otel_message(message, self.limit, "assistant")
             attributes[semconv.MESSAGE_CONTENT] = to_json(otel_message["parts"], self.limit)
         add_ordered_event(span, semconv.MESSAGE_EVENT_NAME, attributes)
-
-    def record_secrets(self, agent: Any, args: tuple, kwargs: dict) -> None:
-        register_secrets_from_config(argument(args, kwargs, 0, "llm_config", kwargs.get("llm_config")))
-
-

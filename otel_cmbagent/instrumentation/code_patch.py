@@ -12,8 +12,8 @@ from opentelemetry import trace
 
 from ..pipeline import semconv
 from ..pipeline.errors import mark_failed
-from .spans import Runtime, SpanStart, agent_name, argument
 from ..pipeline.values import log_internal_error, safe_text, to_json
+from .spans import Runtime, SpanStart, agent_name, argument
 
 _SNAPSHOT_KEY = otel_context.create_key("cmbagent.work_dir_snapshot")
 _SKIPPED_DIRS = {"__pycache__", ".git", ".ipynb_checkpoints", ".venv", "node_modules"}

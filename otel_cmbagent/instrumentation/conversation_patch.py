@@ -9,8 +9,9 @@ from opentelemetry import trace
 
 from ..pipeline import semconv
 from ..pipeline.context import UsageTotals, conversation_values, usage_chain, with_new_usage
-from .spans import Runtime, SpanStart, agent_name, argument
 from ..pipeline.values import register_secrets_from_config
+from .spans import Runtime, SpanStart, agent_name, argument
+
 
 def _agent_llm_config(agent: Any) -> Any:
     return getattr(agent, "llm_config", None)
@@ -87,7 +88,7 @@ def _group_attributes(groupchat: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     agents = getattr(groupchat, "agents", None)
     if isinstance(agents, list):
-        out["cmbagent.group.agents"] = [agent_name(a) for a in agents]
+        out[semconv.GROUP_AGENTS] = [agent_name(a) for a in agents]
     method = getattr(groupchat, "speaker_selection_method", None)
     if method is not None:
         out[semconv.HANDOFF_METHOD] = method if isinstance(method, str) else getattr(method, "__name__", "custom")

@@ -13,11 +13,13 @@ from typing import Any, Callable
 import wrapt
 from opentelemetry import trace
 
+from ..pipeline.config import InstrumentationConfig
+from ..pipeline.context import _TracerSource
+from ..pipeline.values import log_internal_error, register_secrets_from_config, register_secrets_from_environment
+from ..version import __version__
 from .agent_patch import AgentWrappers
 from .code_patch import CodeWrappers
-from ..pipeline.config import InstrumentationConfig
 from .contrib import BaseInstrumentor
-from ..pipeline.context import _TracerSource
 from .conversation_patch import ConversationWrappers
 from .groupchat_patch import GroupChatWrappers
 from .llm_patch import LLMWrappers
@@ -25,8 +27,6 @@ from .package import classic_api_problem, installed_requirement
 from .patching import PatchSet
 from .spans import Runtime, before_call, traced
 from .threads import propagate_thread_context
-from ..pipeline.values import log_internal_error, register_secrets_from_config, register_secrets_from_environment
-from ..version import __version__
 
 _logger = logging.getLogger(__name__)
 
@@ -165,7 +165,6 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
             original = owner.__dict__.get(name)
             if original is not None:
                 self._patches.wrap(owner, name, before_call(hook, original))
-        self._code_wrappers = code
 
     def _patch_executor_module(self, module: Any) -> None:
         with self._lock:
@@ -301,19 +300,9 @@ def _seeing_agents(function: Any) -> Any:
     return with_agent_secrets
 
 
-_default_instrumentor: AG2Instrumentor | None = None
-
-
-def _instrumentor() -> AG2Instrumentor:
-    global _default_instrumentor
-    if _default_instrumentor is None:
-        _default_instrumentor = AG2Instrumentor()
-    return _default_instrumentor
-
-
 def instrument(tracer_provider: trace.TracerProvider | None = None, **options: Any) -> AG2Instrumentor:
     """Instrument AG2 (idempotent: a second call while instrumented changes nothing)."""
-    instrumentor = _instrumentor()
+    instrumentor = AG2Instrumentor()  # a singleton (BaseInstrumentor)
     if not instrumentor.is_instrumented_by_opentelemetry:
         instrumentor.instrument(tracer_provider=tracer_provider, **options)
     return instrumentor
@@ -321,7 +310,7 @@ def instrument(tracer_provider: trace.TracerProvider | None = None, **options: A
 
 def uninstrument() -> None:
     """Restore every patched attribute to the exact original object."""
-    instrumentor = _instrumentor()
+    instrumentor = AG2Instrumentor()  # a singleton (BaseInstrumentor)
     if instrumentor.is_instrumented_by_opentelemetry:
         instrumentor.uninstrument()
 

@@ -9,11 +9,11 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from ..pipeline import semconv
+from ..pipeline.context import usage_chain
+from ..pipeline.values import register_secrets_from_config, to_json
 from .agent_patch import provider_name
 from .messages import messages_json, to_otel_message
-from ..pipeline.context import usage_chain
 from .spans import Runtime, SpanStart, agent_name
-from ..pipeline.values import register_secrets_from_config, to_json
 
 _NOT_CONFIG = frozenset({"messages", "agent", "context", "tools", "functions", "cache", "response_format"})
 

@@ -66,10 +66,3 @@ def to_otel_message(message: Any, limit: int, default_role: str = "user") -> dic
 
 def messages_json(messages: list[Any], limit: int, default_role: str = "user") -> str:
     return to_json([to_otel_message(m, limit, default_role) for m in messages], limit)
-
-
-def text_of(message: Any) -> Any:
-    """The content of a message (a dict's ``content``, or the value itself)."""
-    if isinstance(message, dict):
-        return message.get("content")
-    return message

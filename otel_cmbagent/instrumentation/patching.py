@@ -44,7 +44,3 @@ class PatchSet:
     @property
     def patched(self) -> list[tuple[type, str, Any]]:
         return list(self._applied)
-
-
-def is_patched(value: Any) -> bool:
-    return bool(getattr(value, _MARK, False))

@@ -20,12 +20,11 @@ from opentelemetry.trace import SpanKind
 
 from ..pipeline import semconv
 from ..pipeline.config import InstrumentationConfig
-from .contrib import is_instrumentation_enabled
 from ..pipeline.errors import record_exception
 from ..pipeline.listeners import notify_message
 from ..pipeline.processor import next_event_order
 from ..pipeline.values import log_internal_error
-
+from .contrib import is_instrumentation_enabled
 
 
 class SpanStart(NamedTuple):

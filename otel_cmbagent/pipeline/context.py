@@ -20,11 +20,11 @@ from typing import Any, Callable, TypeVar
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from ..version import __version__
 from . import semconv
 from .config import DEFAULT_MAX_VALUE_LENGTH
 from .errors import record_exception
 from .values import clean_text, log_internal_error, safe_str, safe_text
-from ..version import __version__
 
 _IDENTITY_KEY = otel_context.create_key("cmbagent.identity")
 _USAGE_KEY = otel_context.create_key("cmbagent.usage")

@@ -1,7 +1,8 @@
 """Attribute keys and values, in one place.
 
 GenAI keys come from ``opentelemetry-semantic-conventions`` so they follow the
-spec; our own ``cmbagent.*`` keys are defined here and nowhere else. Where AG2's
+spec; our own ``cmbagent.*`` keys (attributes, event names, row meta keys) are
+defined here and nowhere else. Where AG2's
 own ``autogen.opentelemetry`` names a thing, the same name is used so traces from
 both look alike in a viewer.
 """
@@ -14,7 +15,6 @@ from opentelemetry.semconv.attributes import error_attributes as _error
 # --- OpenTelemetry GenAI semantic conventions -------------------------------
 GEN_AI_OPERATION_NAME = _gen_ai.GEN_AI_OPERATION_NAME
 GEN_AI_AGENT_NAME = _gen_ai.GEN_AI_AGENT_NAME
-GEN_AI_AGENT_DESCRIPTION = _gen_ai.GEN_AI_AGENT_DESCRIPTION
 GEN_AI_PROVIDER_NAME = _gen_ai.GEN_AI_PROVIDER_NAME
 GEN_AI_REQUEST_MODEL = _gen_ai.GEN_AI_REQUEST_MODEL
 GEN_AI_REQUEST_TEMPERATURE = _gen_ai.GEN_AI_REQUEST_TEMPERATURE
@@ -90,7 +90,6 @@ MESSAGE_SENDER = "cmbagent.message.sender"
 MESSAGE_RECIPIENT = "cmbagent.message.recipient"
 MESSAGE_ROLE = "cmbagent.message.role"
 MESSAGE_CONTENT = "cmbagent.message.content"
-MESSAGE_TOOL_CALLS = "cmbagent.message.tool_calls"
 MESSAGE_REQUEST_REPLY = "cmbagent.message.request_reply"
 LLM_MESSAGE_COUNT = "cmbagent.llm.message_count"
 LLM_HISTORY_OMITTED = "cmbagent.llm.history_messages_omitted"
@@ -98,9 +97,15 @@ TOOL_SUCCESS = "cmbagent.tool.success"
 CONVERSATION_KIND = "cmbagent.conversation.kind"
 CONVERSATION_RECIPIENT = "cmbagent.conversation.recipient"
 CONVERSATION_CHATS = "cmbagent.conversation.chats"
+GROUP_AGENTS = "cmbagent.group.agents"
 ERROR_MESSAGE = "cmbagent.error.message"
 # Set on a span ended because its process was stopped while it ran ("SIGTERM", "the process exiting").
 INTERRUPTED = "cmbagent.interrupted"
+# Set on a span the CLI's export rebuilt from a row still running (it ends at the time of the export).
+INCOMPLETE = "cmbagent.incomplete"
+# meta key of a running row: the process that wrote it (host|boot id|pid|start time), so readers can tell
+# a dead writer's rows from live ones (otel_cmbagent.table.writers).
+WRITER = "cmbagent.writer"
 # What cmbagent's event-capture API (otel_cmbagent.compat) passes along: its ``context`` and
 # ``metadata`` arguments (JSON), a handoff's ``reason`` and a message's ``tokens``.
 CONTEXT = "cmbagent.context"
@@ -139,7 +144,6 @@ CONTENT_ATTRIBUTES: frozenset[str] = frozenset(
         HUMAN_INPUT_PROMPT,
         HUMAN_INPUT_RESPONSE,
         MESSAGE_CONTENT,
-        MESSAGE_TOOL_CALLS,
         CONTEXT,
     }
 )

@@ -20,19 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-from collections.abc import Mapping
-from datetime import date, datetime
 from typing import Any
 
 import sqlalchemy as sa
 
-from otel_cmbagent.pipeline.values import storable
+from ..pipeline.values import storable
+from .encoding import decoded, jsonable
 
 _MARK = "\u2026"  # then 8 hex digits
 _DIGEST_LENGTH = 8
-_MAX_DEPTH = 64
-_FLOATS = {math.inf: "Infinity", -math.inf: "-Infinity"}
 
 
 def fit_text(text: str, length: int) -> str:
@@ -43,10 +39,6 @@ def fit_text(text: str, length: int) -> str:
     if length <= _DIGEST_LENGTH + 1:
         return digest[:length]
     return text[: length - _DIGEST_LENGTH - 1] + _MARK + digest
-
-
-def decoded(value: bytes | bytearray | memoryview) -> str:
-    return storable(bytes(value).decode("utf-8", errors="replace"))
 
 
 # The C encoder, strict: what it encodes without NUL (escaped as \u0000) or a lone surrogate is already safe.
@@ -64,7 +56,7 @@ def json_ok(value: Any) -> bool:
 
 def json_safe(value: Any) -> Any:
     """``value`` as every JSON column takes it (the same object when it already is)."""
-    return value if json_ok(value) else _json_walk(value)
+    return value if json_ok(value) else jsonable(value)
 
 
 def json_text(value: Any) -> str:
@@ -73,9 +65,9 @@ def json_text(value: Any) -> str:
     try:
         text = _strict_json(value)
     except (TypeError, ValueError, RecursionError):
-        return _strict_json(_json_walk(value))
+        return _strict_json(jsonable(value))
     if "\\u0000" in text or not (text.isascii() or _utf8(text)):
-        return _strict_json(_json_walk(value))
+        return _strict_json(jsonable(value))
     return text
 
 
@@ -85,38 +77,6 @@ def _utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _json_walk(value: Any, depth: int = 0) -> Any:
-    if isinstance(value, str):
-        return storable(value)
-    if value is None or isinstance(value, (bool, int)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else _FLOATS.get(value, "NaN")
-    if depth >= _MAX_DEPTH:
-        return "<max depth>"
-    if isinstance(value, Mapping):
-        items = [(_json_key(key), _json_walk(item, depth + 1)) for key, item in value.items()]
-        same = isinstance(value, dict) and all(a is k and b is v for (a, b), (k, v) in zip(items, value.items()))
-        return value if same else dict(items)
-    if isinstance(value, (list, tuple)):
-        items = [_json_walk(item, depth + 1) for item in value]
-        same = isinstance(value, list) and all(a is b for a, b in zip(items, value))
-        return value if same else items
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return decoded(value)
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
-    return storable(str(value))
-
-
-def _json_key(key: Any) -> Any:
-    if isinstance(key, str):
-        return storable(key)
-    if key is None or isinstance(key, (bool, int, float)):
-        return key
-    return storable(str(key))
 
 
 def _integer_bounds(column: sa.Column, sqlite: bool) -> tuple[int, int]:

@@ -24,9 +24,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from ..pipeline import semconv
+
 _logger = logging.getLogger("otel_cmbagent.exporters")
 
-WRITER_KEY = "cmbagent.writer"  # meta key of running rows
+WRITER_KEY = semconv.WRITER  # meta key of running rows
 HEARTBEAT_TABLE = "otel_cmbagent_writers"
 HEARTBEAT_ENV = "OTEL_CMBAGENT_HEARTBEAT_SECONDS"
 DEFAULT_HEARTBEAT_SECONDS = 5.0
