@@ -1,4 +1,10 @@
-"""Shared fixtures: an in-memory span exporter behind the sequencing processor, and a scripted LLM."""
+"""Shared fixtures of this project's tests: a provider with the sequencer and an in-memory exporter, AG2
+instrumented on it, real PostgreSQL.
+
+The package's pytest plugin (``otel_cmbagent.testing.pytest_plugin``, loaded here too) gives ``span_exporter``,
+``scripted_llm`` and ``otel_tracer_provider``; no fixture here reuses those names: ``memory_exporter`` is a bare
+exporter behind ``tracer_provider`` (AG2 instrumented only by ``instrument_with_content``/``_no_content``).
+"""
 
 from __future__ import annotations
 
@@ -11,22 +17,21 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_cmbagent as oc
-from otel_cmbagent.testing import ScriptedLLM
 
 # A recognisable fake key: it must never appear in any span, attribute or event.
 FAKE_KEY = "sk-test-FAKEKEY-0123456789abcdefXYZ"
 
 
 @pytest.fixture
-def span_exporter() -> InMemorySpanExporter:
+def memory_exporter() -> InMemorySpanExporter:
     return InMemorySpanExporter()
 
 
 @pytest.fixture
-def tracer_provider(span_exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
+def tracer_provider(memory_exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
     provider = TracerProvider()
     provider.add_span_processor(oc.SequencingSpanProcessor())
-    provider.add_span_processor(SimpleSpanProcessor(span_exporter))
+    provider.add_span_processor(SimpleSpanProcessor(memory_exporter))
     yield provider
     provider.shutdown()
 
@@ -48,12 +53,6 @@ def instrument_with_content(tracer_provider: TracerProvider) -> Iterator[oc.AG2I
 @pytest.fixture
 def instrument_no_content(tracer_provider: TracerProvider) -> Iterator[oc.AG2Instrumentor]:
     yield from _instrument(tracer_provider, capture_content=False)
-
-
-@pytest.fixture
-def scripted_llm() -> Iterator[ScriptedLLM]:
-    with ScriptedLLM() as llm:
-        yield llm
 
 
 @pytest.fixture

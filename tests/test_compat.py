@@ -196,7 +196,7 @@ def test_set_context_only_changes_what_is_given():
     assert (captor.current_node_id, captor.current_step_id) == ("node-a", "step-b")
 
 
-def test_hook_functions_as_cmbagents(hooks, tmp_path, span_exporter, tracer_provider, monkeypatch):
+def test_hook_functions_as_cmbagents(hooks, tmp_path, memory_exporter, tracer_provider, monkeypatch):
     """install_ag2_hooks() is True when already installed; the patch_* functions of ag2_hooks exist and work;
     patch_code_executor() with no argument covers LocalCommandLineCodeExecutor, with one a custom class."""
     from autogen.coding import CodeBlock, LocalCommandLineCodeExecutor

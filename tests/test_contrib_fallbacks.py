@@ -53,7 +53,7 @@ def builtin_threads() -> Iterator[BuiltinThreadContext]:
     assert _originals() == originals
 
 
-def _parents_seen_in_threads(tracer: trace.Tracer, span_exporter: Any) -> dict[str, Any]:
+def _parents_seen_in_threads(tracer: trace.Tracer, memory_exporter: Any) -> dict[str, Any]:
     """Start a span in a Thread, a Timer, a ThreadPoolExecutor task and run_in_executor, inside a parent span."""
 
     def work(label: str) -> None:
@@ -74,26 +74,26 @@ def _parents_seen_in_threads(tracer: trace.Tracer, span_exporter: Any) -> dict[s
             asyncio.run(in_executor())
         thread.join()
         timer.join()
-    spans = {span.name: span for span in span_exporter.get_finished_spans()}
+    spans = {span.name: span for span in memory_exporter.get_finished_spans()}
     parent_id = spans["parent"].context.span_id
     return {label: spans[label].parent is not None and spans[label].parent.span_id == parent_id
             for label in ("thread", "timer", "pool", "run_in_executor")}
 
 
-def test_builtin_thread_context_nests_thread_work_under_the_caller(builtin_threads, tracer_provider, span_exporter):
+def test_builtin_thread_context_nests_thread_work_under_the_caller(builtin_threads, tracer_provider, memory_exporter):
     """Thread, Timer, ThreadPoolExecutor and run_in_executor work inherits the context it was started in."""
     tracer = tracer_provider.get_tracer("test")
-    assert _parents_seen_in_threads(tracer, span_exporter) == dict.fromkeys(
+    assert _parents_seen_in_threads(tracer, memory_exporter) == dict.fromkeys(
         ("thread", "timer", "pool", "run_in_executor"), True
     )
 
 
-def test_without_propagation_thread_work_starts_new_traces(tracer_provider, span_exporter):
+def test_without_propagation_thread_work_starts_new_traces(tracer_provider, memory_exporter):
     """The control: unpatched, none of them sees the parent (so the test above measures the patch)."""
     if builtin_thread_context.active or any(hasattr(value, "__wrapped__") for value in _originals()):
         pytest.fail("thread propagation is on outside an instrument() call")
     tracer = tracer_provider.get_tracer("test")
-    assert _parents_seen_in_threads(tracer, span_exporter) == dict.fromkeys(
+    assert _parents_seen_in_threads(tracer, memory_exporter) == dict.fromkeys(
         ("thread", "timer", "pool", "run_in_executor"), False
     )
 

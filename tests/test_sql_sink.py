@@ -66,7 +66,7 @@ def test_rows_are_visible_while_the_run_is_live(tracing, scripted_llm):
     assert {r["status"] for r in table_rows(tracing.sql.engine)} == {"completed"}
 
 
-def test_rewrites_are_idempotent(tmp_path, tracer_provider, span_exporter, monkeypatch):
+def test_rewrites_are_idempotent(tmp_path, tracer_provider, memory_exporter, monkeypatch):
     """The same spans written twice (a retry, a duplicate) leave one row each."""
     monkeypatch.setattr(oc.pipeline.context._TracerSource, "provider", tracer_provider)
     engine = make_engine(f"sqlite:///{tmp_path / 'dup.db'}")
@@ -76,7 +76,7 @@ def test_rewrites_are_idempotent(tmp_path, tracer_provider, span_exporter, monke
     with oc.run(name="dup"):
         with tracer.start_as_current_span("a"):
             pass
-    spans = span_exporter.get_finished_spans()
+    spans = memory_exporter.get_finished_spans()
     for span in spans:  # a duplicated delivery of every end
         sink.on_end(span)
     sink.force_flush()
@@ -85,7 +85,7 @@ def test_rewrites_are_idempotent(tmp_path, tracer_provider, span_exporter, monke
     sink.shutdown()
 
 
-def test_late_start_row_never_overwrites_a_completed_row(tmp_path, tracer_provider, span_exporter):
+def test_late_start_row_never_overwrites_a_completed_row(tmp_path, tracer_provider, memory_exporter):
     """A replayed 'running' row after the 'completed' one keeps the row completed."""
     engine = make_engine(f"sqlite:///{tmp_path / 'late.db'}")
     sink = SQLEventSink(engine)
@@ -146,7 +146,7 @@ def test_replay_twice_is_idempotent(tmp_path):
     assert len(table_rows(make_engine(url))) == 1
 
 
-def test_side_rows_are_written_once_whatever_is_replayed(tmp_path, tracer_provider, span_exporter, scripted_llm):
+def test_side_rows_are_written_once_whatever_is_replayed(tmp_path, tracer_provider, memory_exporter, scripted_llm):
     """cmbagent's messages/cost_records rows (autoincrement ids, no upsert) stay one per event when every span
     is delivered again and the run's rows are replayed from a spill file."""
     import cmbagent_schema as cmb
@@ -163,7 +163,7 @@ def test_side_rows_are_written_once_whatever_is_replayed(tmp_path, tracer_provid
         scripted_run(scripted_llm, run_id="run-side", session_id="session-side")
         sink.force_flush()
         counts = (cmb.table_count(engine, cmb.messages), cmb.table_count(engine, cmb.cost_records))
-        spans = span_exporter.get_finished_spans()
+        spans = memory_exporter.get_finished_spans()
         for span in spans:
             sink.on_end(span)  # a duplicated delivery of every end
         sink.force_flush()
