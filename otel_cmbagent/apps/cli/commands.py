@@ -94,7 +94,7 @@ def runs(db: str | None, limit: int, as_json: bool) -> None:
     elif not found:
         console.print(Text(f"no runs in {printable(target)} yet"))
     else:
-        console.print(render.runs_table(for_terminal(found), f"runs in {printable(target)}"))
+        console.print(render.runs_table(for_terminal(found), f"runs in {printable(target)}", console.width))
 
 
 @cli.command(context_settings=_CONTEXT)
@@ -163,7 +163,7 @@ def events(run_id: str, db: str | None, event_types: tuple[str, ...], agents: tu
     if as_json:
         jsonl(rows)
         return
-    console.print(render.events_table(for_terminal(rows)))
+    console.print(render.events_table(for_terminal(rows), console.width))
     console.print(Text(f"{len(rows)} events", style="dim"))
 
 

@@ -72,29 +72,60 @@ def llm_tokens(row: Mapping[str, Any]) -> tuple[Any, Any]:
     return meta.get(semconv.GEN_AI_USAGE_INPUT_TOKENS), meta.get(semconv.GEN_AI_USAGE_OUTPUT_TOKENS)
 
 
-# --- runs ---------------------------------------------------------------------------------------------
-_RUN_COLUMNS = (("run", "left"), ("name", "left"), ("started", "left"), ("duration", "right"), ("status", "left"),
-                ("events", "right"), ("agents", "left"), ("tokens in / out", "right"), ("cost", "right"))
+# --- one-line tables ----------------------------------------------------------------------------------
+Column = tuple[str, str, "int | None"]  # header, justify, cap (longest cell shown; None: no cap)
 
 
-def runs_table(found: Sequence[Mapping[str, Any]], title: str) -> Table:
-    shorts = short_ids([r["run_id"] for r in found])
-    table = Table(title=Text(title), title_justify="left", box=None, pad_edge=False, header_style="bold")
-    for column, justify in _RUN_COLUMNS:
-        table.add_column(column, justify=justify, no_wrap=column in ("run", "started", "duration", "status"))
-    for run in found:
-        table.add_row(
-            Text(shorts[run["run_id"]], style="cyan"),
-            Text(shorten(run.get("name") or "", 40)),
-            Text(fmt_time(run.get("started_at"))),
-            Text(fmt_duration(run.get("duration_ms")) + ("+" if run.get("live") else "")),
-            run_status_text(run),
-            Text(str(run.get("events", 0))),
-            Text(shorten(", ".join(run.get("agents") or []), 48)),
-            Text(fmt_tokens(run.get("input_tokens"), run.get("output_tokens"))),
-            Text(fmt_cost(run.get("cost"), run.get("llm_calls", 1))),
-        )
+def fitted_table(columns: Sequence[Column], cells: list[list[Text]], width: int, flexible: Sequence[str],
+                 title: str | None = None) -> Table:
+    """A table of one-line rows within ``width`` columns: every column keeps its natural width (up to its cap)
+    and the ``flexible`` ones share what is left (at least 12 each), their long cells cut with ``…``."""
+    headers = [header for header, _justify, _cap in columns]
+    natural = [min(max([len(header)] + [row[i].cell_len for row in cells]), cap or 10**6)
+               for i, (header, _justify, cap) in enumerate(columns)]
+    shared = [headers.index(name) for name in flexible]
+    fixed = sum(w for i, w in enumerate(natural) if i not in shared) + len(natural) - 1
+    room = max(12 * len(shared), width - fixed)
+    wanted = sum(natural[i] for i in shared) or 1
+    if wanted > room:
+        for i in shared:
+            natural[i] = max(12, room * natural[i] // wanted)
+        widest = max(shared, key=lambda i: natural[i])
+        natural[widest] -= max(0, sum(natural[i] for i in shared) - room)
+    table = Table(title=Text(title) if title else None, title_justify="left", box=None, pad_edge=False,
+                  header_style="bold", padding=(0, 1, 0, 0))
+    for (header, justify, _cap), column_width in zip(columns, natural):
+        table.add_column(header, justify=justify, no_wrap=True, overflow="ellipsis", width=column_width)
+    for row in cells:
+        table.add_row(*row)
     return table
+
+
+_RUN_COLUMNS: tuple[Column, ...] = (("run", "left", None), ("name", "left", None), ("started", "left", None),
+                                    ("duration", "right", None), ("status", "left", None), ("events", "right", None),
+                                    ("agents", "left", None), ("tokens in / out", "right", None),
+                                    ("cost", "right", None))
+
+
+def _run_cells(run: Mapping[str, Any], short: str) -> list[Text]:
+    return [
+        Text(short, style="cyan"),
+        Text(shorten(run.get("name") or "", 60)),
+        Text(fmt_time(run.get("started_at"))),
+        Text(fmt_duration(run.get("duration_ms")) + ("+" if run.get("live") else "")),
+        run_status_text(run),
+        Text(str(run.get("events", 0))),
+        Text(", ".join(run.get("agents") or [])),
+        Text(fmt_tokens(run.get("input_tokens"), run.get("output_tokens"))),
+        Text(fmt_cost(run.get("cost"), run.get("llm_calls", 1))),
+    ]
+
+
+def runs_table(found: Sequence[Mapping[str, Any]], title: str, width: int) -> Table:
+    """One line per run; the name and the agents share what the other columns leave."""
+    shorts = short_ids([r["run_id"] for r in found])
+    cells = [_run_cells(run, shorts[run["run_id"]]) for run in found]
+    return fitted_table(_RUN_COLUMNS, cells, width, ("name", "agents"), title)
 
 
 def run_header(summary: Mapping[str, Any]) -> Text:
@@ -176,31 +207,29 @@ def event_tree(summary: Mapping[str, Any], roots: list[dict[str, Any]], *, messa
 
 
 # --- events -------------------------------------------------------------------------------------------
-def events_table(rows: Sequence[Mapping[str, Any]]) -> Table:
-    """One line per row; long cells are cut (``…``) so the name keeps its room and nothing wraps."""
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    table.add_column("#", justify="right", no_wrap=True)
-    table.add_column("depth", justify="right", no_wrap=True)
-    table.add_column("type", no_wrap=True)
-    table.add_column("agent", no_wrap=True, max_width=16, overflow="ellipsis")
-    table.add_column("name", no_wrap=True, min_width=24, ratio=1, overflow="ellipsis")
-    table.add_column("status", no_wrap=True, max_width=34, overflow="ellipsis")
-    table.add_column("started", no_wrap=True)
-    table.add_column("duration", justify="right", no_wrap=True)
-    table.add_column("tokens", justify="right", no_wrap=True)
-    for row in rows:
-        event_type = row_kind(row)
-        tokens = fmt_tokens(*llm_tokens(row)) if event_type == semconv.EVENT_LLM_CALL else ""
-        status = row.get("status")
-        table.add_row(
-            Text(str(row.get("execution_order"))),
-            Text(str(row.get("depth"))),
-            Text(event_type, style=TYPE_STYLES.get(event_type, "")),
-            Text(str(row.get("agent_name") or "")),
-            Text(shorten(event_name(row), 60)),
-            status_text(status, row.get("error_message"), error_limit=22),
-            Text(fmt_time(row.get("started_at") or row.get("timestamp"), millis=True)),
-            Text(fmt_duration(row.get("duration_ms")) if status != STATUS_RUNNING else "live"),
-            Text(tokens),
-        )
-    return table
+_EVENT_COLUMNS: tuple[Column, ...] = (("#", "right", None), ("depth", "right", None), ("type", "left", None),
+                                      ("agent", "left", 14), ("name", "left", None), ("status", "left", 22),
+                                      ("started", "left", None), ("duration", "right", None),
+                                      ("tokens", "right", None))
+
+
+def _event_cells(row: Mapping[str, Any]) -> list[Text]:
+    event_type = row_kind(row)
+    status = row.get("status")
+    return [
+        Text(str(row.get("execution_order"))),
+        Text(str(row.get("depth"))),
+        Text(event_type, style=TYPE_STYLES.get(event_type, "")),
+        Text(str(row.get("agent_name") or "")),
+        Text(" ".join(event_name(row).split())),
+        status_text(status, row.get("error_message"), error_limit=10),
+        Text(fmt_time(row.get("started_at") or row.get("timestamp"), millis=True)),
+        Text(fmt_duration(row.get("duration_ms")) if status != STATUS_RUNNING else "live"),
+        Text(fmt_tokens(*llm_tokens(row)) if event_type == semconv.EVENT_LLM_CALL else ""),
+    ]
+
+
+def events_table(rows: Sequence[Mapping[str, Any]], width: int) -> Table:
+    """One line per row within ``width`` columns: agent and status are capped (a long error is cut; its full
+    text is in ``--json``) and the name gets the rest, cut with ``…``."""
+    return fitted_table(_EVENT_COLUMNS, [_event_cells(row) for row in rows], width, ("name",))

@@ -90,16 +90,21 @@
   }
   function typeClass(type) { return 't-' + (TYPES.includes(type) || type === 'message' ? type : 'other'); }
 
+  // One rule with the CLI (otel_cmbagent/apps/cli/terminal.py fmt_duration): whole milliseconds, truncated
+  // as the sink truncates duration_ms; 1.23 s; 2m 05s; 1h 02m.
   function fmtDur(ms) {
     if (ms === null || ms === undefined || !isFinite(ms)) return '—';
-    if (ms < 1) return '<1 ms';
-    if (ms < 1000) return Math.round(ms) + ' ms';
-    if (ms < 10000) return (ms / 1000).toFixed(2) + ' s';
-    if (ms < 60000) return (ms / 1000).toFixed(1) + ' s';
-    const s = Math.round(ms / 1000);
+    const whole = Math.max(0, Math.floor(ms));
+    if (whole < 1000) return whole + ' ms';
+    if (whole < 60000) return (Math.floor(whole / 10) / 100).toFixed(2) + ' s';
+    const s = Math.floor(whole / 1000);
     const hours = Math.floor(s / 3600), minutes = Math.floor((s % 3600) / 60), seconds = s % 60;
     if (hours) return hours + 'h ' + String(minutes).padStart(2, '0') + 'm';
     return minutes + 'm ' + String(seconds).padStart(2, '0') + 's';
+  }
+  // A finished event's duration: its row's duration_ms (what the CLI shows), else end - start.
+  function evDuration(ev) {
+    return typeof ev.d.duration_ms === 'number' && ev.status !== 'running' ? ev.d.duration_ms : ev.e - ev.s;
   }
   function fmtAxis(ms, step) {
     if (step >= 60000) return fmtDur(ms);
@@ -241,12 +246,16 @@
     el.dataset.live = live ? 'true' : 'false';
     const badge = statusBadge(run.status, live ? 'LIVE' : null);
     badge.setAttribute('data-testid', 'run-status');
+    const failed = Number(run.failed_events) || 0;   // e.g. a failed tool call the run recovered from
+    el.dataset.failedEvents = String(failed);
     item.durationEl = h('span', null, fmtDur(runDuration(run)));
     item.agoEl = h('span', { title: run.started_at || '' }, fmtAgo(parseTime(run.started_at)));
     const tokensIn = Number(run.input_tokens) || 0, tokensOut = Number(run.output_tokens) || 0;
     el.title = runTitle(run.name) + '\n' + run.run_id;
     el.replaceChildren(
-      h('div', { class: 'run-line1' }, badge, h('span', { class: 'run-name' }, runTitle(run.name))),
+      h('div', { class: 'run-line1' }, badge,
+        failed && run.status !== 'failed' ? h('span', { class: 'badge failed', 'data-testid': 'run-failed', title: failed + ' failed events' }, failed + ' failed') : null,
+        h('span', { class: 'run-name' }, runTitle(run.name))),
       h('div', { class: 'run-line2' },
         h('span', { class: 'mono' }, shortId(run.run_id)),
         item.agoEl,
@@ -365,6 +374,7 @@
       if (R !== run) return;
       dom.loading.hidden = false;
       dom.loading.textContent = error.status === 404 ? 'No such run: ' + key : 'Cannot load the run: ' + error.message;
+      if (error.status === 404) { run.missing = true; run.headerDirty = true; }
     }
     schedule();
   }
@@ -730,7 +740,11 @@
       renderHeader(); R.headerDirty = false; R.lastHeader = now;
       if (liveDuration) liveDuration();
     }
-    if (R.detailsDirty) { renderDetails(); R.detailsDirty = false; }
+    if (R.detailsDirty) {
+      const opening = dom.details.hidden;
+      renderDetails(); R.detailsDirty = false;
+      if (opening && !dom.details.hidden) revealSelected();
+    }
   }
 
   function nowRelative() { return R.base === null ? 0 : Date.now() + clockSkew - R.base; }
@@ -875,8 +889,8 @@
     const bar = h('div', {
       class: 'bar ' + typeClass(ev.type) + (ev.status === 'running' || ev.status === 'failed' || ev.status === 'interrupted' ? ' ' + ev.status : ''),
       'data-testid': 'bar', 'data-event-id': ev.id, 'data-type': ev.type, 'data-status': ev.status, 'data-agent': ev.agent,
-      title: ev.name + ' — ' + (ev.status === 'running' ? 'running' : fmtDur(ev.e - ev.s)) + (ev.status === 'failed' || ev.status === 'interrupted' ? ' (' + ev.status + ')' : ''),
-    }, h('span', { class: 'bar-fill' }), h('span', { class: 'bar-dur' }, ev.status === 'running' ? 'running…' : fmtDur(ev.e - ev.s)));
+      title: ev.name + ' — ' + (ev.status === 'running' ? 'running' : fmtDur(evDuration(ev))) + (ev.status === 'failed' || ev.status === 'interrupted' ? ' (' + ev.status + ')' : ''),
+    }, h('span', { class: 'bar-fill' }), h('span', { class: 'bar-dur' }, ev.status === 'running' ? 'running…' : fmtDur(evDuration(ev))));
     bar.style.setProperty('--s', String(ev.s));
     if (ev.e !== null) bar.style.setProperty('--e', String(ev.e));
     if (row._bar) R.runningBars.delete(row._bar);
@@ -937,10 +951,21 @@
     let i = span ? R.display.indexOf(span) : -1;
     i = Math.max(0, Math.min(R.display.length - 1, i + (event.key === 'ArrowDown' ? 1 : -1)));
     select(R.display[i].id);
+    reveal(i);
+  });
+
+  function reveal(i) {
     const y = i * ROW_H;
     if (y < dom.body.scrollTop) dom.body.scrollTop = y;
     else if (y + ROW_H > dom.body.scrollTop + dom.body.clientHeight - ROW_H) dom.body.scrollTop = y - dom.body.clientHeight + 2 * ROW_H;
-  });
+  }
+
+  function revealSelected() {   // after the details pane opened: the selected row stays on screen
+    const ev = R && R.selected ? R.events.get(R.selected) : null;
+    const span = ev && ev.type === 'message' ? ev.parent || R.events.get(ev.parentId) : ev;
+    const i = span ? R.display.indexOf(span) : -1;
+    if (i >= 0) reveal(i);
+  }
 
   function select(id) {
     const before = R.selected ? R.events.get(R.selected) : null;
@@ -968,25 +993,36 @@
   }
 
   function renderHeader() {
+    if (R.missing) {   // an unknown run id: no status, no name, no figures (they would all be made up)
+      dom.runHeader.dataset.status = 'missing';
+      dom.runHeader.replaceChildren(h('div', { class: 'rh-line1' },
+        h('span', { class: 'rh-name', 'data-testid': 'run-name' }, 'No such run')),
+        h('div', { class: 'rh-ids' }, 'run ', R.key));
+      return;
+    }
     const summary = R.summary || {};
     const root = R.root;
-    const status = root ? root.status : (summary.status || (R.running.size ? 'running' : 'completed'));
+    // before the run's rows or summary arrive, its status is unknown: no badge rather than a made-up one
+    const status = root ? root.status : (summary.status || (R.running.size ? 'running' : (R.loaded ? 'completed' : null)));
     const live = status === 'running';
-    const name = root ? String(root.name).replace(/^invoke_workflow\s+/, '') : runTitle(summary.name);
+    const name = root ? String(root.name).replace(/^invoke_workflow\s+/, '') : (R.summary ? runTitle(summary.name) : R.key);
     let duration;
-    if (root && root.e !== null) duration = root.e - root.s;
+    if (root && root.e !== null) duration = evDuration(root);
     else if (isFinite(R.minStart)) duration = (live ? nowRelative() : R.maxEnd) - R.minStart;
     const traceId = (root && root.d.trace_id) || summary.trace_id;
     const agents = Array.from(R.agentCounts.keys());
-    dom.runHeader.dataset.status = status;
+    const failed = Number(summary.failed_events) || 0;
+    const ids = 'run ' + R.key + (traceId && traceId !== R.key ? '  ·  trace ' + traceId : '') +
+      (summary.session_id ? '  ·  session ' + summary.session_id : '');
+    dom.runHeader.dataset.status = status || 'loading';
     dom.runHeader.replaceChildren(
       h('div', { class: 'rh-line1' },
-        statusBadge(status, live ? 'LIVE' : null),
+        status ? statusBadge(status, live ? 'LIVE' : null) : null,
+        failed && status !== 'failed' ? h('span', { class: 'badge failed', 'data-testid': 'run-failed' }, failed + ' failed') : null,
         h('span', { class: 'rh-name', 'data-testid': 'run-name' }, name),
         h('span', { class: 'rh-spacer' }),
         jaegerLink(traceId, null)),
-      h('div', { class: 'rh-ids' }, 'run ', R.key, traceId && traceId !== R.key ? '  ·  trace ' + traceId : '',
-        summary.session_id ? '  ·  session ' + summary.session_id : ''),
+      h('div', { class: 'rh-ids', title: ids }, ids),
       h('div', { class: 'rh-stats' },
         stat('Duration', fmtDur(duration), 'run-duration'),
         stat('Events', fmtNum(R.events.size), 'run-events'),
@@ -1042,7 +1078,7 @@
     field('Type', TYPE_NAMES[ev.type] || ev.type);
     field('Status', ev.status, 'details-status');
     field('Started', R.base !== null ? fmtClock(R.base + ev.s) : '—');
-    const durationCell = field('Duration', ev.status === 'running' ? 'running for ' + fmtDur(nowRelative() - ev.s) : fmtDur(ev.e - ev.s), 'details-duration');
+    const durationCell = field('Duration', ev.status === 'running' ? 'running for ' + fmtDur(nowRelative() - ev.s) : fmtDur(evDuration(ev)), 'details-duration');
     if (ev.status === 'running' && durationCell) liveDuration = () => { durationCell.textContent = 'running for ' + fmtDur(nowRelative() - ev.s); };
     field('Order', '#' + ev.order + ' · depth ' + (d.depth != null ? d.depth : ev.level));
     if (d.step_id) field('Step', d.step_id);
