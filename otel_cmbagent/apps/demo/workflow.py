@@ -26,12 +26,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import otel_cmbagent as oc
@@ -79,9 +81,23 @@ def _is_termination(message: dict[str, Any]) -> bool:
     return "TERMINATE" in (content_of(message) or "")
 
 
+def _executor(work_dir: str) -> Any:
+    """AG2's local executor running code with this interpreter: it runs ``python`` from $PATH, which a shell
+    without the virtualenv activated (``make demo``) may not have at all (Debian has only ``python3``)."""
+    from autogen.coding import LocalCommandLineCodeExecutor
+
+    bin_path = os.path.dirname(sys.executable)
+    if not os.path.exists(os.path.join(bin_path, "python")):  # e.g. /usr/bin/python3 alone: a link named python
+        bin_path = os.path.join(os.path.dirname(work_dir), ".bin")
+        os.makedirs(bin_path, exist_ok=True)
+        if not os.path.lexists(os.path.join(bin_path, "python")):
+            os.symlink(sys.executable, os.path.join(bin_path, "python"))
+    context = SimpleNamespace(bin_path=bin_path, env_exe=sys.executable)
+    return LocalCommandLineCodeExecutor(work_dir=work_dir, timeout=60, virtual_env_context=context)
+
+
 def _plan_step(llm_config: dict[str, Any], analysis_dir: str, run_dir: str) -> None:
     from autogen import ConversableAgent, GroupChat, GroupChatManager
-    from autogen.coding import LocalCommandLineCodeExecutor
 
     def agent(name: str) -> Any:
         return ConversableAgent(name, system_message=SYSTEM[name], llm_config=llm_config, human_input_mode="NEVER")
@@ -89,7 +105,7 @@ def _plan_step(llm_config: dict[str, Any], analysis_dir: str, run_dir: str) -> N
     planner, engineer, reviewer = agent("planner"), agent("engineer"), agent("reviewer")
     executor = ConversableAgent(
         "executor", llm_config=False, human_input_mode="NEVER", default_auto_reply="No code block to run.",
-        code_execution_config={"executor": LocalCommandLineCodeExecutor(work_dir=analysis_dir, timeout=60)},
+        code_execution_config={"executor": _executor(analysis_dir)},
     )
 
     def next_speaker(last_speaker: Any, groupchat: Any) -> Any:
@@ -144,7 +160,6 @@ def _fit_summary(fit: dict[str, Any]) -> str:
 
 def _plot_step(llm_config: dict[str, Any], analysis_dir: str, fit: dict[str, Any], start: threading.Barrier) -> None:
     from autogen import ConversableAgent
-    from autogen.coding import LocalCommandLineCodeExecutor
 
     with quiet_ag2(), oc.step(node_id="n3", step_id="plot", name="Plot the fit"):
         _wait(start)
@@ -154,7 +169,7 @@ def _plot_step(llm_config: dict[str, Any], analysis_dir: str, fit: dict[str, Any
         runner = ConversableAgent(
             "plot_executor", llm_config=False, human_input_mode="NEVER", is_termination_msg=_is_termination,
             default_auto_reply="No code block to run.",
-            code_execution_config={"executor": LocalCommandLineCodeExecutor(work_dir=analysis_dir, timeout=60)},
+            code_execution_config={"executor": _executor(analysis_dir)},
         )
         runner.initiate_chat(
             plotter, message=f"Plot spectrum.csv with the fitted model to fit.png. {_fit_summary(fit)}",
