@@ -377,11 +377,25 @@ async def test_async_chat_with_code_execution(instrument_with_content, memory_ex
 
 
 async def test_async_group_chat_resume(instrument_with_content, memory_exporter, scripted_llm):
-    """GroupChatManager.a_resume opens a resumed conversation span too."""
+    """GroupChatManager.a_resume opens a resumed conversation span too, and the history it replays is recorded:
+    one message per ``a_send`` (the speaker's to the manager, the manager's to each other agent). cmbagent's fork
+    calls ``a_send`` there without ``await``: the coroutine's "never awaited" warning must name AG2's own
+    ``a_send``, not our wrapper (whose hook never ran, so the fork's replayed messages were missing)."""
+    import gc
+    import warnings
+
     scripted_llm.push(text("code"), text("review"), text("TERMINATE"))
     agents, _, manager = _group(scripted_llm)
     previous = [{"content": "start", "role": "user", "name": "planner"}, {"content": "plan", "role": "user", "name": "planner"}]
-    await manager.a_resume(messages=previous, silent=True)
-    resumed = [c for c in by_event_type(memory_exporter.get_finished_spans(), "conversation")
-               if c.attributes.get("gen_ai.conversation.resumed")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        await manager.a_resume(messages=previous, silent=True)
+        gc.collect()
+    spans = memory_exporter.get_finished_spans()
+    resumed = [c for c in by_event_type(spans, "conversation") if c.attributes.get("gen_ai.conversation.resumed")]
     assert resumed and resumed[0].name == "conversation chat_manager"
+    replayed = [e for e in resumed[0].events if e.name == "cmbagent.message"
+                and json.loads(e.attributes["cmbagent.message.content"]) == [{"type": "text", "content": "start"}]]
+    assert len(replayed) == len(agents)
+    ours = [str(w.message) for w in caught if "never awaited" in str(w.message) and "before_call" in str(w.message)]
+    assert ours == []

@@ -131,25 +131,20 @@ def traced(runtime: Runtime, start: StartFn, finish: FinishFn | None, original: 
 
 
 def before_call(hook: Callable[[Any, tuple, dict], None], original: Any) -> Callable[..., Any]:
-    """A wrapt wrapper that runs ``hook`` (guarded) before ``original``, without a span of its own."""
+    """A wrapt wrapper that runs ``hook`` (guarded) before ``original``, without a span of its own.
 
-    def run_hook(instance: Any, args: tuple, kwargs: dict) -> None:
+    For a coroutine function too the hook runs at call time and the original's own coroutine is returned
+    (no coroutine of ours around it): a caller that never awaits it - cmbagent's fork replays history in
+    ``GroupChatManager.a_resume`` with ``agent.a_send(...)`` un-awaited - still has the call recorded, and
+    Python's "never awaited" warning names AG2's method, not this wrapper.
+    """
+
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         if is_instrumentation_enabled():
             try:
                 hook(instance, args, kwargs)
             except Exception as exc:  # noqa: BLE001
                 log_internal_error(getattr(hook, "__name__", "hook"), exc)
-
-    if inspect.iscoroutinefunction(original):
-
-        async def async_wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-            run_hook(instance, args, kwargs)
-            return await wrapped(*args, **kwargs)
-
-        return async_wrapper
-
-    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-        run_hook(instance, args, kwargs)
         return wrapped(*args, **kwargs)
 
     return wrapper
