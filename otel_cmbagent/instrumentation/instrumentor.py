@@ -206,6 +206,9 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
         return self._patches.patched
 
 
+_sequenced: weakref.WeakSet[Any] = weakref.WeakSet()  # providers ensure_sequencer added a sequencer to
+
+
 def ensure_sequencer(provider: Any) -> bool:
     """Add a ``SequencingSpanProcessor`` to an SDK provider that lacks one (zero-code setups).
 
@@ -230,10 +233,15 @@ def ensure_sequencer(provider: Any) -> bool:
                 "setup_tracing() does). The SQL and websocket sinks receive every message regardless.",
                 max_events,
             )
-        processors = getattr(provider._active_span_processor, "_span_processors", ())
+        # The provider's processors are private (``_active_span_processor._span_processors``, tested on
+        # opentelemetry-sdk 1.45.x; no public accessor): without them, one sequencer per provider from here.
+        processors = getattr(getattr(provider, "_active_span_processor", None), "_span_processors", None)
+        if processors is None:
+            processors = (SequencingSpanProcessor(),) if provider in _sequenced else ()
         if any(isinstance(p, SequencingSpanProcessor) for p in processors):
             return False
         provider.add_span_processor(SequencingSpanProcessor())
+        _sequenced.add(provider)
         _logger.debug("otel-cmbagent: added a SequencingSpanProcessor to %r", provider)
         return True
     except Exception as exc:  # noqa: BLE001
