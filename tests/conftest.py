@@ -99,3 +99,25 @@ def tracer(tracer_provider, monkeypatch):
 
     monkeypatch.setattr(oc_context._TracerSource, "provider", tracer_provider)
     return tracer_provider.get_tracer("test")
+
+
+# --- markers: what `make test-fast` leaves out ----------------------------------------------------------
+# postgres: a real PostgreSQL cluster (initdb/pg_ctl, apt package postgresql); browser: Chromium; phoenix: Arize
+# Phoenix in its own virtualenv; slow: subprocesses and real services (marked where they are); install: the wheel.
+_SERVICE_MODULES = {"test_viewer_browser": "browser", "test_phoenix_e2e": "phoenix"}
+
+
+def _uses_postgres(item: pytest.Item) -> bool:
+    """Asks for the PostgreSQL fixtures, or has postgres in its name or parameter ids (fixtures that pick the
+    database by parameter, such as ``cmbagent_db[postgresql]``)."""
+    return bool({"postgres_url", "postgres_server"} & set(getattr(item, "fixturenames", ()))) or "postgres" in item.name
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        marker = _SERVICE_MODULES.get(item.module.__name__ if item.module else "")
+        if marker:
+            item.add_marker(marker)
+        if _uses_postgres(item):
+            item.add_marker("postgres")
+

@@ -17,6 +17,8 @@ from otel_cmbagent.table.schema import is_message, row_kind
 from otel_cmbagent.testing import ScriptedLLM, text
 from services.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
 
+pytestmark = pytest.mark.slow  # every example runs as a script in a subprocess: not in make test-fast
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 BIN = Path(sys.executable).parent

@@ -3,7 +3,6 @@ console script in a subprocess, as that user runs it."""
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess
@@ -14,6 +13,8 @@ import pytest
 from otel_cmbagent.apps.demo import db_work_dir, run_demo
 from otel_cmbagent.table import store
 from test_cli import CLI, assert_one_line_error, run_cli
+
+pytestmark = pytest.mark.slow  # the demo and the printed commands in fresh shells: not in make test-fast
 
 BARE_PATH = "/usr/bin:/bin"  # a fresh shell: the virtualenv's bin is not on it
 

@@ -27,6 +27,8 @@ from otel_cmbagent.apps.viewer import ViewerServer
 from sinks_util import table_rows
 from test_cli import run_cli
 
+pytestmark = pytest.mark.slow  # real processes killed and stopped: not in make test-fast
+
 CHILD = """
 import pathlib, sys, time
 import otel_cmbagent as oc

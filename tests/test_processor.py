@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import gc
 import logging
 import threading
@@ -210,6 +212,7 @@ def test_late_span_in_a_run_continues_the_order(tracer, memory_exporter):
     assert spans["late"][ORDER] == 2
 
 
+@pytest.mark.slow
 def test_run_counters_are_released_after_many_runs(tracer, memory_exporter):
     """10,000 sequential runs (each with a child span) leave no per-run counters behind."""
     gc.collect()

@@ -117,6 +117,7 @@ def cli_outputs(db, endpoint: str) -> list[str]:
     return outputs
 
 
+@pytest.mark.slow
 def test_no_form_of_any_secret_reaches_any_sink_the_cli_or_the_viewer(tmp_path, scripted_llm, monkeypatch):
     monkeypatch.delenv("PROBE_SERVICE_API_KEY", raising=False)
     monkeypatch.setenv("PROBE_STRADDLE_TOKEN", STRADDLE)  # known at setup: only the cut can leak it

@@ -182,6 +182,7 @@ def test_rows_land_in_cmbagents_own_table(backend, tmp_path, postgres_url, scrip
     assert sum(c["total_tokens"] for c in costs) == sum(m["tokens"] for m in decoded) > 0
 
 
+@pytest.mark.slow
 def test_sigterm_flushes_every_sink(tmp_path):
     """A process that gets SIGTERM after a run has written every row (the exit hook flushes the sinks)."""
     db = tmp_path / "term.db"

@@ -371,6 +371,7 @@ def _drain(ws, quiet=1.0):
             return out
 
 
+@pytest.mark.slow
 def test_websocket_broadcasts_rows_written_by_another_process(tmp_path):
     """A run written by a subprocess shows up on /ws live: running rows first, then their completion."""
     from websockets.sync.client import connect
