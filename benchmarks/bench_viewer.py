@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -112,6 +113,66 @@ print("DONE", count, flush=True)
 '''
 
 
+def _fetch_ms(server: ViewerServer, run_id: str) -> tuple[list[float], float]:
+    """Server side: the run's rows as JSON (ms per GET, payload KB)."""
+    fetch = []
+    for _ in range(3):
+        started = time.perf_counter()
+        response = httpx.get(f"{server.url}api/runs/{run_id}/events", timeout=60)
+        fetch.append((time.perf_counter() - started) * 1000)
+    return fetch, len(response.content) / 1024
+
+
+def _first_renders(browser, server: ViewerServer, run_id: str, repeat: int) -> tuple[list[float], Any, Any, Any]:
+    """Time to first render, ``repeat`` fresh pages; the last page (and its context) is left open."""
+    first = []
+    for index in range(repeat):
+        context = browser.new_context(viewport={"width": 1500, "height": 900})
+        page = context.new_page()
+        page.goto(f"{server.url}#/run/{run_id}")
+        page.wait_for_selector(f'[data-testid="waterfall"][data-ready="true"][data-run-id="{run_id}"]',
+                               timeout=60_000)
+        load = page.evaluate("() => window.__viewer.stats")
+        first.append(load["firstRender"])
+        breakdown = (load["fetchMs"], load["buildMs"], load["firstRender"] - load["runLoadedAt"])
+        if index < repeat - 1:
+            context.close()
+    return first, breakdown, context, page
+
+
+def _stream(writer, context, page, engine, run_id: str, rows: int) -> dict:
+    """Live: the open page while the writer streams its extra events; what the page's main thread spent."""
+    page.wait_for_function(f"() => window.__viewer.eventCount() >= {rows}", timeout=60_000)
+    cdp = context.new_cdp_session(page)
+    cdp.send("Performance.enable")
+    page.evaluate("() => window.__viewer.reset()")
+    before = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
+    started = time.perf_counter()
+    writer.stdin.write("go\n")
+    writer.stdin.flush()
+    done = writer.stdout.readline().split()
+    assert done and done[0] == "DONE", f"writer failed: {done}"
+    total = len(store.run_events(engine, run_id))
+    page.wait_for_function(f"() => window.__viewer.eventCount() === {total}", timeout=120_000)
+    page.wait_for_selector('[data-testid="run-header"][data-status="completed"]', timeout=60_000)
+    elapsed = time.perf_counter() - started
+    after = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
+    stats = page.evaluate("() => window.__viewer.stats")
+    context.close()
+    streamed = max(1, total - rows)
+    applied = max(1, stats["applied"])
+    return {
+        "streamed": total - rows,
+        "applied": stats["applied"],
+        "js_ms_per_event": stats["applyMs"] / applied,
+        "main_thread_ms_per_event": (after["TaskDuration"] - before["TaskDuration"]) * 1000 / streamed,
+        "script_ms_per_event": (after["ScriptDuration"] - before["ScriptDuration"]) * 1000 / streamed,
+        "max_frame_ms": stats["maxFrameMs"],
+        "frames": stats["frames"],
+        "stream_s": elapsed,
+    }
+
+
 def measure(browser, server: ViewerServer, db: Path, size: int, extra: int, repeat: int, rate: float) -> dict:
     run_id = f"bench-{size}"
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db), run_id, str(size), str(extra), str(rate)],
@@ -124,67 +185,15 @@ def measure(browser, server: ViewerServer, db: Path, size: int, extra: int, repe
         while len(store.run_events(engine, run_id)) < size and time.monotonic() < deadline:
             time.sleep(0.1)
         rows = len(store.run_events(engine, run_id))
-
-        # server side: the run's rows as JSON
-        fetch = []
-        for _ in range(3):
-            started = time.perf_counter()
-            response = httpx.get(f"{server.url}api/runs/{run_id}/events", timeout=60)
-            fetch.append((time.perf_counter() - started) * 1000)
-            payload_kb = len(response.content) / 1024
-
-        first = []
-        for index in range(repeat):
-            context = browser.new_context(viewport={"width": 1500, "height": 900})
-            page = context.new_page()
-            page.goto(f"{server.url}#/run/{run_id}")
-            ready = f'[data-testid="waterfall"][data-ready="true"][data-run-id="{run_id}"]'
-            page.wait_for_selector(ready, timeout=60_000)
-            load = page.evaluate("() => window.__viewer.stats")
-            first.append(load["firstRender"])
-            breakdown = (load["fetchMs"], load["buildMs"], load["firstRender"] - load["runLoadedAt"])
-            if index < repeat - 1:
-                context.close()
-
-        # live: the last page stays open while the writer streams `extra` more events
-        page.wait_for_function(f"() => window.__viewer.eventCount() >= {rows}", timeout=60_000)
-        cdp = context.new_cdp_session(page)
-        cdp.send("Performance.enable")
-        page.evaluate("() => window.__viewer.reset()")
-        before = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
-        started = time.perf_counter()
-        writer.stdin.write("go\n")
-        writer.stdin.flush()
-        done = writer.stdout.readline().split()
-        assert done and done[0] == "DONE", f"writer failed: {done}"
-        total = len(store.run_events(engine, run_id))
-        page.wait_for_function(f"() => window.__viewer.eventCount() === {total}", timeout=120_000)
-        page.wait_for_selector('[data-testid="run-header"][data-status="completed"]', timeout=60_000)
-        elapsed = time.perf_counter() - started
-        after = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
-        stats = page.evaluate("() => window.__viewer.stats")
-        context.close()
+        fetch, payload_kb = _fetch_ms(server, run_id)
+        first, breakdown, context, page = _first_renders(browser, server, run_id, repeat)
+        live = _stream(writer, context, page, engine, run_id, rows)
     finally:
         if writer.poll() is None:
             writer.kill()
         writer.wait()
-    applied = max(1, stats["applied"])
-    return {
-        "size": rows,
-        "fetch_ms": statistics.median(fetch),
-        "payload_kb": payload_kb,
-        "first_render_ms": statistics.median(first),
-        "first_render_all": first,
-        "breakdown": breakdown,
-        "streamed": total - rows,
-        "applied": stats["applied"],
-        "js_ms_per_event": stats["applyMs"] / applied,
-        "main_thread_ms_per_event": (after["TaskDuration"] - before["TaskDuration"]) * 1000 / max(1, total - rows),
-        "script_ms_per_event": (after["ScriptDuration"] - before["ScriptDuration"]) * 1000 / max(1, total - rows),
-        "max_frame_ms": stats["maxFrameMs"],
-        "frames": stats["frames"],
-        "stream_s": elapsed,
-    }
+    return {"size": rows, "fetch_ms": statistics.median(fetch), "payload_kb": payload_kb,
+            "first_render_ms": statistics.median(first), "first_render_all": first, "breakdown": breakdown, **live}
 
 
 def main() -> None:
