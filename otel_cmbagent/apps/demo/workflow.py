@@ -31,9 +31,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import otel_cmbagent as oc
@@ -82,18 +82,31 @@ def _is_termination(message: dict[str, Any]) -> bool:
 
 
 def _executor(work_dir: str) -> Any:
-    """AG2's local executor running code with this interpreter: it runs ``python`` from $PATH, which a shell
-    without the virtualenv activated (``make demo``) may not have at all (Debian has only ``python3``)."""
     from autogen.coding import LocalCommandLineCodeExecutor
 
+    return LocalCommandLineCodeExecutor(work_dir=work_dir, timeout=60)
+
+
+@contextlib.contextmanager
+def _this_python_on_path(run_dir: str) -> Iterator[None]:
+    """AG2's local executor runs ``python`` from $PATH (cmbagent's fork from the process's own environment), which
+    a shell without the virtualenv activated (``make demo``) may not have at all (Debian has only ``python3``):
+    for the run, $PATH starts with a folder whose ``python`` is this interpreter."""
     bin_path = os.path.dirname(sys.executable)
     if not os.path.exists(os.path.join(bin_path, "python")):  # e.g. /usr/bin/python3 alone: a link named python
-        bin_path = os.path.join(os.path.dirname(work_dir), ".bin")
+        bin_path = os.path.join(run_dir, ".bin")
         os.makedirs(bin_path, exist_ok=True)
         if not os.path.lexists(os.path.join(bin_path, "python")):
             os.symlink(sys.executable, os.path.join(bin_path, "python"))
-    context = SimpleNamespace(bin_path=bin_path, env_exe=sys.executable)
-    return LocalCommandLineCodeExecutor(work_dir=work_dir, timeout=60, virtual_env_context=context)
+    previous = os.environ.get("PATH")
+    os.environ["PATH"] = bin_path + (os.pathsep + previous if previous else "")
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = previous
 
 
 def _plan_step(llm_config: dict[str, Any], analysis_dir: str, run_dir: str) -> None:
@@ -229,7 +242,7 @@ def _workflow(config: dict[str, Any], run_id: str, run_dir: str) -> str:
     for path in (analysis_dir, report_dir, os.path.join(run_dir, "chats")):
         os.makedirs(path, exist_ok=True)
     fit: dict[str, Any] = {}
-    with quiet_ag2(), oc.run(run_id=run_id, name=RUN_NAME) as run:
+    with _this_python_on_path(run_dir), quiet_ag2(), oc.run(run_id=run_id, name=RUN_NAME) as run:
         _plan_step(config, analysis_dir, run_dir)
         _fit_step(config, analysis_dir, fit)
         start_together = threading.Barrier(2)
