@@ -202,11 +202,14 @@ def main() -> None:
     parser.add_argument("--extra", type=int, default=1000, help="events streamed while the page is open")
     parser.add_argument("--rate", type=float, default=1000.0, help="streamed events per second")
     parser.add_argument("--repeat", type=int, default=3, help="page loads per size (median reported)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 200 and 2,000 events, 200 streamed, 1 load")
     args = parser.parse_args()
     if not Path(CHROMIUM).exists():
         sys.exit(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set OTEL_CMBAGENT_CHROMIUM)")
     from playwright.sync_api import sync_playwright
 
+    if args.quick:
+        args.sizes, args.extra, args.repeat = "200,2000", 200, 1
     sizes = [int(s) for s in args.sizes.split(",")]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-viewer-") as tmp, sync_playwright() as playwright:
