@@ -1,7 +1,11 @@
 # Two commands do everything on a fresh machine:
-#   make demo   - set up a virtualenv and run the demo (embedded scripted LLM, SQLite file, no API key)
-#   make test   - set up both AG2 lines (ag2 0.14.0 and cmbagent-autogen 0.0.91.post11) and run the whole suite on each,
-#                 then the install tests (the built wheel into fresh virtualenvs, resolution next to cmbagent) once
+#   make demo      - set up a virtualenv and run the demo (embedded scripted LLM, SQLite file, no API key)
+#   make test      - set up both AG2 lines (ag2 0.14.0 and cmbagent-autogen 0.0.91.post11) and run the whole suite on
+#                    each, then the install tests (the built wheel into fresh virtualenvs, resolution next to cmbagent)
+#                    once: ~15 min and ~2 GB (three virtualenvs, Chromium, PostgreSQL, Phoenix); installs Debian's
+#                    postgresql and chromium when missing (root or sudo). The CI command.
+#   make test-fast - day to day: the ag2 line only, without PostgreSQL, Chromium, Phoenix, the install tests and the
+#                    slowest subprocess tests (markers postgres/browser/phoenix/install/slow); no system packages
 PYTHON ?= python3
 VENV   ?= .venv
 AG2    := $(VENV)/ag2
@@ -17,7 +21,8 @@ PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12
 export OTEL_CMBAGENT_PYTHON312 ?= $(PYTHON312)
 CMBAGENT_SPEC ?= cmbagent==0.0.1.post63
 
-.PHONY: demo test test-ag2 test-cmbagent test-install install-next-to-cmbagent bench clean system-deps
+.PHONY: demo test test-fast test-ag2 test-cmbagent test-install install-next-to-cmbagent bench clean system-deps
+FAST_MARKERS := not install and not postgres and not browser and not phoenix and not slow
 
 # The suite starts a throwaway PostgreSQL cluster (initdb/pg_ctl) and drives Debian's Chromium
 # (Playwright cannot download its own browser here): install them from Debian when missing.
@@ -49,6 +54,9 @@ $(PHOENIX)/.ready:
 
 demo: $(AG2)/.ready
 	$(AG2)/bin/otel-cmbagent demo
+
+test-fast: $(AG2)/.ready
+	$(AG2)/bin/pytest $(PYTEST_ARGS) -m "$(FAST_MARKERS)"
 
 test-ag2: $(AG2)/.ready $(PHOENIX)/.ready
 	$(AG2)/bin/pytest $(PYTEST_ARGS)

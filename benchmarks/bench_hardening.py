@@ -12,7 +12,7 @@ Run:  .venv/ag2/bin/python benchmarks/bench_hardening.py   (--quick for a smoke 
 4. Viewer: one keep-alive ``GET /api/config`` on the socket created as TCP (TCP_NODELAY set on accepted
    connections) vs created with proto 0 (as before: no TCP_NODELAY).
 5. SQL: values fitted to the table's columns (``TableFit.fit``) per row of a realistic batch, for an engine
-   the sink made and a host's PostgreSQL engine, vs writing the row (``_TableWriter.write`` of 512-row batches
+   the sink made and a host's PostgreSQL engine, vs writing the row (``TableWriter.write`` of 512-row batches
    into a SQLite file: mapping, fitting and the upsert); the SQLite file check per batch.
 6. Tracking open spans (so SIGTERM can end them as interrupted): a span's start + end with and without the
    ``OpenSpans`` processor, next to the sequencer, in the same run.
@@ -43,7 +43,7 @@ def best_per_call(fn: Callable[[], Any], calls: int, repeat: int = 5) -> float:
 
 
 def environment(calls: int) -> None:
-    from otel_cmbagent import utils
+    from otel_cmbagent.pipeline import values as utils
 
     utils.notice_environment()
     steady = best_per_call(utils.notice_environment, calls)
@@ -87,7 +87,7 @@ def _message_cost(module: Any, contents: list[str], repeat: int = 5) -> float:
 
 
 def messages(count: int, baseline_revision: str | None) -> None:
-    from otel_cmbagent import utils
+    from otel_cmbagent.pipeline import values as utils
 
     modules = {"this version": utils}
     if baseline_revision:
@@ -136,7 +136,8 @@ def otlp(calls: int) -> None:
 def viewer(requests: int) -> None:
     import httpx
 
-    from otel_cmbagent.viewer import app as viewer_app
+    from otel_cmbagent.apps.viewer import ViewerServer
+    from otel_cmbagent.apps.viewer import server as viewer_server
 
     def bind_without_tcp(host: str, port: int) -> socket.socket:  # the previous _bind_socket
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -148,11 +149,11 @@ def viewer(requests: int) -> None:
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         db = str(Path(folder) / "empty.db")
-        for label, binder in (("created as TCP", viewer_app._bind_socket), ("proto 0 (before)", bind_without_tcp)):
-            original = viewer_app._bind_socket
-            viewer_app._bind_socket = binder
+        for label, binder in (("created as TCP", viewer_server.bind_socket), ("proto 0 (before)", bind_without_tcp)):
+            original = viewer_server.bind_socket
+            viewer_server.bind_socket = binder
             try:
-                with viewer_app.ViewerServer(db) as server, httpx.Client() as client:
+                with ViewerServer(db) as server, httpx.Client() as client:
                     url = server.url + "api/config"
                     client.get(url)
                     times = []
@@ -162,7 +163,7 @@ def viewer(requests: int) -> None:
                         times.append(time.perf_counter() - started)
                 results[label] = statistics.median(times)
             finally:
-                viewer_app._bind_socket = original
+                viewer_server.bind_socket = original
     tcp, before = results["created as TCP"], results["proto 0 (before)"]
     print(f"4. viewer keep-alive GET, median of {requests}: {tcp * 1e3:.2f} ms with TCP_NODELAY, "
           f"{before * 1e3:.2f} ms without (×{before / tcp:.0f})")
@@ -174,7 +175,7 @@ def _span_rows(count: int) -> list[dict[str, Any]]:
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from otel_cmbagent.exporters.rows import span_row
+    from otel_cmbagent.table.rows import span_row
 
     memory = InMemorySpanExporter()
     provider = TracerProvider()
@@ -195,13 +196,14 @@ def _span_rows(count: int) -> list[dict[str, Any]]:
 
 
 def sql_fitting(count: int) -> None:
-    from otel_cmbagent.exporters.fit import TableFit
-    from otel_cmbagent.exporters.sql import SQLEventSink, _TableWriter
+    from otel_cmbagent.table.fit import TableFit
+    from otel_cmbagent.exporters.sql import SQLEventSink
+    from otel_cmbagent.exporters.table_writer import TableWriter
 
     rows = _span_rows(count)
     with tempfile.TemporaryDirectory() as folder:
         sink = SQLEventSink(f"sqlite:///{Path(folder) / 'fit.db'}", heartbeat=False)
-        writer = _TableWriter(sink.engine, sink.table)
+        writer = TableWriter(sink.engine, sink.table)
         mapped = [writer.to_table(row) for row in rows]
         cells = []
         for label, dialect in (("an engine the sink made (SQLite; JSON made safe as it is serialised)",
@@ -228,7 +230,7 @@ def open_span_tracking(spans: int) -> None:
     from opentelemetry.sdk.trace import TracerProvider
 
     import otel_cmbagent as oc
-    from otel_cmbagent.open_spans import OpenSpans
+    from otel_cmbagent.pipeline.open_spans import OpenSpans
 
     cells = {}
     for label, processors in (("sequencer", [oc.SequencingSpanProcessor()]),

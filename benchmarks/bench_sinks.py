@@ -36,13 +36,15 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from sqlalchemy import orm
 
 import otel_cmbagent as oc
-from otel_cmbagent import context as oc_context
-from otel_cmbagent import semconv
+from otel_cmbagent.pipeline import context as oc_context
+from otel_cmbagent.pipeline import semconv
 from otel_cmbagent.exporters.otlp import (ContentPolicyExporter, CountingBatchSpanProcessor, make_otlp_exporter,
                                           otlp_span_processor)
-from otel_cmbagent.exporters.rows import EXECUTION_EVENT_COLUMNS, span_row
+from otel_cmbagent.table.rows import span_row
+from otel_cmbagent.table.schema import EXECUTION_EVENT_COLUMNS
 from otel_cmbagent.exporters.sql import SQLEventSink, execution_events_table, make_engine
-from otel_cmbagent.testing.postgres import PostgresServer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the real services the tests use
+from services.postgres import PostgresServer  # noqa: E402
 
 BATCH = 512
 ATTRIBUTES = {semconv.GEN_AI_OPERATION_NAME: semconv.OP_EXECUTE_TOOL, semconv.EVENT_TYPE: semconv.EVENT_TOOL_CALL,
@@ -195,7 +197,7 @@ def run_sql(n: int, n_legacy: int, durable: bool) -> None:
 # --- 2. OTLP burst ------------------------------------------------------------------------------
 def receiver_child(kind: str) -> None:
     """Child process: serve a receiver; answer each stdin line with 'spans received, CPU seconds'."""
-    from otel_cmbagent.testing.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
+    from services.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
 
     receiver = (OTLPGRPCReceiver if kind == "grpc" else OTLPHTTPReceiver)().start()
     print(receiver.endpoint, flush=True)

@@ -32,11 +32,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from otel_cmbagent import store
-from otel_cmbagent.viewer.app import ViewerServer
+from otel_cmbagent.table import store
+from otel_cmbagent.apps.viewer import ViewerServer
 
 CHROMIUM = os.environ.get("OTEL_CMBAGENT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -46,7 +47,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 WRITER = r'''
 import json, sys, time
 import otel_cmbagent as oc
-from otel_cmbagent.spans import add_ordered_event
+from otel_cmbagent.instrumentation.spans import add_ordered_event
 
 db, run_id, initial, extra, rate = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 tracing = oc.setup_tracing(sql_url="sqlite:///" + db, otlp=False, instrument=False, set_global=True,
@@ -112,6 +113,66 @@ print("DONE", count, flush=True)
 '''
 
 
+def _fetch_ms(server: ViewerServer, run_id: str) -> tuple[list[float], float]:
+    """Server side: the run's rows as JSON (ms per GET, payload KB)."""
+    fetch = []
+    for _ in range(3):
+        started = time.perf_counter()
+        response = httpx.get(f"{server.url}api/runs/{run_id}/events", timeout=60)
+        fetch.append((time.perf_counter() - started) * 1000)
+    return fetch, len(response.content) / 1024
+
+
+def _first_renders(browser, server: ViewerServer, run_id: str, repeat: int) -> tuple[list[float], Any, Any, Any]:
+    """Time to first render, ``repeat`` fresh pages; the last page (and its context) is left open."""
+    first = []
+    for index in range(repeat):
+        context = browser.new_context(viewport={"width": 1500, "height": 900})
+        page = context.new_page()
+        page.goto(f"{server.url}#/run/{run_id}")
+        page.wait_for_selector(f'[data-testid="waterfall"][data-ready="true"][data-run-id="{run_id}"]',
+                               timeout=60_000)
+        load = page.evaluate("() => window.__viewer.stats")
+        first.append(load["firstRender"])
+        breakdown = (load["fetchMs"], load["buildMs"], load["firstRender"] - load["runLoadedAt"])
+        if index < repeat - 1:
+            context.close()
+    return first, breakdown, context, page
+
+
+def _stream(writer, context, page, engine, run_id: str, rows: int) -> dict:
+    """Live: the open page while the writer streams its extra events; what the page's main thread spent."""
+    page.wait_for_function(f"() => window.__viewer.eventCount() >= {rows}", timeout=60_000)
+    cdp = context.new_cdp_session(page)
+    cdp.send("Performance.enable")
+    page.evaluate("() => window.__viewer.reset()")
+    before = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
+    started = time.perf_counter()
+    writer.stdin.write("go\n")
+    writer.stdin.flush()
+    done = writer.stdout.readline().split()
+    assert done and done[0] == "DONE", f"writer failed: {done}"
+    total = len(store.run_events(engine, run_id))
+    page.wait_for_function(f"() => window.__viewer.eventCount() === {total}", timeout=120_000)
+    page.wait_for_selector('[data-testid="run-header"][data-status="completed"]', timeout=60_000)
+    elapsed = time.perf_counter() - started
+    after = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
+    stats = page.evaluate("() => window.__viewer.stats")
+    context.close()
+    streamed = max(1, total - rows)
+    applied = max(1, stats["applied"])
+    return {
+        "streamed": total - rows,
+        "applied": stats["applied"],
+        "js_ms_per_event": stats["applyMs"] / applied,
+        "main_thread_ms_per_event": (after["TaskDuration"] - before["TaskDuration"]) * 1000 / streamed,
+        "script_ms_per_event": (after["ScriptDuration"] - before["ScriptDuration"]) * 1000 / streamed,
+        "max_frame_ms": stats["maxFrameMs"],
+        "frames": stats["frames"],
+        "stream_s": elapsed,
+    }
+
+
 def measure(browser, server: ViewerServer, db: Path, size: int, extra: int, repeat: int, rate: float) -> dict:
     run_id = f"bench-{size}"
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db), run_id, str(size), str(extra), str(rate)],
@@ -124,67 +185,15 @@ def measure(browser, server: ViewerServer, db: Path, size: int, extra: int, repe
         while len(store.run_events(engine, run_id)) < size and time.monotonic() < deadline:
             time.sleep(0.1)
         rows = len(store.run_events(engine, run_id))
-
-        # server side: the run's rows as JSON
-        fetch = []
-        for _ in range(3):
-            started = time.perf_counter()
-            response = httpx.get(f"{server.url}api/runs/{run_id}/events", timeout=60)
-            fetch.append((time.perf_counter() - started) * 1000)
-            payload_kb = len(response.content) / 1024
-
-        first = []
-        for index in range(repeat):
-            context = browser.new_context(viewport={"width": 1500, "height": 900})
-            page = context.new_page()
-            page.goto(f"{server.url}#/run/{run_id}")
-            ready = f'[data-testid="waterfall"][data-ready="true"][data-run-id="{run_id}"]'
-            page.wait_for_selector(ready, timeout=60_000)
-            load = page.evaluate("() => window.__viewer.stats")
-            first.append(load["firstRender"])
-            breakdown = (load["fetchMs"], load["buildMs"], load["firstRender"] - load["runLoadedAt"])
-            if index < repeat - 1:
-                context.close()
-
-        # live: the last page stays open while the writer streams `extra` more events
-        page.wait_for_function(f"() => window.__viewer.eventCount() >= {rows}", timeout=60_000)
-        cdp = context.new_cdp_session(page)
-        cdp.send("Performance.enable")
-        page.evaluate("() => window.__viewer.reset()")
-        before = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
-        started = time.perf_counter()
-        writer.stdin.write("go\n")
-        writer.stdin.flush()
-        done = writer.stdout.readline().split()
-        assert done and done[0] == "DONE", f"writer failed: {done}"
-        total = len(store.run_events(engine, run_id))
-        page.wait_for_function(f"() => window.__viewer.eventCount() === {total}", timeout=120_000)
-        page.wait_for_selector('[data-testid="run-header"][data-status="completed"]', timeout=60_000)
-        elapsed = time.perf_counter() - started
-        after = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
-        stats = page.evaluate("() => window.__viewer.stats")
-        context.close()
+        fetch, payload_kb = _fetch_ms(server, run_id)
+        first, breakdown, context, page = _first_renders(browser, server, run_id, repeat)
+        live = _stream(writer, context, page, engine, run_id, rows)
     finally:
         if writer.poll() is None:
             writer.kill()
         writer.wait()
-    applied = max(1, stats["applied"])
-    return {
-        "size": rows,
-        "fetch_ms": statistics.median(fetch),
-        "payload_kb": payload_kb,
-        "first_render_ms": statistics.median(first),
-        "first_render_all": first,
-        "breakdown": breakdown,
-        "streamed": total - rows,
-        "applied": stats["applied"],
-        "js_ms_per_event": stats["applyMs"] / applied,
-        "main_thread_ms_per_event": (after["TaskDuration"] - before["TaskDuration"]) * 1000 / max(1, total - rows),
-        "script_ms_per_event": (after["ScriptDuration"] - before["ScriptDuration"]) * 1000 / max(1, total - rows),
-        "max_frame_ms": stats["maxFrameMs"],
-        "frames": stats["frames"],
-        "stream_s": elapsed,
-    }
+    return {"size": rows, "fetch_ms": statistics.median(fetch), "payload_kb": payload_kb,
+            "first_render_ms": statistics.median(first), "first_render_all": first, "breakdown": breakdown, **live}
 
 
 def main() -> None:
@@ -193,11 +202,14 @@ def main() -> None:
     parser.add_argument("--extra", type=int, default=1000, help="events streamed while the page is open")
     parser.add_argument("--rate", type=float, default=1000.0, help="streamed events per second")
     parser.add_argument("--repeat", type=int, default=3, help="page loads per size (median reported)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 200 and 2,000 events, 200 streamed, 1 load")
     args = parser.parse_args()
     if not Path(CHROMIUM).exists():
         sys.exit(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set OTEL_CMBAGENT_CHROMIUM)")
     from playwright.sync_api import sync_playwright
 
+    if args.quick:
+        args.sizes, args.extra, args.repeat = "200,2000", 200, 1
     sizes = [int(s) for s in args.sizes.split(",")]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-viewer-") as tmp, sync_playwright() as playwright:

@@ -13,7 +13,6 @@ nothing waits for it, and failures are counted, never raised.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -23,12 +22,12 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
-from otel_cmbagent import semconv
-from otel_cmbagent.live import add_message_listener, remove_message_listener
-from otel_cmbagent.utils import log_internal_error
+from otel_cmbagent.pipeline import semconv
+from otel_cmbagent.pipeline.listeners import add_message_listener, remove_message_listener
+from otel_cmbagent.pipeline.values import log_internal_error
+from otel_cmbagent.table.rows import message_row, snapshot, span_row
 
-from .rows import message_row, snapshot, span_row
-from .worker import BackgroundWorker
+from .worker import BackgroundWorker, is_coroutine_callable
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
 
@@ -81,9 +80,7 @@ class EventObjectCallbackProcessor(SpanProcessor):
             self.loop = loop or asyncio.get_running_loop()
         except RuntimeError:
             self.loop = None
-        self._is_async = inspect.iscoroutinefunction(callback) or inspect.iscoroutinefunction(
-            getattr(callback, "__call__", None)  # noqa: B004
-        )
+        self._is_async = is_coroutine_callable(callback)
         self.emitted = self.failed = self.skipped = 0
         self._warned = False
         self._worker = BackgroundWorker("otel-cmbagent-emit-event", self._handle, max_queue=10_000, max_batch=64, delay=0.02)

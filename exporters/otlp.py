@@ -14,9 +14,9 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import Link, Status
 
-from otel_cmbagent.config import CAPTURE_CONTENT_ENV, parse_bool_env
-from otel_cmbagent.semconv import CONTENT_ATTRIBUTES
-from otel_cmbagent.utils import log_internal_error, storable
+from otel_cmbagent.pipeline.config import CAPTURE_CONTENT_ENV, parse_bool_env
+from otel_cmbagent.pipeline.semconv import CONTENT_ATTRIBUTES
+from otel_cmbagent.pipeline.values import log_internal_error, storable
 
 from .worker import SHUTDOWN_TIMEOUT_ENV, shutdown_timeout
 
@@ -255,7 +255,13 @@ class ContentPolicyExporter(SpanExporter):
 class CountingBatchSpanProcessor(BatchSpanProcessor):
     """The SDK's BatchSpanProcessor, sized for bursts, counting the spans its full queue drops, with a
     bounded shutdown: after ``shutdown_timeout_millis`` (an endpoint that accepts and never answers) it
-    returns, counting what is still queued as dropped and what is in flight as failed (logged once)."""
+    returns, counting what is still queued as dropped and what is in flight as failed (logged once).
+
+    Both read the SDK's private batch processor (``_batch_processor._queue``, ``_max_queue_size``, ``_shutdown``,
+    ``_worker_thread``; tested on opentelemetry-sdk 1.45.x): the public API neither reports drops nor bounds
+    shutdown. Counting costs ~0.7 µs per span (measured here: 1.99 vs 1.28 µs per ``on_end``). On an SDK without
+    those internals, drops go uncounted and shutdown is the SDK's own.
+    """
 
     def __init__(self, exporter: SpanExporter, *, shutdown_timeout_millis: int | None = None, **kwargs: Any) -> None:
         if "max_queue_size" not in kwargs and not os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE"):
@@ -285,7 +291,10 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
     def shutdown(self) -> None:
         """Flush and stop, waiting at most ``shutdown_timeout`` seconds (the SDK's default is unbounded here:
         its last export waits for the exporter's own timeout)."""
-        batch = self._batch_processor
+        batch = getattr(self, "_batch_processor", None)
+        if batch is None or not hasattr(batch, "_queue"):  # SDK internals other than 1.45.x's: the SDK's shutdown
+            super().shutdown()
+            return
         if batch._shutdown:
             return
         batch.shutdown(timeout_millis=self.shutdown_timeout * 1000)

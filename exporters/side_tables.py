@@ -4,7 +4,7 @@ When those tables exist in the target database (cmbagent's schema), every genera
 message and LLM call also gets its row there - in the same transaction as its event, and only
 when its event row becomes final for the first time, so retries and replays never add a
 second one (``messages``/``cost_records`` have autoincrement ids: no upsert is possible).
-The records themselves are built by :data:`otel_cmbagent.exporters.rows.SIDE_RECORDS`.
+The records themselves are built by :data:`otel_cmbagent.table.side_records.SIDE_RECORDS`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .fit import TableFit
-from .rows import SIDE_RECORDS, STATUS_RUNNING
+from otel_cmbagent.table.fit import TableFit
+from otel_cmbagent.table.schema import STATUS_RUNNING
+from otel_cmbagent.table.side_records import SIDE_RECORDS
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
 

@@ -7,6 +7,7 @@ Like the SDK's batch processor, the worker is re-created in a forked child.
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import os
 import threading
@@ -18,12 +19,20 @@ from typing import Any, Callable
 from opentelemetry import context as otel_context
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY  # the API's key (contrib re-exports it)
 
-from otel_cmbagent.utils import log_internal_error
+from otel_cmbagent.pipeline.values import log_internal_error
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
 
 SHUTDOWN_TIMEOUT_ENV = "OTEL_CMBAGENT_SHUTDOWN_TIMEOUT_MS"
 DEFAULT_SHUTDOWN_TIMEOUT_MILLIS = 5_000
+
+
+def is_coroutine_callable(callback: Any) -> bool:
+    """A coroutine function, or an object with ``async def __call__`` (a callback the worker must schedule)."""
+    if inspect.iscoroutinefunction(callback):
+        return True
+    call = getattr(callback, "__call__", None)  # noqa: B004
+    return call is not None and inspect.iscoroutinefunction(call)
 
 
 def shutdown_timeout(millis: float | None = None) -> float:

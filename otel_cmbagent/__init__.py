@@ -6,11 +6,11 @@
         user.initiate_chat(assistant, message="...")
 """
 
-from .config import InstrumentationConfig
-from .context import RunIdentity, current_identity, propagate_context, run, step
-from .instrumentor import AG2Instrumentor, instrument, uninstrument
-from .processor import SequencingSpanProcessor
-from .setup import Tracing, setup_tracing
+from .instrumentation.instrumentor import AG2Instrumentor, instrument, uninstrument
+from .pipeline.config import InstrumentationConfig
+from .pipeline.context import RunIdentity, current_identity, propagate_context, run, step
+from .pipeline.processor import SequencingSpanProcessor
+from .tracing import Tracing, setup_tracing
 from .version import __version__
 
 __all__ = [

@@ -1,4 +1,10 @@
-"""Shared fixtures: an in-memory span exporter behind the sequencing processor, and a scripted LLM."""
+"""Shared fixtures of this project's tests: a provider with the sequencer and an in-memory exporter, AG2
+instrumented on it, real PostgreSQL.
+
+The package's pytest plugin (``otel_cmbagent.testing.pytest_plugin``, loaded here too) gives ``span_exporter``,
+``scripted_llm`` and ``otel_tracer_provider``; no fixture here reuses those names: ``memory_exporter`` is a bare
+exporter behind ``tracer_provider`` (AG2 instrumented only by ``instrument_with_content``/``_no_content``).
+"""
 
 from __future__ import annotations
 
@@ -11,22 +17,21 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_cmbagent as oc
-from otel_cmbagent.testing import ScriptedLLM
 
 # A recognisable fake key: it must never appear in any span, attribute or event.
 FAKE_KEY = "sk-test-FAKEKEY-0123456789abcdefXYZ"
 
 
 @pytest.fixture
-def span_exporter() -> InMemorySpanExporter:
+def memory_exporter() -> InMemorySpanExporter:
     return InMemorySpanExporter()
 
 
 @pytest.fixture
-def tracer_provider(span_exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
+def tracer_provider(memory_exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
     provider = TracerProvider()
     provider.add_span_processor(oc.SequencingSpanProcessor())
-    provider.add_span_processor(SimpleSpanProcessor(span_exporter))
+    provider.add_span_processor(SimpleSpanProcessor(memory_exporter))
     yield provider
     provider.shutdown()
 
@@ -51,12 +56,6 @@ def instrument_no_content(tracer_provider: TracerProvider) -> Iterator[oc.AG2Ins
 
 
 @pytest.fixture
-def scripted_llm() -> Iterator[ScriptedLLM]:
-    with ScriptedLLM() as llm:
-        yield llm
-
-
-@pytest.fixture
 def chats_cwd(tmp_path, monkeypatch) -> str:
     """A temp cwd with ``chats/`` (cmbagent's AG2 fork writes group chats there) and ``coding/``."""
     (tmp_path / "chats").mkdir()
@@ -67,7 +66,7 @@ def chats_cwd(tmp_path, monkeypatch) -> str:
 @pytest.fixture(scope="session")
 def postgres_server():
     """One throwaway PostgreSQL cluster on 127.0.0.1 for the session (initdb/pg_ctl; never skipped)."""
-    from otel_cmbagent.testing.postgres import PostgresServer
+    from services.postgres import PostgresServer
 
     server = PostgresServer().start()
     server.wait_ready()
@@ -96,7 +95,29 @@ def postgres_url(postgres_server) -> str:
 @pytest.fixture
 def tracer(tracer_provider, monkeypatch):
     """A test tracer on the fixture provider, which oc.run()/oc.step() also use (no instrumentation)."""
-    import otel_cmbagent.context as oc_context
+    import otel_cmbagent.pipeline.context as oc_context
 
     monkeypatch.setattr(oc_context._TracerSource, "provider", tracer_provider)
     return tracer_provider.get_tracer("test")
+
+
+# --- markers: what `make test-fast` leaves out ----------------------------------------------------------
+# postgres: a real PostgreSQL cluster (initdb/pg_ctl, apt package postgresql); browser: Chromium; phoenix: Arize
+# Phoenix in its own virtualenv; slow: subprocesses and real services (marked where they are); install: the wheel.
+_SERVICE_MODULES = {"test_viewer_browser": "browser", "test_phoenix_e2e": "phoenix"}
+
+
+def _uses_postgres(item: pytest.Item) -> bool:
+    """Asks for the PostgreSQL fixtures, or has postgres in its name or parameter ids (fixtures that pick the
+    database by parameter, such as ``cmbagent_db[postgresql]``)."""
+    return bool({"postgres_url", "postgres_server"} & set(getattr(item, "fixturenames", ()))) or "postgres" in item.name
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        marker = _SERVICE_MODULES.get(item.module.__name__ if item.module else "")
+        if marker:
+            item.add_marker(marker)
+        if _uses_postgres(item):
+            item.add_marker("postgres")
+

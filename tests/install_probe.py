@@ -82,7 +82,7 @@ def zero_code_cooperation() -> dict[str, Any]:
     """Contrib's ThreadingInstrumentor installed: in either order with a zero-code run, one layer of wrappers."""
     from opentelemetry.instrumentation.threading import ThreadingInstrumentor
 
-    from otel_cmbagent.threads import builtin_thread_context, propagate_thread_context
+    from otel_cmbagent.instrumentation.threads import builtin_thread_context, propagate_thread_context
 
     contrib = ThreadingInstrumentor()
     undo = propagate_thread_context()  # ours first (instrument() before the zero-code loader reaches threading)
@@ -110,7 +110,7 @@ def main() -> None:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     import otel_cmbagent as oc
-    from otel_cmbagent.threads import propagate_thread_context
+    from otel_cmbagent.instrumentation.threads import propagate_thread_context
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

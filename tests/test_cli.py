@@ -16,11 +16,12 @@ import pytest
 import sqlalchemy as sa
 
 import otel_cmbagent as oc
-from otel_cmbagent import store
-from otel_cmbagent.exporters.rows import event_id, is_message
+from otel_cmbagent.table import store
+from otel_cmbagent.table.rows import event_id
+from otel_cmbagent.table.schema import is_message
 from otel_cmbagent.exporters.sql import SQLEventSink, make_engine
 from otel_cmbagent.testing import ScriptedLLM
-from otel_cmbagent.testing.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
+from services.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
 from sinks_util import PausedRun, scripted_run, table_rows
 from test_store import CODE_RUN_PREFIX, TOOL_RUN_PREFIX, make_cmbagent_db, make_traced_db
 
@@ -69,6 +70,7 @@ def inputs(row):
 
 
 # --- help ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_console_script_help_everywhere():
     assert CLI.exists(), f"console script not installed at {CLI}"
     top = run_cli("--help", check=0)
@@ -102,6 +104,7 @@ def test_runs_lists_the_runs(traced):
     assert len(run_cli("runs", "--db", traced["path"], "--json", "--limit", "1", check=0).stdout.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_default_db_is_the_working_directory_file_or_the_env_url(traced, tmp_path):
     (tmp_path / "otel_cmbagent.db").symlink_to(traced["path"])
     assert "tool-chat" in run_cli("runs", cwd=tmp_path, check=0).stdout
@@ -270,6 +273,7 @@ def test_export_with_content_and_endpoint_from_the_environment(traced):
     assert all(contents) and any("add 20 and 22" in c for c in contents)
 
 
+@pytest.mark.slow
 def test_cmbagents_own_table(tmp_path):
     """cmbagent's table keeps trace/span ids in meta: every command works, and export restores them."""
     url, engine = make_cmbagent_db(tmp_path)
@@ -291,6 +295,7 @@ def test_cmbagents_own_table(tmp_path):
     check_exported(spans, rows)
 
 
+@pytest.mark.slow
 def test_export_of_a_live_run_marks_it_incomplete(tmp_path):
     """Rows still running (the process is mid-run) are exported ending now, with cmbagent.incomplete=true."""
     url = f"sqlite:///{tmp_path / 'live.db'}"
@@ -383,6 +388,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_errors_are_one_clear_line(traced, tmp_path):
     db = traced["path"]
     missing = tmp_path / "missing.db"
@@ -438,6 +444,7 @@ def _wait_until_up(url: str) -> str:
     raise AssertionError(f"viewer at {url} never came up")
 
 
+@pytest.mark.slow
 def test_serve_until_interrupted(tmp_path):
     """`serve` runs the viewer (page, API, /ws) on loopback with a token until SIGINT."""
     import httpx
@@ -467,6 +474,7 @@ def test_serve_until_interrupted(tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_demo_serve_shows_the_run_in_the_viewer(tmp_path):
     """`demo --serve 0` starts the viewer before the run, prints its URL, and serves the finished run."""
     import httpx

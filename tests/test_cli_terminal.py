@@ -13,7 +13,7 @@ import pytest
 from autogen import ConversableAgent
 
 import otel_cmbagent as oc
-from otel_cmbagent.exporters.rows import is_message
+from otel_cmbagent.table.schema import is_message
 from otel_cmbagent.testing import ScriptedLLM, text
 from test_cli import run_cli
 

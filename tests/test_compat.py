@@ -25,9 +25,9 @@ from sqlalchemy.orm import Session as OrmSession
 
 import cmbagent_schema as cmb
 from otel_cmbagent import compat
-from otel_cmbagent import context as compat_context
+from otel_cmbagent.pipeline import context as compat_context
 from otel_cmbagent.compat import EventCaptureManager, get_event_captor, set_event_captor
-from otel_cmbagent.exporters.rows import is_message, row_kind
+from otel_cmbagent.table.schema import is_message, row_kind
 
 from conftest import FAKE_KEY
 
@@ -196,13 +196,13 @@ def test_set_context_only_changes_what_is_given():
     assert (captor.current_node_id, captor.current_step_id) == ("node-a", "step-b")
 
 
-def test_hook_functions_as_cmbagents(hooks, tmp_path, span_exporter, tracer_provider, monkeypatch):
+def test_hook_functions_as_cmbagents(hooks, tmp_path, memory_exporter, tracer_provider, monkeypatch):
     """install_ag2_hooks() is True when already installed; the patch_* functions of ag2_hooks exist and work;
     patch_code_executor() with no argument covers LocalCommandLineCodeExecutor, with one a custom class."""
     from autogen.coding import CodeBlock, LocalCommandLineCodeExecutor
     from autogen.coding.base import CodeResult
 
-    from otel_cmbagent.instrumentor import AG2Instrumentor
+    from otel_cmbagent.instrumentation.instrumentor import AG2Instrumentor
 
     assert compat.install_ag2_hooks() is True
     assert compat.patch_conversable_agent() is True and compat.patch_group_chat() is True
@@ -408,7 +408,7 @@ class _RowRecorder:
     """A span processor that keeps the rows the shared mapping makes of each span (start and end)."""
 
     def __init__(self, rows: list) -> None:
-        from otel_cmbagent.exporters.rows import snapshot, span_row
+        from otel_cmbagent.table.rows import snapshot, span_row
 
         self.rows, self._snapshot, self._row = rows, snapshot, span_row
 

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from otel_cmbagent import InstrumentationConfig
-from otel_cmbagent.config import CAPTURE_CONTENT_ENV, DEFAULT_MAX_VALUE_LENGTH, MAX_VALUE_LENGTH_ENV
+from otel_cmbagent.pipeline.config import CAPTURE_CONTENT_ENV, DEFAULT_MAX_VALUE_LENGTH, MAX_VALUE_LENGTH_ENV
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ from autogen import ConversableAgent, register_function
 from autogen.coding import LocalCommandLineCodeExecutor
 
 import otel_cmbagent as oc
-from otel_cmbagent import semconv
+from otel_cmbagent.pipeline import semconv
 from otel_cmbagent.testing import code, text, tool_call
 from spans_util import by_event_type, everything_recorded
 
@@ -45,10 +45,10 @@ def run_full_chat(llm, tmp_path, message=UNIQUE["message"], extra_args=None):
         user.initiate_chat(assistant, message=message, max_turns=4, silent=True)
 
 
-def test_content_off_records_no_content(instrument_no_content, span_exporter, scripted_llm, tmp_path):
+def test_content_off_records_no_content(instrument_no_content, memory_exporter, scripted_llm, tmp_path):
     """capture_content=False: no message, argument, result, code or output text anywhere."""
     run_full_chat(scripted_llm, tmp_path)
-    spans = span_exporter.get_finished_spans()
+    spans = memory_exporter.get_finished_spans()
     assert by_event_type(spans, "tool_call") and by_event_type(spans, "code_exec")
     recorded = everything_recorded(spans)
     for marker in UNIQUE.values():
@@ -64,15 +64,15 @@ def test_content_off_records_no_content(instrument_no_content, span_exporter, sc
     assert messages and all("cmbagent.message.sender" in e.attributes for e in messages)
 
 
-def test_content_on_records_content(instrument_with_content, span_exporter, scripted_llm, tmp_path):
+def test_content_on_records_content(instrument_with_content, memory_exporter, scripted_llm, tmp_path):
     """The same run with content on records each marker (the switch really switches)."""
     run_full_chat(scripted_llm, tmp_path)
-    recorded = everything_recorded(span_exporter.get_finished_spans())
+    recorded = everything_recorded(memory_exporter.get_finished_spans())
     for marker in UNIQUE.values():
         assert marker in recorded, marker
 
 
-def test_env_switch_turns_content_off(tracer_provider, span_exporter, scripted_llm, tmp_path, monkeypatch):
+def test_env_switch_turns_content_off(tracer_provider, memory_exporter, scripted_llm, tmp_path, monkeypatch):
     """OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=false is honoured when no argument is given."""
     monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "false")
     instrumentor = oc.AG2Instrumentor()
@@ -81,11 +81,11 @@ def test_env_switch_turns_content_off(tracer_provider, span_exporter, scripted_l
         run_full_chat(scripted_llm, tmp_path)
     finally:
         instrumentor.uninstrument()
-    recorded = everything_recorded(span_exporter.get_finished_spans())
+    recorded = everything_recorded(memory_exporter.get_finished_spans())
     assert UNIQUE["message"] not in recorded and UNIQUE["output"] not in recorded
 
 
-def test_fake_key_never_recorded(instrument_with_content, span_exporter, scripted_llm, tmp_path, monkeypatch):
+def test_fake_key_never_recorded(instrument_with_content, memory_exporter, scripted_llm, tmp_path, monkeypatch):
     """The API key from llm_config, echoed in messages, tool arguments, results and errors, is nowhere."""
     run_full_chat(
         scripted_llm,
@@ -93,7 +93,7 @@ def test_fake_key_never_recorded(instrument_with_content, span_exporter, scripte
         message=f"my key is {FAKE_KEY}, and Authorization: Bearer {FAKE_KEY}",
         extra_args={"api_key": FAKE_KEY, "note": f"use {FAKE_KEY}"},
     )
-    spans = span_exporter.get_finished_spans()
+    spans = memory_exporter.get_finished_spans()
     recorded = everything_recorded(spans)
     assert FAKE_KEY not in recorded
     assert "FAKEKEY" not in recorded
@@ -103,7 +103,7 @@ def test_fake_key_never_recorded(instrument_with_content, span_exporter, scripte
     assert "[REDACTED]" in tool.attributes["gen_ai.tool.call.result"]
 
 
-def test_secrets_from_environment_and_patterns(tracer_provider, span_exporter, scripted_llm, tmp_path, monkeypatch):
+def test_secrets_from_environment_and_patterns(tracer_provider, memory_exporter, scripted_llm, tmp_path, monkeypatch):
     """Values of *_TOKEN variables and credential-shaped strings never reach a span."""
     env_secret = "envtok-4f9d8c7b6a5e4d3c2b1a"
     monkeypatch.setenv("MY_SERVICE_TOKEN", env_secret)
@@ -114,11 +114,11 @@ def test_secrets_from_environment_and_patterns(tracer_provider, span_exporter, s
         run_full_chat(scripted_llm, tmp_path, message=f"tokens: {env_secret} and {unregistered}")
     finally:
         instrumentor.uninstrument()
-    recorded = everything_recorded(span_exporter.get_finished_spans())
+    recorded = everything_recorded(memory_exporter.get_finished_spans())
     assert env_secret not in recorded and unregistered not in recorded
 
 
-def test_huge_and_binary_values_are_bounded(tracer_provider, span_exporter, scripted_llm, tmp_path):
+def test_huge_and_binary_values_are_bounded(tracer_provider, memory_exporter, scripted_llm, tmp_path):
     """A 300 KB message is cut at the limit with a marker; bytes become a placeholder; the run finishes."""
 
     def blob() -> bytes:
@@ -136,7 +136,7 @@ def test_huge_and_binary_values_are_bounded(tracer_provider, span_exporter, scri
         user.initiate_chat(assistant, message=huge, max_turns=2, silent=True)
     finally:
         instrumentor.uninstrument()
-    spans = span_exporter.get_finished_spans()
+    spans = memory_exporter.get_finished_spans()
     first = next(e for s in spans for e in s.events if e.name == "cmbagent.message")
     content = first.attributes["cmbagent.message.content"]
     assert "truncated by otel-cmbagent" in content
@@ -155,19 +155,19 @@ def _span_bytes(spans) -> int:
     return total
 
 
-def _chat_of(turns: int, llm, span_exporter) -> int:
-    span_exporter.clear()
+def _chat_of(turns: int, llm, memory_exporter) -> int:
+    memory_exporter.clear()
     a = ConversableAgent("a", llm_config=llm.llm_config(), human_input_mode="NEVER")
     b = ConversableAgent("b", llm_config=llm.llm_config(), human_input_mode="NEVER")
     a.initiate_chat(b, message="m" * 60, max_turns=turns, silent=True)
-    return _span_bytes(span_exporter.get_finished_spans())
+    return _span_bytes(memory_exporter.get_finished_spans())
 
 
-def test_span_data_grows_linearly_with_conversation(instrument_with_content, span_exporter):
+def test_span_data_grows_linearly_with_conversation(instrument_with_content, memory_exporter):
     """4x the turns gives ~4x the span data (peers re-serialise the history into every span: ~16x)."""
     from otel_cmbagent.testing import ScriptedLLM
 
     with ScriptedLLM(lambda request: text("r" * 60)) as llm:
-        small = _chat_of(10, llm, span_exporter)
-        large = _chat_of(40, llm, span_exporter)
+        small = _chat_of(10, llm, memory_exporter)
+        large = _chat_of(40, llm, memory_exporter)
     assert 3.0 < large / small < 5.0, (small, large)

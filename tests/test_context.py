@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 import otel_cmbagent as oc
-import otel_cmbagent.context as oc_context
+import otel_cmbagent.pipeline.context as oc_context
 from spans_util import everything_recorded
 
 FAKE_KEY = "sk-test-FAKEKEY-0123456789abcdefXYZ"
@@ -27,8 +27,8 @@ SESSION_ID = "cmbagent.session_id"
 EVENT_TYPE = "cmbagent.event_type"
 
 
-def _by_name(span_exporter):
-    return {s.name: s for s in span_exporter.get_finished_spans()}
+def _by_name(memory_exporter):
+    return {s.name: s for s in memory_exporter.get_finished_spans()}
 
 
 def _current_run_id():
@@ -39,13 +39,13 @@ def _current_run_id():
 # --- names, event types, ids ---------------------------------------------------------------------
 
 
-def test_run_span_name_and_event_type(tracer, span_exporter):
+def test_run_span_name_and_event_type(tracer, memory_exporter):
     """run(name=...) opens `invoke_workflow {name}` (plain `invoke_workflow` unnamed), event_type run."""
     with oc.run(name="analysis"):
         pass
     with oc.run():
         pass
-    spans = _by_name(span_exporter)
+    spans = _by_name(memory_exporter)
     assert set(spans) == {"invoke_workflow analysis", "invoke_workflow"}
     named = spans["invoke_workflow analysis"].attributes
     assert named[EVENT_TYPE] == "run"
@@ -54,7 +54,7 @@ def test_run_span_name_and_event_type(tracer, span_exporter):
     assert spans["invoke_workflow"].attributes[EVENT_TYPE] == "run"
 
 
-def test_step_span_name_prefers_step_id_over_name(tracer, span_exporter):
+def test_step_span_name_prefers_step_id_over_name(tracer, memory_exporter):
     """step() is named `step {step_id}`, else `step {name}`, else `step`; event_type step."""
     with oc.run():
         with oc.step(step_id="s2", name="plan"):
@@ -63,7 +63,7 @@ def test_step_span_name_prefers_step_id_over_name(tracer, span_exporter):
             pass
         with oc.step(node_id="n9"):
             pass
-    spans = _by_name(span_exporter)
+    spans = _by_name(memory_exporter)
     assert {"step s2", "step review", "step"} <= set(spans)
     for name in ("step s2", "step review", "step"):
         assert spans[name].attributes[EVENT_TYPE] == "step"
@@ -71,7 +71,7 @@ def test_step_span_name_prefers_step_id_over_name(tracer, span_exporter):
     assert spans["step"].attributes["cmbagent.node_id"] == "n9"
 
 
-def test_generated_ids_are_uuid_strings(tracer, span_exporter):
+def test_generated_ids_are_uuid_strings(tracer, memory_exporter):
     """Without ids, run_id and session_id are fresh canonical UUID strings, different per run."""
     with oc.run() as first:
         pass
@@ -82,11 +82,11 @@ def test_generated_ids_are_uuid_strings(tracer, span_exporter):
         assert str(uuid.UUID(value)) == value
     assert first.run_id != second.run_id
     assert first.session_id != second.session_id
-    recorded = {s.attributes[RUN_ID]: s.attributes[SESSION_ID] for s in span_exporter.get_finished_spans()}
+    recorded = {s.attributes[RUN_ID]: s.attributes[SESSION_ID] for s in memory_exporter.get_finished_spans()}
     assert recorded == {first.run_id: first.session_id, second.run_id: second.session_id}
 
 
-def test_given_ids_are_used(tracer, span_exporter):
+def test_given_ids_are_used(tracer, memory_exporter):
     """Explicit run_id/session_id are used as given (non-strings as their str())."""
     given = uuid.UUID("12345678-1234-5678-1234-567812345678")
     with oc.run(run_id="run-42", session_id="sess-7") as named:
@@ -96,7 +96,7 @@ def test_given_ids_are_used(tracer, span_exporter):
         pass
     assert (named.run_id, named.session_id) == ("run-42", "sess-7")
     assert (converted.run_id, converted.session_id) == (str(given), "7")
-    spans = span_exporter.get_finished_spans()
+    spans = memory_exporter.get_finished_spans()
     assert {(s.name, s.attributes[RUN_ID], s.attributes[SESSION_ID]) for s in spans} == {
         ("invoke_workflow", "run-42", "sess-7"),
         ("child", "run-42", "sess-7"),
@@ -104,7 +104,7 @@ def test_given_ids_are_used(tracer, span_exporter):
     }
 
 
-def test_nested_run_inherits_session_but_not_run_id(tracer, span_exporter):
+def test_nested_run_inherits_session_but_not_run_id(tracer, memory_exporter):
     """A run opened inside another run keeps the outer session_id, gets its own run_id and sequence."""
     with oc.run(name="outer", session_id="sess-outer") as outer:
         with oc.run(name="inner") as inner:
@@ -116,7 +116,7 @@ def test_nested_run_inherits_session_but_not_run_id(tracer, span_exporter):
     assert inner.session_id == "sess-outer"
     assert inner.run_id != outer.run_id
     assert explicit.session_id == "sess-other"
-    spans = _by_name(span_exporter)
+    spans = _by_name(memory_exporter)
     assert spans["inner child"].attributes[RUN_ID] == inner.run_id
     assert spans["inner child"].attributes[SESSION_ID] == "sess-outer"
     assert spans["invoke_workflow inner"].attributes[ORDER] == 1
@@ -126,7 +126,7 @@ def test_nested_run_inherits_session_but_not_run_id(tracer, span_exporter):
 # --- async ---------------------------------------------------------------------------------------
 
 
-async def test_async_run_is_inherited_by_gathered_tasks(tracer, span_exporter):
+async def test_async_run_is_inherited_by_gathered_tasks(tracer, memory_exporter):
     """`async with oc.run()` works; coroutines gathered inside it carry its run_id and parent span."""
 
     async def work(index: int) -> str | None:
@@ -142,7 +142,7 @@ async def test_async_run_is_inherited_by_gathered_tasks(tracer, span_exporter):
     assert seen == [run.run_id] * 5
     assert created == run.run_id
 
-    spans = _by_name(span_exporter)
+    spans = _by_name(memory_exporter)
     run_span = spans["invoke_workflow async"]
     for index in range(6):
         child = spans[f"task {index}"]
@@ -154,7 +154,7 @@ async def test_async_run_is_inherited_by_gathered_tasks(tracer, span_exporter):
 # --- threads -------------------------------------------------------------------------------------
 
 
-def test_thread_pool_inside_a_run_inherits_it(instrument_with_content, tracer_provider, span_exporter):
+def test_thread_pool_inside_a_run_inherits_it(instrument_with_content, tracer_provider, memory_exporter):
     """With instrumentation on, ThreadPoolExecutor work submitted inside a run joins that run."""
     tracer = tracer_provider.get_tracer("test")
 
@@ -166,7 +166,7 @@ def test_thread_pool_inside_a_run_inherits_it(instrument_with_content, tracer_pr
         with ThreadPoolExecutor(max_workers=4) as pool:
             seen = list(pool.map(work, range(8)))
     assert seen == [run.run_id] * 8
-    spans = _by_name(span_exporter)
+    spans = _by_name(memory_exporter)
     run_span = spans["invoke_workflow pool"]
     for index in range(8):
         child = spans[f"pooled {index}"]
@@ -175,7 +175,7 @@ def test_thread_pool_inside_a_run_inherits_it(instrument_with_content, tracer_pr
     assert sorted(s.attributes[ORDER] for s in spans.values()) == list(range(1, 10))
 
 
-def test_propagate_context_carries_the_run_into_a_raw_thread(tracer, span_exporter):
+def test_propagate_context_carries_the_run_into_a_raw_thread(tracer, memory_exporter):
     """A threading.Thread target wrapped by propagate_context joins the run; an unwrapped one does not."""
     seen: dict[str, str | None] = {}
 
@@ -195,7 +195,7 @@ def test_propagate_context_carries_the_run_into_a_raw_thread(tracer, span_export
             thread.join()
 
     assert seen == {"wrapped": run.run_id, "bare": None}
-    spans = _by_name(span_exporter)
+    spans = _by_name(memory_exporter)
     run_span = spans["invoke_workflow threads"]
     assert spans["wrapped"].attributes[RUN_ID] == run.run_id
     assert spans["wrapped"].parent.span_id == run_span.context.span_id
@@ -203,7 +203,7 @@ def test_propagate_context_carries_the_run_into_a_raw_thread(tracer, span_export
     assert spans["bare"].parent is None
 
 
-async def test_propagate_context_wraps_an_async_function(tracer, span_exporter):
+async def test_propagate_context_wraps_an_async_function(tracer, memory_exporter):
     """An async function wrapped inside run A runs in A's context even when awaited inside run B."""
 
     async def work() -> str | None:
@@ -218,7 +218,7 @@ async def test_propagate_context_wraps_an_async_function(tracer, span_exporter):
         result = await wrapped()
         assert _current_run_id() == second.run_id  # the caller's context is restored afterwards
     assert result == first.run_id
-    spans = _by_name(span_exporter)
+    spans = _by_name(memory_exporter)
     assert spans["async work"].attributes[RUN_ID] == first.run_id
     assert spans["async work"].parent.span_id == spans["invoke_workflow first"].context.span_id
     assert spans["async work"].attributes[ORDER] == 2
@@ -227,7 +227,7 @@ async def test_propagate_context_wraps_an_async_function(tracer, span_exporter):
 # --- concurrent runs -----------------------------------------------------------------------------
 
 
-async def test_fifty_concurrent_runs_stay_separate(instrument_with_content, tracer_provider, span_exporter):
+async def test_fifty_concurrent_runs_stay_separate(instrument_with_content, tracer_provider, memory_exporter):
     """25 runs in pool threads + 25 in asyncio tasks, all at once: own trace, own run_id, orders 1..21 each."""
     tracer = tracer_provider.get_tracer("test")
     spans_per_run = 20
@@ -255,7 +255,7 @@ async def test_fifty_concurrent_runs_stay_separate(instrument_with_content, trac
 
     run_ids = list(task_ids) + thread_ids
     assert len(set(run_ids)) == 50
-    spans = span_exporter.get_finished_spans()
+    spans = memory_exporter.get_finished_spans()
     assert len(spans) == 50 * (spans_per_run + 1)
 
     by_run: dict[str, list] = defaultdict(list)
@@ -279,7 +279,7 @@ class BoomError(Exception):
     """A user exception defined outside builtins (its error.type carries the module)."""
 
 
-def test_user_exception_passes_through_and_marks_the_run(tracer, span_exporter):
+def test_user_exception_passes_through_and_marks_the_run(tracer, memory_exporter):
     """The same exception object escapes `with oc.run()`; the run span gets ERROR, error.type, an exception event."""
     err = ValueError(f"provider rejected key {FAKE_KEY}")
     with pytest.raises(ValueError) as excinfo:
@@ -288,7 +288,7 @@ def test_user_exception_passes_through_and_marks_the_run(tracer, span_exporter):
     assert excinfo.value is err
     assert oc.current_identity() is None
 
-    (span,) = span_exporter.get_finished_spans()
+    (span,) = memory_exporter.get_finished_spans()
     assert span.status.status_code is StatusCode.ERROR
     assert span.attributes["error.type"] == "ValueError"
     (event,) = [e for e in span.events if e.name == "exception"]
@@ -299,7 +299,7 @@ def test_user_exception_passes_through_and_marks_the_run(tracer, span_exporter):
     assert FAKE_KEY not in (span.status.description or "")
 
 
-async def test_user_exception_passes_through_async_run_and_step(tracer, span_exporter):
+async def test_user_exception_passes_through_async_run_and_step(tracer, memory_exporter):
     """In `async with` run and step, the same exception escapes and both spans are marked with its qualified type."""
     err = BoomError(f"Authorization: Bearer {FAKE_KEY}")
     with pytest.raises(BoomError) as excinfo:
@@ -307,7 +307,7 @@ async def test_user_exception_passes_through_async_run_and_step(tracer, span_exp
             async with oc.step(step_id="s1"):
                 raise err
     assert excinfo.value is err
-    spans = _by_name(span_exporter)
+    spans = _by_name(memory_exporter)
     expected_type = f"{BoomError.__module__}.{BoomError.__qualname__}"
     for name in ("invoke_workflow failing", "step s1"):
         assert spans[name].status.status_code is StatusCode.ERROR
@@ -350,7 +350,7 @@ class _Unprintable:
     __format__ = object.__format__  # f"{value}" calls __str__ too
 
 
-def test_values_whose_str_raises_become_a_marked_placeholder(tracer, span_exporter, caplog):
+def test_values_whose_str_raises_become_a_marked_placeholder(tracer, memory_exporter, caplog):
     """run()/step() ids, names and attributes whose __str__ raises: the block runs, the span is recorded
     with a marked placeholder, and the failure is logged once (not raised into the host)."""
     entered = []
@@ -359,7 +359,7 @@ def test_values_whose_str_raises_become_a_marked_placeholder(tracer, span_export
             with oc.step(node_id=_Unprintable(), step_id=_Unprintable(), name=_Unprintable(), extra=[_Unprintable()]):
                 entered.append(True)
     assert entered == [True, True]
-    spans = span_exporter.get_finished_spans()
+    spans = memory_exporter.get_finished_spans()
     assert len(spans) == 4
     run_span = next(s for s in spans if s.attributes[EVENT_TYPE] == "run")
     assert run_span.attributes[RUN_ID].startswith("<unprintable _Unprintable")
@@ -371,11 +371,11 @@ def test_values_whose_str_raises_become_a_marked_placeholder(tracer, span_export
     assert len(logged) == 1, [r.getMessage() for r in logged]
 
 
-def test_ids_and_attributes_are_storable_and_scrubbed(tracer, span_exporter):
+def test_ids_and_attributes_are_storable_and_scrubbed(tracer, memory_exporter):
     """NUL and lone surrogates in ids, names and attributes are replaced; a secret in an attribute is scrubbed."""
     with oc.run(run_id="run\x00id\udcff", name="n\x00", note=f"key {FAKE_KEY}", tags=["a\udcff", "b"]):
         pass
-    (span,) = span_exporter.get_finished_spans()
+    (span,) = memory_exporter.get_finished_spans()
     assert span.attributes[RUN_ID] == "run\ufffdid\ufffd" and span.name == "invoke_workflow n\ufffd"
     assert span.attributes["tags"] == ("a\ufffd", "b")
     assert FAKE_KEY not in everything_recorded([span])

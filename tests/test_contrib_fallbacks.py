@@ -15,13 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 import otel_cmbagent as oc
-from otel_cmbagent import contrib
-from otel_cmbagent.patching import is_patched
-from otel_cmbagent.threads import BuiltinThreadContext, builtin_thread_context
+from otel_cmbagent.instrumentation import contrib
+from otel_cmbagent.instrumentation.threads import BuiltinThreadContext, builtin_thread_context
 
 PATCH_POINTS = (
     (threading.Thread, "start"),
@@ -53,7 +53,7 @@ def builtin_threads() -> Iterator[BuiltinThreadContext]:
     assert _originals() == originals
 
 
-def _parents_seen_in_threads(tracer: trace.Tracer, span_exporter: Any) -> dict[str, Any]:
+def _parents_seen_in_threads(tracer: trace.Tracer, memory_exporter: Any) -> dict[str, Any]:
     """Start a span in a Thread, a Timer, a ThreadPoolExecutor task and run_in_executor, inside a parent span."""
 
     def work(label: str) -> None:
@@ -74,26 +74,26 @@ def _parents_seen_in_threads(tracer: trace.Tracer, span_exporter: Any) -> dict[s
             asyncio.run(in_executor())
         thread.join()
         timer.join()
-    spans = {span.name: span for span in span_exporter.get_finished_spans()}
+    spans = {span.name: span for span in memory_exporter.get_finished_spans()}
     parent_id = spans["parent"].context.span_id
     return {label: spans[label].parent is not None and spans[label].parent.span_id == parent_id
             for label in ("thread", "timer", "pool", "run_in_executor")}
 
 
-def test_builtin_thread_context_nests_thread_work_under_the_caller(builtin_threads, tracer_provider, span_exporter):
+def test_builtin_thread_context_nests_thread_work_under_the_caller(builtin_threads, tracer_provider, memory_exporter):
     """Thread, Timer, ThreadPoolExecutor and run_in_executor work inherits the context it was started in."""
     tracer = tracer_provider.get_tracer("test")
-    assert _parents_seen_in_threads(tracer, span_exporter) == dict.fromkeys(
+    assert _parents_seen_in_threads(tracer, memory_exporter) == dict.fromkeys(
         ("thread", "timer", "pool", "run_in_executor"), True
     )
 
 
-def test_without_propagation_thread_work_starts_new_traces(tracer_provider, span_exporter):
+def test_without_propagation_thread_work_starts_new_traces(tracer_provider, memory_exporter):
     """The control: unpatched, none of them sees the parent (so the test above measures the patch)."""
-    if builtin_thread_context.active or any(is_patched(value) or hasattr(value, "__wrapped__") for value in _originals()):
+    if builtin_thread_context.active or any(hasattr(value, "__wrapped__") for value in _originals()):
         pytest.fail("thread propagation is on outside an instrument() call")
     tracer = tracer_provider.get_tracer("test")
-    assert _parents_seen_in_threads(tracer, span_exporter) == dict.fromkeys(
+    assert _parents_seen_in_threads(tracer, memory_exporter) == dict.fromkeys(
         ("thread", "timer", "pool", "run_in_executor"), False
     )
 
@@ -105,7 +105,7 @@ def test_builtin_thread_context_never_wraps_twice_and_restores_exact_originals()
         assert not builtin_thread_context.instrument()  # already on: no second layer
         for (owner, name), original in zip(PATCH_POINTS, originals):
             patched = owner.__dict__[name]
-            assert is_patched(patched) and patched.__wrapped__ is original
+            assert isinstance(patched, wrapt.FunctionWrapper) and patched.__wrapped__ is original
     finally:
         builtin_thread_context.uninstrument()
     assert all(now is before for now, before in zip(_originals(), originals))

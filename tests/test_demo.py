@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import tempfile
 from collections import Counter
 
@@ -12,8 +11,8 @@ import pytest
 import sqlalchemy as sa
 from rich.console import Console
 
-from otel_cmbagent.exporters.rows import row_kind
-from otel_cmbagent.demo import RUN_NAME, DemoResult, code_result, db_work_dir, run_demo
+from otel_cmbagent.table.schema import row_kind
+from otel_cmbagent.apps.demo import RUN_NAME, DemoResult, code_result, db_work_dir, run_demo
 from otel_cmbagent.testing import ScriptedLLM, text
 
 EVENT_TYPES = {"run", "step", "conversation", "agent_call", "llm_call", "tool_call", "code_exec", "file_gen",
@@ -72,9 +71,9 @@ def test_demo_workflow(tmp_path, capfd, live):
     db_path = str(tmp_path / "demo.db")
     cwd = os.getcwd()
     buffer = io.StringIO()
-    options = {"console": Console(file=buffer, width=200), "work_dir": db_work_dir(db_path)} if live else {}
+    options = {"console": Console(file=buffer, width=200)} if live else {}
 
-    result = run_demo(db_path, live=live, **options)
+    result = run_demo(db_path, live=live, work_dir=db_work_dir(db_path), **options)
 
     assert os.getcwd() == cwd, "the working directory is restored"
     assert result.wall_time_s < 30
@@ -127,12 +126,23 @@ def test_demo_workflow(tmp_path, capfd, live):
         assert result.stats["websocket"]["dropped"] == result.stats["websocket"]["failed"] == 0
         assert result.work_dir.startswith(os.path.join(str(tmp_path), "otel_cmbagent_demo"))
         assert out == "", "with an explicit console nothing goes to stdout"
+        rows_in_table = len(rows)
+        assert f"{rows_in_table} rows in {db_path}" in shown, "the closing line counts the run's rows in the table"
     else:
         assert out == "", "live=False is quiet"
         assert result.live_events == {} and "websocket" not in result.stats
-        # default work dir: a fresh temp dir (not the CWD)
-        assert os.path.commonpath([tempfile.gettempdir(), result.work_dir]) == tempfile.gettempdir()
-        shutil.rmtree(result.work_dir)
+
+
+def test_demo_without_a_work_dir_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Without ``work_dir`` the agents' files go to a temp dir that is removed before run_demo returns (every
+    demo run and the test suite used to leave an otel-cmbagent-demo-* folder in /tmp)."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    result = run_demo(str(tmp_path / "demo.db"), live=False)
+    check_run(read_rows(str(tmp_path / "demo.db")), result)
+    assert os.path.commonpath([str(temp), result.work_dir]) == str(temp)
+    assert list(temp.iterdir()) == [], "the temp work dir is removed"
 
 
 def test_demo_with_an_endpoint_that_never_terminates(tmp_path, monkeypatch):

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from otel_cmbagent.exporters.rows import is_message, row_kind
+from otel_cmbagent.table.schema import is_message, row_kind
 from otel_cmbagent.testing import ScriptedLLM, text
-from otel_cmbagent.testing.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
+from services.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
+
+pytestmark = pytest.mark.slow  # every example runs as a script in a subprocess: not in make test-fast
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

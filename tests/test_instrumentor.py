@@ -36,7 +36,7 @@ def chat(llm, **kwargs):
     return user.initiate_chat(assistant, message="hi", max_turns=1, silent=True, **kwargs)
 
 
-def test_uninstrument_restores_every_attribute_exactly(tracer_provider, span_exporter, scripted_llm):
+def test_uninstrument_restores_every_attribute_exactly(tracer_provider, memory_exporter, scripted_llm):
     """After uninstrument(), every class __dict__ entry is the very object it was, and no span is made."""
     before = class_dicts()
     instrumentor = oc.AG2Instrumentor()
@@ -48,7 +48,7 @@ def test_uninstrument_restores_every_attribute_exactly(tracer_provider, span_exp
             assert vars(owner)[name] is not original  # really patched
             assert before[(owner.__module__, owner.__qualname__, name)] is original
         chat(scripted_llm)
-        assert span_exporter.get_finished_spans()
+        assert memory_exporter.get_finished_spans()
     finally:
         instrumentor.uninstrument()
     after = class_dicts()
@@ -58,12 +58,12 @@ def test_uninstrument_restores_every_attribute_exactly(tracer_provider, span_exp
     for owner, name, _ in patched:
         leftovers = {k for k in after if k[:2] == (owner.__module__, owner.__qualname__)} - set(before)
         assert not {k for k in leftovers if not k[2].startswith("__")}, leftovers
-    span_exporter.clear()
+    memory_exporter.clear()
     chat(scripted_llm)
-    assert span_exporter.get_finished_spans() == ()
+    assert memory_exporter.get_finished_spans() == ()
 
 
-def test_instrument_is_idempotent(tracer_provider, span_exporter, scripted_llm):
+def test_instrument_is_idempotent(tracer_provider, memory_exporter, scripted_llm):
     """A second instrument() changes nothing and does not double the spans."""
     first = oc.instrument(tracer_provider=tracer_provider)
     try:
@@ -74,7 +74,7 @@ def test_instrument_is_idempotent(tracer_provider, span_exporter, scripted_llm):
         assert [(o, n) for o, n, _ in second.patched_attributes] == patched
         assert class_dicts() == dicts
         chat(scripted_llm)
-        spans = span_exporter.get_finished_spans()
+        spans = memory_exporter.get_finished_spans()
         assert len(by_event_type(spans, "conversation")) == 1
         assert len(by_event_type(spans, "llm_call")) == 1
     finally:
@@ -82,7 +82,7 @@ def test_instrument_is_idempotent(tracer_provider, span_exporter, scripted_llm):
     oc.uninstrument()  # a second uninstrument is harmless too
 
 
-def test_agents_created_before_instrument_are_traced(tracer_provider, span_exporter, scripted_llm):
+def test_agents_created_before_instrument_are_traced(tracer_provider, memory_exporter, scripted_llm):
     """Class-level patching: agents that existed before instrument() are traced."""
     scripted_llm.push(text("hello"), text("TERMINATE"))
     assistant = ConversableAgent("early", llm_config=scripted_llm.llm_config())
@@ -93,23 +93,23 @@ def test_agents_created_before_instrument_are_traced(tracer_provider, span_expor
         user.initiate_chat(assistant, message="hi", max_turns=1, silent=True)
     finally:
         instrumentor.uninstrument()
-    names = {s.name for s in span_exporter.get_finished_spans()}
+    names = {s.name for s in memory_exporter.get_finished_spans()}
     assert {"conversation user", "invoke_agent early", "chat scripted-model"} <= names
 
 
-def test_suppress_instrumentation_key_is_honoured(instrument_with_content, span_exporter, scripted_llm):
+def test_suppress_instrumentation_key_is_honoured(instrument_with_content, memory_exporter, scripted_llm):
     """Under OTel's suppress-instrumentation key no span is started."""
     token = otel_context.attach(otel_context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
     try:
         chat(scripted_llm)
     finally:
         otel_context.detach(token)
-    assert span_exporter.get_finished_spans() == ()
+    assert memory_exporter.get_finished_spans() == ()
 
 
-def test_internal_error_is_logged_once_and_swallowed(tracer_provider, span_exporter, scripted_llm, monkeypatch, caplog):
+def test_internal_error_is_logged_once_and_swallowed(tracer_provider, memory_exporter, scripted_llm, monkeypatch, caplog):
     """A bug in our start hook never breaks the chat; it is logged once per kind; other spans still flow."""
-    from otel_cmbagent.agent_patch import AgentWrappers
+    from otel_cmbagent.instrumentation.agent_patch import AgentWrappers
 
     def broken_start_hook(self, agent, args, kwargs):
         raise KeyError("bug in otel-cmbagent")
@@ -125,7 +125,7 @@ def test_internal_error_is_logged_once_and_swallowed(tracer_provider, span_expor
         instrumentor.uninstrument()
     warnings = [r for r in caplog.records if "internal error" in r.getMessage()]
     assert len(warnings) == 1 and "broken_start_hook" in warnings[0].getMessage()
-    spans = span_exporter.get_finished_spans()
+    spans = memory_exporter.get_finished_spans()
     assert by_event_type(spans, "agent_call") == []
     assert len(by_event_type(spans, "conversation")) == 3
 

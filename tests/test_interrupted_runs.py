@@ -20,12 +20,14 @@ import urllib.request
 import pytest
 import sqlalchemy as sa
 
-from otel_cmbagent import store
+from otel_cmbagent.table import store
 from otel_cmbagent.exporters.sql import make_engine
-from otel_cmbagent.exporters.writers import HEARTBEAT_TABLE
-from otel_cmbagent.viewer.app import ViewerServer
+from otel_cmbagent.table.writers import HEARTBEAT_TABLE
+from otel_cmbagent.apps.viewer import ViewerServer
 from sinks_util import table_rows
 from test_cli import run_cli
+
+pytestmark = pytest.mark.slow  # real processes killed and stopped: not in make test-fast
 
 CHILD = """
 import pathlib, sys, time

@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import otel_cmbagent as oc
 from otel_cmbagent.exporters.otlp import otlp_span_processor
 from otel_cmbagent.testing import ScriptedLLM
-from otel_cmbagent.testing.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
+from services.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
 from sinks_util import poisoned_and_innocent_runs
 
 pytestmark = pytest.mark.usefixtures("chats_cwd")

@@ -114,7 +114,7 @@ def _result(installs: dict[str, Future], name: str) -> dict[str, Any]:
 def _one_line_about_autogen(report: dict[str, Any], *expected: str) -> str:
     assert not report["instrumented"]
     (line,) = report["instrument_log"]  # exactly one line, and instrument() did not raise
-    assert line.startswith("ERROR otel_cmbagent.instrumentor: otel-cmbagent: ")
+    assert line.startswith("ERROR otel_cmbagent.instrumentation.instrumentor: otel-cmbagent: ")
     for text in expected:
         assert text in line
     return line
@@ -216,7 +216,7 @@ def test_resolves_next_to_cmbagent_on_python_312(installs):
 def test_zero_code_run_reaches_a_real_otlp_receiver_in_order(installs):
     """``pip install otel-cmbagent[contrib]`` + AG2, then ``opentelemetry-instrument python app.py``: no code change,
     every AG2 step arrives over OTLP with the run's gapless order (the sequencer added by the entry point)."""
-    from otel_cmbagent.testing.otlp_receiver import OTLPHTTPReceiver
+    from services.otlp_receiver import OTLPHTTPReceiver
 
     result = _result(installs, "zero-code")
     instrument = Path(result["python"]).with_name("opentelemetry-instrument")

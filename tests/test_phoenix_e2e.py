@@ -1,6 +1,6 @@
 """End to end against a real trace backend: setup_tracing(otlp=True) into Arize Phoenix, read back over its REST API.
 
-Phoenix runs from its own virtualenv as a separate server (see otel_cmbagent.testing.phoenix). Without it
+Phoenix runs from its own virtualenv as a separate server (see tests/services/phoenix.py). Without it
 these tests skip, except under CI (the variable CI is set), where a missing Phoenix is a failure.
 """
 
@@ -14,8 +14,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_cmbagent as oc
-from otel_cmbagent.semconv import CONTENT_ATTRIBUTES, EXECUTION_ORDER
-from otel_cmbagent.testing.phoenix import PhoenixNotFound, PhoenixServer, find_phoenix
+from otel_cmbagent.pipeline.semconv import CONTENT_ATTRIBUTES, EXECUTION_ORDER
+from services.phoenix import PhoenixNotFound, PhoenixServer, find_phoenix
 from sinks_util import scripted_run
 
 from conftest import FAKE_KEY

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import gc
 import logging
 import threading
@@ -12,9 +14,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 import otel_cmbagent as oc
-import otel_cmbagent.context as oc_context
-import otel_cmbagent.processor as oc_processor
-from otel_cmbagent.utils import log_internal_error
+import otel_cmbagent.pipeline.context as oc_context
+import otel_cmbagent.pipeline.processor as oc_processor
+from otel_cmbagent.pipeline.values import log_internal_error
 
 ORDER = "cmbagent.execution_order"
 DEPTH = "cmbagent.depth"
@@ -56,7 +58,7 @@ def _assert_fanout(spans, run) -> None:
         assert all(a < b for a, b in zip(orders, orders[1:])), "orders must increase in start order within a thread"
 
 
-def test_thread_pool_fanout_orders_are_gapless_and_distinct(instrument_with_content, tracer_provider, span_exporter):
+def test_thread_pool_fanout_orders_are_gapless_and_distinct(instrument_with_content, tracer_provider, memory_exporter):
     """10 ThreadPoolExecutor threads x 100 spans in one run get orders 1..1001, each once, increasing per thread."""
     tracer = tracer_provider.get_tracer("test")
     barrier = threading.Barrier(THREADS)
@@ -64,10 +66,10 @@ def test_thread_pool_fanout_orders_are_gapless_and_distinct(instrument_with_cont
         with ThreadPoolExecutor(max_workers=THREADS) as pool:
             for future in [pool.submit(_emit, tracer, n, barrier) for n in range(THREADS)]:
                 future.result()
-    _assert_fanout(span_exporter.get_finished_spans(), run)
+    _assert_fanout(memory_exporter.get_finished_spans(), run)
 
 
-def test_raw_thread_fanout_with_propagate_context(tracer, span_exporter):
+def test_raw_thread_fanout_with_propagate_context(tracer, memory_exporter):
     """10 plain threading.Threads (propagate_context) x 100 spans in one run get orders 1..1001, each once."""
     barrier = threading.Barrier(THREADS)
     with oc.run(name="fanout") as run:
@@ -78,10 +80,10 @@ def test_raw_thread_fanout_with_propagate_context(tracer, span_exporter):
             thread.start()
         for thread in threads:
             thread.join()
-    _assert_fanout(span_exporter.get_finished_spans(), run)
+    _assert_fanout(memory_exporter.get_finished_spans(), run)
 
 
-def test_orders_follow_start_order_in_one_thread(tracer, span_exporter):
+def test_orders_follow_start_order_in_one_thread(tracer, memory_exporter):
     """In one thread, orders are 1, 2, 3... in the order spans start (not the order they end)."""
     with oc.run():
         with tracer.start_as_current_span("a"):
@@ -89,11 +91,11 @@ def test_orders_follow_start_order_in_one_thread(tracer, span_exporter):
                 pass
         with tracer.start_as_current_span("c"):
             pass
-    orders = {s.name: s.attributes[ORDER] for s in span_exporter.get_finished_spans()}
+    orders = {s.name: s.attributes[ORDER] for s in memory_exporter.get_finished_spans()}
     assert orders == {"invoke_workflow": 1, "a": 2, "b": 3, "c": 4}
 
 
-def test_depth_counts_nesting_from_the_run(tracer, span_exporter):
+def test_depth_counts_nesting_from_the_run(tracer, memory_exporter):
     """Depth is 0 for the run, 1 for its children, 2 for grandchildren (steps count as a level)."""
     with oc.run():
         with tracer.start_as_current_span("child"):
@@ -102,21 +104,21 @@ def test_depth_counts_nesting_from_the_run(tracer, span_exporter):
         with oc.step(step_id="s1"):
             with tracer.start_as_current_span("in step"):
                 pass
-    depths = {s.name: s.attributes[DEPTH] for s in span_exporter.get_finished_spans()}
+    depths = {s.name: s.attributes[DEPTH] for s in memory_exporter.get_finished_spans()}
     assert depths == {"invoke_workflow": 0, "child": 1, "grandchild": 2, "step s1": 1, "in step": 2}
 
 
-def test_run_is_depth_zero_even_under_an_outer_span(tracer, span_exporter):
+def test_run_is_depth_zero_even_under_an_outer_span(tracer, memory_exporter):
     """A run opened under an ordinary span is still the root of its own depth count."""
     with tracer.start_as_current_span("outer"):
         with oc.run():
             with tracer.start_as_current_span("inner"):
                 pass
-    depths = {s.name: s.attributes[DEPTH] for s in span_exporter.get_finished_spans()}
+    depths = {s.name: s.attributes[DEPTH] for s in memory_exporter.get_finished_spans()}
     assert depths == {"outer": 0, "invoke_workflow": 0, "inner": 1}
 
 
-def test_identity_attributes_are_copied_to_every_span(tracer, span_exporter):
+def test_identity_attributes_are_copied_to_every_span(tracer, memory_exporter):
     """run_id/session_id reach every span of the run; node_id/step_id only spans inside the step."""
     with oc.run(run_id="run-1", session_id="sess-1"):
         with tracer.start_as_current_span("before step"):
@@ -126,7 +128,7 @@ def test_identity_attributes_are_copied_to_every_span(tracer, span_exporter):
                 pass
         with tracer.start_as_current_span("after step"):
             pass
-    spans = {s.name: s.attributes for s in span_exporter.get_finished_spans()}
+    spans = {s.name: s.attributes for s in memory_exporter.get_finished_spans()}
     assert set(spans) == {"invoke_workflow", "before step", "step step-3", "in step", "after step"}
     for attributes in spans.values():
         assert attributes[RUN_ID] == "run-1"
@@ -139,7 +141,7 @@ def test_identity_attributes_are_copied_to_every_span(tracer, span_exporter):
         assert STEP_ID not in spans[name]
 
 
-def test_spans_without_a_run_are_ordered_per_trace(tracer, span_exporter):
+def test_spans_without_a_run_are_ordered_per_trace(tracer, memory_exporter):
     """Without a run, each trace has its own order from 1, and no run identity is stamped."""
     baseline = oc_processor.open_trace_sequences()
     with tracer.start_as_current_span("a root"):
@@ -150,7 +152,7 @@ def test_spans_without_a_run_are_ordered_per_trace(tracer, span_exporter):
     with tracer.start_as_current_span("b root"):
         with tracer.start_as_current_span("b child"):
             pass
-    spans = {s.name: s for s in span_exporter.get_finished_spans()}
+    spans = {s.name: s for s in memory_exporter.get_finished_spans()}
     assert {n: s.attributes[ORDER] for n, s in spans.items()} == {
         "a root": 1,
         "a child": 2,
@@ -170,7 +172,7 @@ def test_spans_without_a_run_are_ordered_per_trace(tracer, span_exporter):
     assert oc_processor.open_trace_sequences() == baseline
 
 
-def test_interleaved_traces_without_a_run_keep_separate_counters(tracer, span_exporter):
+def test_interleaved_traces_without_a_run_keep_separate_counters(tracer, memory_exporter):
     """Two no-run traces open at once, with children started alternately, are each gapless from 1."""
     baseline = oc_processor.open_trace_sequences()
     root_a = tracer.start_span("a")
@@ -182,35 +184,36 @@ def test_interleaved_traces_without_a_run_keep_separate_counters(tracer, span_ex
     root_a.end()
     root_b.end()
     orders: dict[str, list[int]] = defaultdict(list)
-    for span in span_exporter.get_finished_spans():
+    for span in memory_exporter.get_finished_spans():
         orders[span.name[0]].append(span.attributes[ORDER])
     assert sorted(orders["a"]) == [1, 2, 3, 4]
     assert sorted(orders["b"]) == [1, 2, 3, 4]
     assert oc_processor.open_trace_sequences() == baseline
 
 
-def test_late_span_in_a_no_run_trace_continues_the_order(tracer, span_exporter):
+def test_late_span_in_a_no_run_trace_continues_the_order(tracer, memory_exporter):
     """A span started after its (no-run) parent ended still gets the next order of that trace, not 1 again."""
     with tracer.start_as_current_span("root"):
         captured = otel_context.get_current()
     with tracer.start_as_current_span("late", context=captured):
         pass
-    orders = {s.name: s.attributes[ORDER] for s in span_exporter.get_finished_spans()}
+    orders = {s.name: s.attributes[ORDER] for s in memory_exporter.get_finished_spans()}
     assert orders == {"root": 1, "late": 2}
 
 
-def test_late_span_in_a_run_continues_the_order(tracer, span_exporter):
+def test_late_span_in_a_run_continues_the_order(tracer, memory_exporter):
     """A span started with a run's context after the run ended continues that run's sequence."""
     with oc.run() as run:
         captured = otel_context.get_current()
     with tracer.start_as_current_span("late", context=captured):
         pass
-    spans = {s.name: s.attributes for s in span_exporter.get_finished_spans()}
+    spans = {s.name: s.attributes for s in memory_exporter.get_finished_spans()}
     assert spans["late"][RUN_ID] == run.run_id
     assert spans["late"][ORDER] == 2
 
 
-def test_run_counters_are_released_after_many_runs(tracer, span_exporter):
+@pytest.mark.slow
+def test_run_counters_are_released_after_many_runs(tracer, memory_exporter):
     """10,000 sequential runs (each with a child span) leave no per-run counters behind."""
     gc.collect()
     baseline_traces = oc_processor.open_trace_sequences()
@@ -223,10 +226,10 @@ def test_run_counters_are_released_after_many_runs(tracer, span_exporter):
     gc.collect()
     assert oc_context.live_run_count() < 10
     assert oc_processor.open_trace_sequences() == baseline_traces
-    assert len(span_exporter.get_finished_spans()) == 1 + 20_000  # the probe run, then 10,000 runs x 2 spans
+    assert len(memory_exporter.get_finished_spans()) == 1 + 20_000  # the probe run, then 10,000 runs x 2 spans
 
 
-def test_trace_counters_are_released_after_no_run_traces_end(tracer, span_exporter):
+def test_trace_counters_are_released_after_no_run_traces_end(tracer, memory_exporter):
     """Per-trace counters of no-run traces are dropped once all their spans end."""
     baseline = oc_processor.open_trace_sequences()
     for _ in range(1_000):
@@ -234,14 +237,14 @@ def test_trace_counters_are_released_after_no_run_traces_end(tracer, span_export
             with tracer.start_as_current_span("child"):
                 pass
     assert oc_processor.open_trace_sequences() == baseline
-    assert len(span_exporter.get_finished_spans()) == 2_000
+    assert len(memory_exporter.get_finished_spans()) == 2_000
 
 
 class InjectedFault(RuntimeError):
     """Raised by a deliberately broken internal to check that hooks never fail the host."""
 
 
-def test_hook_error_is_swallowed_and_logged_once(tracer, span_exporter, monkeypatch, caplog):
+def test_hook_error_is_swallowed_and_logged_once(tracer, memory_exporter, monkeypatch, caplog):
     """A failing on_start never raises into the caller, is logged once for many spans, and spans still export."""
 
     def broken_identity(*args, **kwargs):
@@ -260,6 +263,6 @@ def test_hook_error_is_swallowed_and_logged_once(tracer, span_exporter, monkeypa
     assert len(internal) == 1
     assert internal[0].levelno == logging.WARNING
     assert "SequencingSpanProcessor.on_start" in internal[0].getMessage()
-    spans = span_exporter.get_finished_spans()
+    spans = memory_exporter.get_finished_spans()
     assert len(spans) == 51
     assert all(ORDER not in s.attributes for s in spans if s.name.startswith("span "))

@@ -1,10 +1,12 @@
 """The pytest plugin (entry point ``otel_cmbagent``), as a user's test suite sees it.
 
-Our own conftest.py defines fixtures with the same names, so the plugin is exercised through
-``pytester`` in a subprocess: a fresh pytest that loads the installed entry point, with real AG2 chats.
+The plugin is exercised through ``pytester`` in a subprocess: a fresh pytest, as a user's suite, that loads
+the installed entry point, with real AG2 chats (our conftest.py reuses none of the plugin's fixture names).
 """
 
 from __future__ import annotations
+
+import pytest
 
 pytest_plugins = ["pytester"]
 
@@ -98,12 +100,14 @@ def _run(pytester, source: str, *args: str):
     return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q", *args, timeout=240)
 
 
+@pytest.mark.slow
 def test_plugin_fixtures_trace_a_real_chat(pytester):
     """The entry point's span_exporter/scripted_llm/otel_tracer_provider: traced, fresh per test, undone after."""
     result = _run(pytester, USER_TESTS)
     result.assert_outcomes(passed=3)
 
 
+@pytest.mark.slow
 def test_plugin_takes_over_a_leftover_instrumentation(pytester):
     """AG2 instrumented at import time by other code: the fixture still gets the spans, and cleans up."""
     result = _run(pytester, TAKEOVER_TESTS)

@@ -20,12 +20,12 @@ import pytest
 from autogen import ConversableAgent, GroupChat, GroupChatManager, register_function
 
 import otel_cmbagent as oc
-from otel_cmbagent.config import DEFAULT_MAX_VALUE_LENGTH
-from otel_cmbagent.exporters.rows import row_kind
+from otel_cmbagent.pipeline.config import DEFAULT_MAX_VALUE_LENGTH
+from otel_cmbagent.table.schema import row_kind
 from otel_cmbagent.exporters.sql import make_engine
 from otel_cmbagent.testing import text, tool_call
-from otel_cmbagent.testing.otlp_receiver import OTLPHTTPReceiver
-from otel_cmbagent.viewer.app import ViewerServer
+from services.otlp_receiver import OTLPHTTPReceiver
+from otel_cmbagent.apps.viewer import ViewerServer
 from sinks_util import table_rows
 from test_cli import run_cli
 
@@ -117,6 +117,7 @@ def cli_outputs(db, endpoint: str) -> list[str]:
     return outputs
 
 
+@pytest.mark.slow
 def test_no_form_of_any_secret_reaches_any_sink_the_cli_or_the_viewer(tmp_path, scripted_llm, monkeypatch):
     monkeypatch.delenv("PROBE_SERVICE_API_KEY", raising=False)
     monkeypatch.setenv("PROBE_STRADDLE_TOKEN", STRADDLE)  # known at setup: only the cut can leak it

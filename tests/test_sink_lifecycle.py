@@ -3,6 +3,8 @@ spans arriving after a sink was shut down. Real processes, real SQLite, real log
 
 from __future__ import annotations
 
+import pytest
+
 import logging
 import subprocess
 import sys
@@ -48,6 +50,7 @@ def _start_together(tmp_path, url: str, count: int) -> list[subprocess.Completed
                 process.kill()
 
 
+@pytest.mark.slow
 def test_processes_racing_to_create_the_table_do_not_report_it_unreachable(tmp_path):
     """8 processes start on one fresh SQLite file at once: "table already exists" is success for the losers
     (it was logged as "database not reachable at setup"). Three rounds on fresh files, since it is a race."""

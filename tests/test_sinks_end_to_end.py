@@ -11,9 +11,10 @@ import pytest
 import sqlalchemy as sa
 
 import otel_cmbagent as oc
-from otel_cmbagent.exporters.rows import event_id, is_message, row_kind
+from otel_cmbagent.table.rows import event_id
+from otel_cmbagent.table.schema import is_message, row_kind
 from otel_cmbagent.exporters.sql import SQLEventSink, make_engine, replay
-from otel_cmbagent.testing.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
+from services.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
 from cmbagent_schema import add_run, cmbagent_engine, rows_of
 import cmbagent_schema as cmb
 from sinks_util import PausedRun, scripted_run, table_rows
@@ -181,6 +182,7 @@ def test_rows_land_in_cmbagents_own_table(backend, tmp_path, postgres_url, scrip
     assert sum(c["total_tokens"] for c in costs) == sum(m["tokens"] for m in decoded) > 0
 
 
+@pytest.mark.slow
 def test_sigterm_flushes_every_sink(tmp_path):
     """A process that gets SIGTERM after a run has written every row (the exit hook flushes the sinks)."""
     db = tmp_path / "term.db"

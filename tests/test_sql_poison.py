@@ -22,8 +22,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import cmbagent_schema as cmb
 import otel_cmbagent as oc
-from otel_cmbagent import store
-from otel_cmbagent.exporters.rows import event_id, message_rows
+from otel_cmbagent.table import store
+from otel_cmbagent.table.rows import event_id, message_rows
 from otel_cmbagent.exporters.sql import SQLEventSink
 from otel_cmbagent.testing import ScriptedLLM, text, tool_call
 from sinks_util import poisoned_and_innocent_runs, table_rows

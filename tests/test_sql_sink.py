@@ -11,7 +11,8 @@ import pytest
 import sqlalchemy as sa
 
 import otel_cmbagent as oc
-from otel_cmbagent.exporters.rows import event_id, is_message, row_kind
+from otel_cmbagent.table.rows import event_id
+from otel_cmbagent.table.schema import is_message, row_kind
 from otel_cmbagent.exporters.sql import SQLEventSink, execution_events_table, make_engine, replay
 from sinks_util import PausedRun, scripted_run, table_rows
 
@@ -65,9 +66,9 @@ def test_rows_are_visible_while_the_run_is_live(tracing, scripted_llm):
     assert {r["status"] for r in table_rows(tracing.sql.engine)} == {"completed"}
 
 
-def test_rewrites_are_idempotent(tmp_path, tracer_provider, span_exporter, monkeypatch):
+def test_rewrites_are_idempotent(tmp_path, tracer_provider, memory_exporter, monkeypatch):
     """The same spans written twice (a retry, a duplicate) leave one row each."""
-    monkeypatch.setattr(oc.context._TracerSource, "provider", tracer_provider)
+    monkeypatch.setattr(oc.pipeline.context._TracerSource, "provider", tracer_provider)
     engine = make_engine(f"sqlite:///{tmp_path / 'dup.db'}")
     sink = SQLEventSink(engine)
     tracer_provider.add_span_processor(sink)
@@ -75,7 +76,7 @@ def test_rewrites_are_idempotent(tmp_path, tracer_provider, span_exporter, monke
     with oc.run(name="dup"):
         with tracer.start_as_current_span("a"):
             pass
-    spans = span_exporter.get_finished_spans()
+    spans = memory_exporter.get_finished_spans()
     for span in spans:  # a duplicated delivery of every end
         sink.on_end(span)
     sink.force_flush()
@@ -84,7 +85,7 @@ def test_rewrites_are_idempotent(tmp_path, tracer_provider, span_exporter, monke
     sink.shutdown()
 
 
-def test_late_start_row_never_overwrites_a_completed_row(tmp_path, tracer_provider, span_exporter):
+def test_late_start_row_never_overwrites_a_completed_row(tmp_path, tracer_provider, memory_exporter):
     """A replayed 'running' row after the 'completed' one keeps the row completed."""
     engine = make_engine(f"sqlite:///{tmp_path / 'late.db'}")
     sink = SQLEventSink(engine)
@@ -145,12 +146,12 @@ def test_replay_twice_is_idempotent(tmp_path):
     assert len(table_rows(make_engine(url))) == 1
 
 
-def test_side_rows_are_written_once_whatever_is_replayed(tmp_path, tracer_provider, span_exporter, scripted_llm):
+def test_side_rows_are_written_once_whatever_is_replayed(tmp_path, tracer_provider, memory_exporter, scripted_llm):
     """cmbagent's messages/cost_records rows (autoincrement ids, no upsert) stay one per event when every span
     is delivered again and the run's rows are replayed from a spill file."""
     import cmbagent_schema as cmb
-    from otel_cmbagent.exporters.rows import message_rows, span_row
-    from otel_cmbagent.exporters.sql import _json_default
+    from otel_cmbagent.table.rows import message_rows, span_row
+    from otel_cmbagent.exporters.spill import append_rows
 
     engine = cmb.cmbagent_engine(f"sqlite:///{tmp_path / 'side.db'}")
     cmb.add_run(engine, "run-side", "session-side")
@@ -162,7 +163,7 @@ def test_side_rows_are_written_once_whatever_is_replayed(tmp_path, tracer_provid
         scripted_run(scripted_llm, run_id="run-side", session_id="session-side")
         sink.force_flush()
         counts = (cmb.table_count(engine, cmb.messages), cmb.table_count(engine, cmb.cost_records))
-        spans = span_exporter.get_finished_spans()
+        spans = memory_exporter.get_finished_spans()
         for span in spans:
             sink.on_end(span)  # a duplicated delivery of every end
         sink.force_flush()
@@ -170,10 +171,7 @@ def test_side_rows_are_written_once_whatever_is_replayed(tmp_path, tracer_provid
         instrumentor.uninstrument()
         sink.shutdown()
     spill = tmp_path / "side.spill.jsonl"
-    with open(spill, "w") as handle:
-        for span in spans:
-            for row in [span_row(span, ended=True), *message_rows(span)]:
-                handle.write(json.dumps(row, default=_json_default) + "\n")
+    append_rows(spill, [row for span in spans for row in [span_row(span, ended=True), *message_rows(span)]])
     replay(spill, engine, table=cmb.execution_events)
     messages = [r for r in table_rows(engine) if is_message(r)]
     assert counts == (len(messages), len([r for r in table_rows(engine) if r["event_type"] == "llm_call"])) == (
@@ -216,7 +214,7 @@ def test_several_processes_write_one_sqlite_file(tmp_path):
         "import otel_cmbagent as oc, sys\n"
         f"t = oc.setup_tracing(sql_url='sqlite:///{db}', set_global=False, instrument=False)\n"
         "tracer = t.tracer_provider.get_tracer('p')\n"
-        "oc.context._TracerSource.provider = t.tracer_provider\n"
+        "oc.pipeline.context._TracerSource.provider = t.tracer_provider\n"
         "with oc.run(run_id=sys.argv[1]):\n"
         "    for i in range(300):\n"
         "        with tracer.start_as_current_span(f's{i}'): pass\n"

@@ -85,7 +85,7 @@ import otel_cmbagent as oc
 db, spill, mode = sys.argv[1:4]
 tracing = oc.setup_tracing(sql_url=f"sqlite:///{db}", spill_path=spill, otlp=False, set_global=False,
                            instrument=False)
-oc.context._TracerSource.provider = tracing.tracer_provider
+oc.pipeline.context._TracerSource.provider = tracing.tracer_provider
 tracer = tracing.tracer_provider.get_tracer("child")
 
 

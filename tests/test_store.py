@@ -1,4 +1,4 @@
-"""The read side of the event table (otel_cmbagent.store) on databases written by real traced AG2 runs."""
+"""The read side of the event table (otel_cmbagent.table.store) on databases written by real traced AG2 runs."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from autogen import ConversableAgent
 from autogen.coding import LocalCommandLineCodeExecutor
 
 import otel_cmbagent as oc
-from otel_cmbagent.exporters.rows import row_kind
-from otel_cmbagent import store
+from otel_cmbagent.table.schema import row_kind
+from otel_cmbagent.table import store
 from otel_cmbagent.exporters.sql import make_engine
 from otel_cmbagent.testing import ScriptedLLM, code, text
 from sinks_util import PausedRun, scripted_run, table_rows

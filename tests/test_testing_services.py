@@ -13,9 +13,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.trace import StatusCode
 
-from otel_cmbagent.testing import postgres as pg_mod
-from otel_cmbagent.testing.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
-from otel_cmbagent.testing.postgres import PostgresServer, find_postgres_bin
+from services import postgres as pg_mod
+from services.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
+from services.postgres import PostgresServer, find_postgres_bin
 
 # ---- PostgresServer ---------------------------------------------------------------------
 

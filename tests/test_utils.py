@@ -10,8 +10,8 @@ from collections.abc import Mapping
 import pytest
 from pydantic import BaseModel, SecretStr
 
-from otel_cmbagent import utils
-from otel_cmbagent.utils import (
+from otel_cmbagent.pipeline import values as utils
+from otel_cmbagent.pipeline.values import (
     REDACTED,
     jsonable,
     register_secret,

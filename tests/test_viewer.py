@@ -17,11 +17,11 @@ with warnings.catch_warnings():  # starlette >= 1.x suggests httpx2 for its Test
     from starlette.testclient import TestClient, WebSocketDenialResponse
 
 import otel_cmbagent as oc
-from otel_cmbagent.exporters.rows import is_message, row_kind
-from otel_cmbagent import store
+from otel_cmbagent.table.schema import is_message, row_kind
+from otel_cmbagent.table import store
 from otel_cmbagent.exporters.websocket import DATA_FIELDS
 from otel_cmbagent.testing import text, tool_call
-from otel_cmbagent.viewer.app import ViewerServer, check_bind, create_app, serve_viewer
+from otel_cmbagent.apps.viewer import ViewerServer, check_bind, create_app, serve_viewer
 from sinks_util import PausedRun
 
 from conftest import FAKE_KEY
@@ -35,7 +35,7 @@ TOKEN = "viewer-test-token-0123456789"
 SYNTHETIC_WRITER = r"""
 import json, sys, time
 import otel_cmbagent as oc
-from otel_cmbagent.spans import add_ordered_event
+from otel_cmbagent.instrumentation.spans import add_ordered_event
 
 import os
 db, run_id, steps, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
@@ -371,6 +371,7 @@ def _drain(ws, quiet=1.0):
             return out
 
 
+@pytest.mark.slow
 def test_websocket_broadcasts_rows_written_by_another_process(tmp_path):
     """A run written by a subprocess shows up on /ws live: running rows first, then their completion."""
     from websockets.sync.client import connect

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from otel_cmbagent import store
-from otel_cmbagent.exporters.rows import is_message
-from otel_cmbagent.viewer.app import ViewerServer
+from otel_cmbagent.table import store
+from otel_cmbagent.table.schema import is_message
+from otel_cmbagent.apps.viewer import ViewerServer
 from test_viewer import SYNTHETIC_WRITER, XSS, tracing_for, xss_run
 
 from conftest import FAKE_KEY
@@ -264,7 +264,7 @@ def _has_running_run(db, run_id):
 
 def test_demo_run_screenshot(tmp_path, page, monkeypatch):
     """The README screenshot: cmbagent's demo workflow (group chat, code, files, a failed tool call)."""
-    from otel_cmbagent.demo import run_demo
+    from otel_cmbagent.apps.demo import run_demo
 
     monkeypatch.chdir(tmp_path)
     db = "otel_cmbagent.db"  # shown as given in the page's top bar
@@ -338,3 +338,86 @@ def test_token_protected_page(tmp_path, page, token, run_id):
         page.wait_for_selector(f'[data-testid="waterfall"][data-ready="true"][data-run-id="{run_id}"]')
         page.wait_for_selector('[data-testid="connection"][data-state="open"]')
         assert not refused and not page.errors, (refused, page.errors)
+
+
+# --- what a new user hit (issue 11) --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_db(tmp_path_factory):
+    """One demo run (a group chat, code, files, a fit_power_law call that fails once and is retried)."""
+    from otel_cmbagent.apps.demo import db_work_dir, run_demo
+
+    db = tmp_path_factory.mktemp("newcomer") / "demo.db"
+    run_demo(str(db), live=False, work_dir=db_work_dir(db))
+    return db
+
+
+def _open_demo_run(page, server):
+    page.goto(server.url)
+    page.wait_for_selector('[data-testid="waterfall"][data-ready="true"]')
+
+
+def test_an_unknown_run_shows_no_status_and_no_name(demo_db, page):
+    """``#/run/<unknown>``: "No such run", without the green "completed" badge and "(unnamed run)" it used to
+    show next to it."""
+    with ViewerServer(str(demo_db)) as server:
+        page.goto(server.url + "#/run/no-such-run")
+        page.wait_for_function("() => document.getElementById('wf-loading').textContent.startsWith('No such run')")
+        header = page.locator('[data-testid="run-header"]')
+        page.wait_for_function("() => document.querySelector('[data-testid=\"run-header\"]').dataset.status === 'missing'")
+        assert header.locator(".badge").count() == 0
+        assert "(unnamed run)" not in header.inner_text() and "completed" not in header.inner_text()
+        assert page.locator('[data-testid="run-name"]').inner_text() == "No such run"
+        assert [e for e in page.errors if "status of 404" not in e] == [], page.errors  # the API's 404 is the answer
+
+
+def test_a_run_with_a_failed_tool_call_shows_its_failure_count(demo_db, page):
+    """The demo's run completes, but its first fit_power_law call failed: the list and the header say
+    "1 failed" (they said plain "completed")."""
+    with ViewerServer(str(demo_db)) as server:
+        _open_demo_run(page, server)
+        item = page.locator('[data-testid="run-row"]').first
+        assert item.locator('[data-testid="run-status"]').inner_text() == "completed"
+        assert item.locator('[data-testid="run-failed"]').inner_text() == "1 failed"
+        assert page.locator('[data-testid="run-header"] [data-testid="run-failed"]').inner_text() == "1 failed"
+
+
+def test_opening_the_details_at_1400px_moves_nothing_and_keeps_the_selected_row_in_view(demo_db, page):
+    """At 1400 px the details pane narrowed the run view: its header wrapped onto more lines and pushed the
+    waterfall, and the row just clicked, down and out of view."""
+    page.set_viewport_size({"width": 1400, "height": 900})
+    with ViewerServer(str(demo_db)) as server:
+        _open_demo_run(page, server)
+        body_top = "() => document.getElementById('wf-body').getBoundingClientRect().top"
+        before = page.evaluate(body_top)
+        rows = page.locator(".wf-row")
+        visible = page.evaluate("""() => { const b = document.getElementById('wf-body').getBoundingClientRect();
+            return [...document.querySelectorAll('.wf-row')].filter(r => r.getBoundingClientRect().bottom <= b.bottom)
+                     .map(r => r.dataset.eventId); }""")
+        target = visible[-1]  # the lowest row fully on screen
+        rows.and_(page.locator(f'[data-event-id="{target}"]')).click()
+        page.wait_for_selector(f'[data-testid="details"][data-event-id="{target}"]')
+        page.wait_for_timeout(300)  # a frame for any late layout change (the check is on positions, not time)
+        assert page.evaluate(body_top) == before, "the waterfall moved down when the details pane opened"
+        inside = page.evaluate(f"""() => {{ const b = document.getElementById('wf-body').getBoundingClientRect();
+            const r = document.querySelector('.wf-row[data-event-id="{target}"]').getBoundingClientRect();
+            return r.top >= b.top && r.bottom <= b.bottom; }}""")
+        assert inside, "the selected row is out of view"
+
+
+def test_durations_are_the_clis(demo_db, page):
+    """Every bar shows its span's duration as the CLI does (one rounding rule: the row's duration_ms,
+    truncated); they differed by 1 ms, and "<1 ms" vs "0 ms"."""
+    from otel_cmbagent.apps.cli.terminal import fmt_duration
+
+    engine = store.open_store(str(demo_db))
+    run_id = store.resolve_run(engine, "last")
+    rows = {row["id"]: row for row in store.run_events(engine, run_id) if not is_message(row)}
+    with ViewerServer(str(demo_db)) as server:
+        _open_demo_run(page, server)
+        shown = page.eval_on_selector_all(
+            '.wf-row', "rows => rows.map(r => [r.dataset.eventId, r.querySelector('.bar-dur').textContent])")
+        assert len(shown) > 20
+        assert {event_id: text for event_id, text in shown} == {
+            event_id: fmt_duration(rows[event_id]["duration_ms"]) for event_id, _ in shown}
+        summary = store.run_summary(engine, run_id)
+        assert page.locator('[data-testid="run-duration"]').inner_text() == fmt_duration(summary["duration_ms"])

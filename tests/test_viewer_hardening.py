@@ -15,7 +15,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from otel_cmbagent.viewer.app import ViewerServer
+from otel_cmbagent.apps.viewer import ViewerServer
 from test_viewer import SYNTHETIC_WRITER
 
 RUN_ID = "team/analysis/run-1"

@@ -17,17 +17,17 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_cmbagent as oc
-from otel_cmbagent.exporters.rows import is_message
-import otel_cmbagent.live as oc_live
-from otel_cmbagent.exporters import rows
+from otel_cmbagent.table.schema import is_message
+import otel_cmbagent.pipeline.listeners as oc_live
+from otel_cmbagent.table import rows
 from otel_cmbagent.exporters.websocket import (
     DATA_FIELDS,
     EVENT_CAPTURED,
     WebsocketCallbackProcessor,
-    _is_loopback,
     envelope,
     serve,
 )
+from otel_cmbagent.server.net import is_loopback
 from otel_cmbagent.testing import text, tool_call
 
 from conftest import FAKE_KEY
@@ -438,10 +438,10 @@ def test_non_loopback_bind_needs_a_token():
         serve("0.0.0.0")
     with pytest.raises(ValueError, match="token"):
         serve("")
-    for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost", "LOCALHOST"):
-        assert _is_loopback(host), host
-    for host in ("0.0.0.0", "::", "10.0.0.1", "example.com", "", None):
-        assert not _is_loopback(host), host
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost", "LOCALHOST", "viewer.localhost"):
+        assert is_loopback(host), host
+    for host in ("0.0.0.0", "::", "10.0.0.1", "example.com", "localhost.example.com", "", None):
+        assert not is_loopback(host), host
 
 
 # --- issue 10 item 4: a hung callback at shutdown ----------------------------------------------------

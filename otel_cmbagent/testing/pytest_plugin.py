@@ -64,7 +64,7 @@ def otel_tracer_provider() -> Iterator[TracerProvider]:
     """A fresh TracerProvider with ``SequencingSpanProcessor`` first; shut down after the test."""
     from opentelemetry.sdk.trace import TracerProvider
 
-    from otel_cmbagent.processor import SequencingSpanProcessor
+    from otel_cmbagent.pipeline.processor import SequencingSpanProcessor
 
     provider = TracerProvider()
     provider.add_span_processor(SequencingSpanProcessor())
@@ -78,7 +78,7 @@ def span_exporter(otel_tracer_provider: TracerProvider) -> Iterator[InMemorySpan
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from otel_cmbagent.instrumentor import AG2Instrumentor
+    from otel_cmbagent.instrumentation.instrumentor import AG2Instrumentor
 
     exporter = InMemorySpanExporter()
     otel_tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))

@@ -1,0 +1,142 @@
+"""The SpanProcessor that owns ordering: gapless per-run ``execution_order``, depth and identity."""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+
+from . import semconv
+from .context import OrderSequence, current_identity
+from .values import log_internal_error
+
+_trace_sequences: dict[int, OrderSequence] = {}
+# Traces whose spans have all ended keep their counter a while, so a late span
+# (a fire-and-forget task whose parent already ended) continues the order.
+_ended_trace_sequences: collections.OrderedDict[int, OrderSequence] = collections.OrderedDict()
+_MAX_ENDED_TRACES = 4096
+_trace_sequences_lock = threading.Lock()
+
+
+def _trace_sequence_start(trace_id: int) -> OrderSequence:
+    with _trace_sequences_lock:
+        sequence = _trace_sequences.get(trace_id)
+        if sequence is None:
+            sequence = _ended_trace_sequences.pop(trace_id, None) or OrderSequence()
+            _trace_sequences[trace_id] = sequence
+        sequence.open_spans += 1
+        return sequence
+
+
+def _trace_sequence_end(trace_id: int) -> None:
+    with _trace_sequences_lock:
+        sequence = _trace_sequences.get(trace_id)
+        if sequence is not None:
+            sequence.open_spans -= 1
+            if sequence.open_spans <= 0:
+                del _trace_sequences[trace_id]
+                _ended_trace_sequences[trace_id] = sequence
+                if len(_ended_trace_sequences) > _MAX_ENDED_TRACES:
+                    _ended_trace_sequences.popitem(last=False)
+
+
+def next_event_order(span: trace.Span) -> int | None:
+    """Take the next order of ``span``'s run for a span event (messages share the run's sequence)."""
+    identity = current_identity()
+    if identity is not None and identity.sequence is not None:
+        return identity.sequence.next()
+    with _trace_sequences_lock:
+        sequence = _trace_sequences.get(span.get_span_context().trace_id)
+    return sequence.next() if sequence is not None else None
+
+
+def open_trace_sequences() -> int:
+    """How many traces without a run have live counters (for memory checks)."""
+    return len(_trace_sequences)
+
+
+def _raw_attributes(span: Any) -> Any:
+    """The span's attributes as a plain dict when the SDK keeps one (a ``get`` on the SDK's
+    mapping raises and catches KeyError for a missing key: ~0.6 µs, measured here)."""
+    bounded = getattr(span, "_attributes", None)
+    raw = getattr(bounded, "_dict", None)
+    if isinstance(raw, dict):
+        return raw
+    return bounded if bounded is not None else getattr(span, "attributes", None)
+
+
+def _depth_below(parent: Any, span: Span) -> int:
+    parent_context = parent.get_span_context()
+    if not parent_context.is_valid or parent_context.trace_id != span.get_span_context().trace_id:
+        return 0
+    parent_attributes = _raw_attributes(parent)
+    parent_depth = parent_attributes.get(semconv.DEPTH) if parent_attributes is not None else None
+    return parent_depth + 1 if isinstance(parent_depth, int) else 0
+
+
+def _write_attributes(span: Span, identity: dict[str, Any] | None, order: int, depth: int) -> None:
+    """Set our (already valid) attributes on a span that only this thread holds yet.
+
+    The SDK's ``set_attributes`` validates every value under the span's lock (~3 µs
+    for our four keys, measured here); our values are plain str/int, so while the
+    mapping has room they go straight in. Anything unusual takes the public path.
+    """
+    bounded = getattr(span, "_attributes", None)
+    raw = getattr(bounded, "_dict", None)
+    maxlen = getattr(bounded, "maxlen", None)
+    if isinstance(raw, dict) and not getattr(bounded, "_immutable", True) and (
+        maxlen is None or len(raw) + 6 <= maxlen
+    ):
+        if identity:
+            raw.update(identity)
+        raw[semconv.EXECUTION_ORDER] = order
+        raw[semconv.DEPTH] = depth
+    else:
+        span.set_attributes({**(identity or {}), semconv.EXECUTION_ORDER: order, semconv.DEPTH: depth})
+
+
+class SequencingSpanProcessor(SpanProcessor):
+    """Stamp every span with ``cmbagent.execution_order``, ``cmbagent.depth`` and run identity.
+
+    Add it to the ``TracerProvider`` before any exporting processor, so exporters
+    see the attributes. Order is per run (the run id in context), or per trace
+    when there is no run; strictly increasing in start order and gapless from 1.
+    No I/O here, and no exception ever escapes a hook.
+    """
+
+    def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
+        try:
+            ctx = parent_context if parent_context is not None else otel_context.get_current()
+            identity = current_identity(ctx)
+            own = _raw_attributes(span)
+            if identity is not None and identity.sequence is not None:
+                order = identity.sequence.next()
+            else:
+                order = _trace_sequence_start(span.get_span_context().trace_id).next()
+            if own is not None and own.get(semconv.EVENT_TYPE) == semconv.EVENT_RUN:
+                depth = 0
+            else:
+                depth = _depth_below(trace.get_current_span(ctx), span)
+            _write_attributes(span, identity.attributes if identity is not None else None, order, depth)
+        except Exception as exc:  # noqa: BLE001
+            log_internal_error("SequencingSpanProcessor.on_start", exc)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        try:
+            attributes = _raw_attributes(span)
+            if attributes is None or attributes.get(semconv.RUN_ID) is None:
+                context = span.get_span_context()
+                if context is not None:
+                    _trace_sequence_end(context.trace_id)
+        except Exception as exc:  # noqa: BLE001
+            log_internal_error("SequencingSpanProcessor.on_end", exc)
+
+    def shutdown(self) -> None:
+        return None
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True

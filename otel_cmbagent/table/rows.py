@@ -1,0 +1,257 @@
+"""Spans -> cmbagent's rows: where span attributes meet cmbagent's row vocabulary.
+
+Every sink (SQL, websocket, the compat callbacks) builds its rows here; which attribute goes where is the
+table in :mod:`.fields`, which the way back (:mod:`.to_spans`, the CLI's export) reads too. Span
+attributes stay OpenTelemetry GenAI semantic conventions (plus ``cmbagent.*`` keys); the rows
+read the way cmbagent's own event capture writes them (fork UJ2202/MARS,
+``cmbagent/execution/event_capture.py``), so its readers - ``DAGMetadataEnricher.enrich_node``,
+the run ``/history`` endpoint, ``EventRepository`` - give the right answers on our rows:
+
+============== ===================================== ============== ============================== ========== ===============================
+span           event_type / event_subtype (ended)    agent_name     inputs                         outputs    meta (besides other attributes)
+============== ===================================== ============== ============================== ========== ===============================
+agent_call     agent_call / complete                 the agent      message, context               response   the capture's ``metadata``
+tool_call      tool_call / execute                   the caller     tool_name, arguments           result
+code_exec      code_exec / complete (error: failed)  the agent      code                           result     language, exit_code, code_length
+file_gen       file_gen / create                     the agent      file_path, file_type                      size_bytes
+handoff        handoff / transfer                    from_agent     from_agent, to_agent, context             reason
+message event  agent_call / message                  the recipient  sender, recipient, content                tokens (when known)
+error          error / <error type>                  the agent                                                (status failed, error_message)
+llm_call       llm_call / complete                   the agent      messages                       messages   tokens, cost_usd (this call's)
+run, step,     <same> / complete                                    (messages)                     (messages)
+conversation,
+human_input
+============== ===================================== ============== ============================== ========== ===============================
+
+A span still running is written with subtype ``start`` (cmbagent's readers skip those) and
+becomes its final row when it ends; a failed span gets subtype ``error`` (tool_call, handoff
+and file_gen keep theirs: cmbagent has no failed form of them) and status ``failed``.
+Tokens and cost live on ONE level, each ``llm_call`` row's own ``meta.tokens``/``meta.cost_usd``
+(plus whatever a capture call's ``metadata`` says), so the readers' sums never count a call
+twice; conversation and run totals stay under their ``gen_ai.usage.*`` keys. ``meta.tokens`` and
+``meta.cost_usd`` are numbers or absent, never None (``enrich_node`` adds them up).
+
+The side tables cmbagent fills next to its events (``files``, ``messages``, ``cost_records``) get their
+records from these rows (:mod:`.side_records`).
+
+Ids are deterministic UUIDs from (trace_id, span_id), so a row's ``parent_event_id`` is its
+parent span's row id and a re-written row is an idempotent upsert.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import StatusCode
+
+from ..pipeline import semconv
+from .fields import AGENT_ATTRIBUTE, CONTEXT_DEFAULT, IDENTITY, JSON_META, fields_of, parsed, plain
+from .schema import (
+    MESSAGE_EVENT_TYPE,
+    MESSAGE_KIND,
+    STATUS_COMPLETED,
+    STATUS_FAILED,
+    STATUS_INTERRUPTED,
+    STATUS_RUNNING,
+    SUBTYPE_COMPLETE,
+    SUBTYPE_ERROR,
+    SUBTYPE_MESSAGE,
+    SUBTYPE_START,
+)
+
+NAMESPACE = uuid.UUID("6f1d3a52-64a1-4cf4-9a3c-8a8c1b0e7c11")  # row ids are UUIDs derived in it
+# event_subtype of an ended span (default "complete"); these keep theirs when failed too
+_SUBTYPES = {semconv.EVENT_TOOL_CALL: "execute", semconv.EVENT_HANDOFF: "transfer", semconv.EVENT_FILE_GEN: "create"}
+_NUMERIC_META = ("tokens", "cost_usd")
+
+
+@functools.lru_cache(maxsize=65_536)
+def event_id(trace_id: int, span_id: int, suffix: str = "") -> str:
+    """The row id of a span (or, with a suffix, of one of its events); cached: parents recur in every row."""
+    return str(uuid.uuid5(NAMESPACE, f"{trace_id:032x}{span_id:016x}{suffix}"))
+
+
+def snapshot(span: Any) -> ReadableSpan:
+    """A frozen copy of a live span (its attributes change after a processor hook returns)."""
+    return ReadableSpan(
+        name=span.name,
+        context=span.get_span_context(),
+        parent=span.parent,
+        resource=span.resource,
+        attributes=dict(span.attributes or {}),
+        kind=span.kind,
+        status=span.status,
+        start_time=span.start_time,
+        instrumentation_scope=getattr(span, "instrumentation_scope", None),
+    )
+
+
+def _time(ns: int | None) -> datetime | None:
+    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc) if ns else None
+
+
+def is_number(value: Any) -> bool:
+    """An int or float that is not a bool (what cmbagent's readers can add up)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _merge_metadata(meta: dict[str, Any], raw: Any) -> None:
+    """A capture call's ``metadata`` (one JSON attribute) merged into meta, as cmbagent does."""
+    metadata = parsed(raw)
+    if isinstance(metadata, dict):
+        for key, value in metadata.items():
+            meta.setdefault(key, value)
+    elif metadata is not None:
+        meta.setdefault("metadata", metadata)
+
+
+def _derive(kind: str, attributes: Mapping[str, Any], inputs: dict, meta: dict) -> None:
+    if kind == semconv.EVENT_CODE_EXEC:
+        meta.setdefault("exit_code", None)
+        if isinstance(inputs.get("code"), str):
+            meta["code_length"] = len(inputs["code"])
+    elif kind == semconv.EVENT_LLM_CALL:
+        tokens_in = attributes.get(semconv.GEN_AI_USAGE_INPUT_TOKENS)
+        tokens_out = attributes.get(semconv.GEN_AI_USAGE_OUTPUT_TOKENS)
+        if is_number(tokens_in) or is_number(tokens_out):
+            meta["tokens"] = int((tokens_in if is_number(tokens_in) else 0) + (tokens_out if is_number(tokens_out) else 0))
+        cost = attributes.get(semconv.GEN_AI_USAGE_COST)
+        if is_number(cost):
+            meta["cost_usd"] = float(cost)
+    if semconv.METADATA in attributes:
+        _merge_metadata(meta, attributes[semconv.METADATA])
+    for key in _NUMERIC_META:  # enrich_node adds these up: a number or nothing
+        if key in meta and not is_number(meta[key]):
+            del meta[key]
+
+
+def _sections(kind: str, attributes: Mapping[str, Any], capture_content: bool) -> tuple[dict, dict, dict]:
+    fields = fields_of(kind)
+    sections: dict[str, dict[str, Any]] = {"inputs": {}, "outputs": {}, "meta": {}}
+    consumed = set(IDENTITY)
+    agent_attribute = AGENT_ATTRIBUTE.get(kind, semconv.GEN_AI_AGENT_NAME)
+    consumed.add(agent_attribute)
+    for field in fields:
+        consumed.add(field.attribute)
+        if field.attribute not in attributes:
+            continue
+        if not capture_content and field.attribute in semconv.CONTENT_ATTRIBUTES:
+            continue
+        sections[field.section][field.key] = field.codec.decode(attributes[field.attribute])
+    inputs, outputs, meta = sections["inputs"], sections["outputs"], sections["meta"]
+    for key, value in attributes.items():
+        if key in consumed or (not capture_content and key in semconv.CONTENT_ATTRIBUTES):
+            continue
+        meta[key] = parsed(value) if key in JSON_META else plain(value)
+    if inputs and kind in CONTEXT_DEFAULT:
+        inputs.setdefault("context", {})
+    _derive(kind, attributes, inputs, meta)
+    return inputs, outputs, meta
+
+
+def _subtype(kind: str, status: str, attributes: Mapping[str, Any]) -> str:
+    if status in (STATUS_RUNNING, STATUS_INTERRUPTED):
+        return SUBTYPE_START if status == STATUS_RUNNING else STATUS_INTERRUPTED
+    if kind == semconv.EVENT_ERROR:
+        return str(attributes.get(semconv.ERROR_TYPE) or "runtime_error")
+    if status == STATUS_FAILED and kind not in _SUBTYPES:
+        return SUBTYPE_ERROR
+    return _SUBTYPES.get(kind, SUBTYPE_COMPLETE)
+
+
+def span_row(span: ReadableSpan, *, ended: bool, capture_content: bool = True) -> dict[str, Any]:
+    """The ``execution_events`` row of a span: ``running``/``start`` at start, its final form at end."""
+    attributes = span.attributes or {}
+    context = span.get_span_context()
+    kind = str(attributes.get(semconv.EVENT_TYPE) or "info")
+    inputs, outputs, meta = _sections(kind, attributes, capture_content)
+    interrupted = ended and semconv.INTERRUPTED in attributes
+    failed = ended and not interrupted and span.status.status_code is StatusCode.ERROR
+    status = STATUS_FAILED if failed else (STATUS_COMPLETED if ended else STATUS_RUNNING)
+    error_message = None
+    if interrupted:
+        status, error_message = STATUS_INTERRUPTED, f"interrupted by {attributes[semconv.INTERRUPTED]}"
+    elif failed:
+        error_message = attributes.get(semconv.ERROR_MESSAGE) or span.status.description or attributes.get(
+            semconv.ERROR_TYPE
+        )
+    meta["span_name"] = span.name
+    started = _time(span.start_time)
+    parent = span.parent
+    return {
+        "id": event_id(context.trace_id, context.span_id),
+        "run_id": attributes.get(semconv.RUN_ID),
+        "node_id": attributes.get(semconv.NODE_ID),
+        "step_id": attributes.get(semconv.STEP_ID),
+        "session_id": attributes.get(semconv.SESSION_ID),
+        "parent_event_id": event_id(parent.trace_id, parent.span_id) if parent is not None and parent.is_valid else None,
+        "event_type": kind,
+        "event_subtype": _subtype(kind, status, attributes),
+        "agent_name": attributes.get(AGENT_ATTRIBUTE.get(kind, semconv.GEN_AI_AGENT_NAME)),
+        "agent_role": attributes.get(semconv.AGENT_ROLE),
+        "timestamp": started,
+        "started_at": started,
+        "completed_at": _time(span.end_time) if ended else None,
+        "duration_ms": int((span.end_time - span.start_time) / 1e6) if ended and span.end_time else None,
+        "inputs": inputs or None,
+        "outputs": outputs or None,
+        "error_message": error_message,
+        "meta": meta,
+        "execution_order": attributes.get(semconv.EXECUTION_ORDER),
+        "depth": attributes.get(semconv.DEPTH, 0),
+        "status": status,
+        "trace_id": f"{context.trace_id:032x}",
+        "span_id": f"{context.span_id:016x}",
+    }
+
+
+def message_row(span: Any, attributes: Mapping[str, Any], timestamp_ns: int, *, capture_content: bool = True) -> dict[str, Any]:
+    """The row of one message event of ``span`` (a live or finished span; parent = the span's row).
+
+    cmbagent's shape: ``agent_call``/``message``, ``agent_name`` = the recipient; node/step are the
+    event's own when it has them (a capture made after the step changed), else its span's. The id
+    comes from the message's own order, so the live write and any later re-write are one row.
+    """
+    context = span.get_span_context()
+    span_attributes = getattr(span, "attributes", None) or {}
+    inputs, outputs, meta = _sections(MESSAGE_KIND, attributes, capture_content)
+    order = attributes.get(semconv.EXECUTION_ORDER)
+    at = _time(timestamp_ns)
+    depth = attributes.get(semconv.DEPTH)
+    return {
+        "id": event_id(context.trace_id, context.span_id, f"/message/{order if order is not None else timestamp_ns}"),
+        "run_id": span_attributes.get(semconv.RUN_ID),
+        "node_id": attributes.get(semconv.NODE_ID) or span_attributes.get(semconv.NODE_ID),
+        "step_id": attributes.get(semconv.STEP_ID) or span_attributes.get(semconv.STEP_ID),
+        "session_id": span_attributes.get(semconv.SESSION_ID),
+        "parent_event_id": event_id(context.trace_id, context.span_id),
+        "event_type": MESSAGE_EVENT_TYPE,
+        "event_subtype": SUBTYPE_MESSAGE,
+        "agent_name": attributes.get(semconv.MESSAGE_RECIPIENT) or None,
+        "agent_role": None,
+        "timestamp": at,
+        "started_at": at,
+        "completed_at": at,
+        "duration_ms": 0,
+        "inputs": inputs or None,
+        "outputs": outputs or None,
+        "error_message": None,
+        "meta": meta,
+        "execution_order": order,
+        "depth": depth if isinstance(depth, int) else span_attributes.get(semconv.DEPTH, 0) + 1,
+        "status": STATUS_COMPLETED,
+        "trace_id": f"{context.trace_id:032x}",
+        "span_id": f"{context.span_id:016x}",
+    }
+
+
+def message_rows(span: ReadableSpan, *, capture_content: bool = True) -> Iterable[dict[str, Any]]:
+    """Every message row of a finished span (for backfills and exports)."""
+    for event in span.events:
+        if event.name == semconv.MESSAGE_EVENT_NAME:
+            yield message_row(span, event.attributes or {}, event.timestamp, capture_content=capture_content)

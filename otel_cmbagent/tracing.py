@@ -1,0 +1,210 @@
+"""``setup_tracing()``: one call from nothing to spans in SQL, OTLP and a live callback."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
+
+from .instrumentation.instrumentor import AG2Instrumentor
+from .pipeline.config import InstrumentationConfig
+from .pipeline.open_spans import OpenSpans
+from .pipeline.processor import SequencingSpanProcessor
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_SERVICE_NAME = "cmbagent"
+_DEFAULT: Any = object()
+
+
+@dataclass(eq=False)
+class Tracing:
+    """What ``setup_tracing()`` built. ``shutdown()`` is idempotent and flushes every sink."""
+
+    tracer_provider: TracerProvider
+    sql: SpanProcessor | None = None
+    otlp: SpanProcessor | None = None
+    websocket: SpanProcessor | None = None
+    instrumentor: AG2Instrumentor | None = None
+    open_spans: OpenSpans | None = None
+    _shut_down: bool = field(default=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self.tracer_provider.force_flush(timeout_millis)
+
+    def interrupt(self, reason: str) -> int:
+        """End every span still open as interrupted by ``reason`` (the process is being stopped)."""
+        if self._shut_down or self.open_spans is None:
+            return 0
+        return self.open_spans.end_all(reason)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._shut_down:
+                return
+            self._shut_down = True
+        try:
+            instrumentor = self.instrumentor
+            # Only undo the patches if they still report to this provider (a later setup may own them).
+            if (
+                instrumentor is not None
+                and instrumentor.is_instrumented_by_opentelemetry
+                and instrumentor.tracer_provider is self.tracer_provider
+            ):
+                instrumentor.uninstrument()
+        finally:
+            self.tracer_provider.shutdown()
+
+    @property
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per sink: what was written, dropped, failed or spilled (nothing is lost silently)."""
+        return {
+            name: dict(getattr(sink, "stats", {}))
+            for name, sink in (("sql", self.sql), ("otlp", self.otlp), ("websocket", self.websocket))
+            if sink is not None
+        }
+
+
+def _resource(service_name: str | None) -> Resource:
+    resource = Resource.create({SERVICE_NAME: service_name} if service_name else {})
+    if not service_name and str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
+    return resource
+
+
+def setup_tracing(
+    service_name: str | None = None,
+    sql_url: Any = _DEFAULT,
+    sql_table: Any = None,
+    otlp: bool | None = None,
+    ws_callback: Callable[[str, dict[str, Any]], Any] | None = None,
+    capture_content: bool | None = None,
+    *,
+    ws_loop: Any = None,
+    write_on_start: bool = True,
+    spill_path: str | os.PathLike[str] | None = None,
+    instrument: bool = True,
+    set_global: bool = True,
+    handle_sigterm: bool = True,
+) -> Tracing:
+    """Build a TracerProvider with the sequencer first and one processor per sink, and instrument AG2.
+
+    - ``sql_url``: a URL, an Engine, or None (off); default ``$OTEL_CMBAGENT_SQL_URL`` or a SQLite file.
+    - ``otlp``: None = on when ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` is set; True/False forces.
+    - ``capture_content``: None = content in the instrumentation (unless the GenAI content variable
+      says false) and in SQL/websocket, stripped from OTLP unless that variable says true;
+      True = content everywhere; False = nowhere.
+    """
+    from otel_cmbagent.exporters.otlp import otlp_configured, otlp_span_processor
+    from otel_cmbagent.table.schema import DEFAULT_SQL_URL, SQL_URL_ENV
+
+    if ws_callback is not None and not callable(ws_callback):
+        raise TypeError(f"ws_callback must be callable(event_type, data), not {ws_callback!r}")
+    content_in_spans = InstrumentationConfig.resolve(capture_content=capture_content).capture_content
+
+    provider = TracerProvider(resource=_resource(service_name), span_limits=_span_limits())
+    provider.add_span_processor(SequencingSpanProcessor())
+    tracing = Tracing(tracer_provider=provider, open_spans=OpenSpans())
+    provider.add_span_processor(tracing.open_spans)
+    try:
+        if sql_url is _DEFAULT:
+            sql_url = os.environ.get(SQL_URL_ENV) or DEFAULT_SQL_URL
+        if sql_url is not None:
+            from otel_cmbagent.exporters.sql import SQLEventSink
+
+            tracing.sql = SQLEventSink(
+                sql_url, table=sql_table, capture_content=content_in_spans, write_on_start=write_on_start,
+                spill_path=spill_path,
+            )
+            provider.add_span_processor(tracing.sql)
+        if otlp if otlp is not None else otlp_configured():
+            tracing.otlp = otlp_span_processor(capture_content=capture_content)
+            provider.add_span_processor(tracing.otlp)
+        if ws_callback is not None:
+            from otel_cmbagent.exporters.websocket import WebsocketCallbackProcessor
+
+            tracing.websocket = WebsocketCallbackProcessor(ws_callback, capture_content=content_in_spans, loop=ws_loop)
+            provider.add_span_processor(tracing.websocket)
+    except BaseException:
+        provider.shutdown()
+        raise
+
+    if set_global:
+        _set_global_provider(provider)
+    if instrument:
+        instrumentor = AG2Instrumentor()
+        if instrumentor.is_instrumented_by_opentelemetry:  # re-setup: move the patches to the new provider
+            instrumentor.uninstrument()
+        instrumentor.instrument(tracer_provider=provider, capture_content=content_in_spans, add_sequencer=False)
+        tracing.instrumentor = instrumentor
+    _register_exit_hooks(tracing, handle_sigterm)
+    return tracing
+
+
+# A conversation span carries one event per message; the SDK's default of 128 events
+# per span would drop the oldest messages of a long chat (and leave gaps in the order
+# that OTLP backends see). The SQL and websocket sinks get every message regardless.
+DEFAULT_MAX_EVENTS_PER_SPAN = 100_000
+
+
+def _span_limits() -> SpanLimits:
+    if os.environ.get("OTEL_SPAN_EVENT_COUNT_LIMIT"):
+        return SpanLimits()
+    return SpanLimits(max_events=DEFAULT_MAX_EVENTS_PER_SPAN)
+
+
+def _set_global_provider(provider: TracerProvider) -> None:
+    current = trace.get_tracer_provider()
+    if isinstance(current, trace.ProxyTracerProvider):
+        trace.set_tracer_provider(provider)
+    else:
+        _logger.debug("otel-cmbagent: a global TracerProvider is already set; not replacing it")
+
+
+_live_tracings: weakref.WeakSet[Tracing] = weakref.WeakSet()
+_hooks_installed = False
+
+
+# How long the SIGTERM handler waits for the sinks (e.g. Kubernetes sends SIGKILL 30 s after SIGTERM).
+SIGTERM_GRACE_SECONDS = 20.0
+
+
+def _shutdown_all(reason: str) -> None:
+    """Every live setup: open spans ended as interrupted by ``reason``, then flushed and shut down."""
+    for tracing in list(_live_tracings):
+        try:
+            tracing.interrupt(reason)
+            tracing.shutdown()
+        except Exception:  # noqa: BLE001
+            _logger.exception("otel-cmbagent: shutdown at exit failed")
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    # In a thread: the signal may have interrupted the main thread inside a lock the shutdown needs.
+    worker = threading.Thread(target=_shutdown_all, args=("SIGTERM",), name="otel-cmbagent-sigterm", daemon=True)
+    worker.start()
+    worker.join(SIGTERM_GRACE_SECONDS)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _register_exit_hooks(tracing: Tracing, handle_sigterm: bool) -> None:
+    global _hooks_installed
+    _live_tracings.add(tracing)
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    atexit.register(_shutdown_all, "the process exiting")
+    if handle_sigterm and threading.current_thread() is threading.main_thread():
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, _on_sigterm)

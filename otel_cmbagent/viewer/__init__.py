@@ -1,1 +1,0 @@
-"""Live run viewer (web page + JSON API)."""
