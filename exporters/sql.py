@@ -9,11 +9,13 @@ file that ``replay()`` writes back idempotently.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -206,6 +208,12 @@ class _TableWriter:
                 connection.execute(sa.update(self.table).where(self.table.c.id == row["id"]).values(**row))
 
 
+def _dispose_after_fork(engine_ref: weakref.ref[Engine]) -> None:
+    engine = engine_ref()
+    if engine is not None:
+        engine.dispose(close=False)
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
@@ -269,6 +277,8 @@ class SQLEventSink(SpanProcessor):
         self._worker = BackgroundWorker("otel-cmbagent-sql", self._handle, max_queue=max_queue, max_batch=max_batch)
         add_message_listener(self._on_message)
         self._shut_down = False
+        if hasattr(os, "register_at_fork"):  # a forked child must never use the parent's pooled connections
+            os.register_at_fork(after_in_child=functools.partial(_dispose_after_fork, weakref.ref(self.engine)))
 
     # --- SpanProcessor --------------------------------------------------------
     def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
