@@ -154,7 +154,7 @@ def capture() -> _Captured | None:
     span = trace.get_current_span(ctx)
     span_context = span.get_span_context()
     identity = current_identity(ctx)
-    setup = _current_setup()
+    setup = _current_setup(span)
     if identity is None and not span_context.is_valid and setup is None:
         return None
     sequence, key = None, None
@@ -193,14 +193,19 @@ def _live_tracings() -> list[Any]:
     return [t for t in list(live) if not t._shut_down]
 
 
-def _current_setup() -> WorkerSetup | None:
-    """The settings of this process's ``setup_tracing()`` (the one behind the global provider first)."""
+def _current_setup(span: Any) -> WorkerSetup | None:
+    """The settings of the ``setup_tracing()`` whose provider made ``span`` (else the one ``oc.run`` and the
+    instrumentation report to, else the global provider's)."""
     tracings = [t for t in _live_tracings() if getattr(t, "worker_setup", None) is not None]
-    if not tracings:
-        return None
-    provider = trace.get_tracer_provider()
-    tracings.sort(key=lambda t: t.tracer_provider is not provider)
-    return tracings[0].worker_setup
+    made_by = getattr(span, "_span_processor", None)
+    for tracing in tracings:
+        if made_by is not None and getattr(tracing.tracer_provider, "_active_span_processor", None) is made_by:
+            return tracing.worker_setup
+    for provider in (_TracerSource.provider, trace.get_tracer_provider()):
+        for tracing in tracings:
+            if tracing.tracer_provider is provider:
+                return tracing.worker_setup
+    return None
 
 
 def _flush_linked_rows(timeout_millis: int = 1_000) -> None:

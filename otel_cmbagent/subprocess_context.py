@@ -5,17 +5,20 @@ the legacy ``execute_code``) gets, in its own environment only - ``os.environ`` 
 concurrent runs share, is never touched - ``TRACEPARENT``/``TRACESTATE`` (the span as parent), ``BAGGAGE``
 and ``OTEL_RESOURCE_ATTRIBUTES`` with the run identity (``cmbagent.run_id`` ...), so a script that uses
 OpenTelemetry itself shows up under that span. When the child is reaped, ``os.wait4`` gives that child's
-own rusage (not ``RUSAGE_CHILDREN``, which mixes concurrent runs): CPU user/system seconds and peak RSS
-are added to the span (summed over the run's children; peak RSS is the largest).
+own rusage (not ``RUSAGE_CHILDREN``, which mixes concurrent runs): its CPU user/system seconds are added to
+the span, and its own peak RSS (see :func:`own_peak_rss`; summed CPU and the largest peak over the run's
+children).
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import resource
 import subprocess
 import sys
 import threading
+import time
 import urllib.parse
 import weakref
 from typing import Any
@@ -37,9 +40,9 @@ _RSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
 _tracecontext = TraceContextTextMapPropagator()
 _baggage = W3CBaggagePropagator()
-# The code span each child was started under (weak: a Popen that is never waited for goes away).
-_code_spans: weakref.WeakKeyDictionary[subprocess.Popen, trace.Span] = weakref.WeakKeyDictionary()
 _usage_lock = threading.Lock()
+_MAX_SAMPLE_SECONDS = 0.02
+_PROC_STATUS = os.path.exists(f"/proc/{os.getpid()}/status")
 # Where ``env`` sits among Popen's positional arguments (after ``self``); None: no such parameter.
 _POPEN_PARAMETERS = list(inspect.signature(subprocess.Popen.__init__).parameters)
 _ENV_INDEX = _POPEN_PARAMETERS.index("env") - 1 if "env" in _POPEN_PARAMETERS else None
@@ -98,6 +101,40 @@ def _pop(env: dict[Any, Any], name: str) -> None:
     env.pop(name.encode() if _bytes_keys(env) else name, None)
 
 
+class _Child:
+    """A code run's child process: the span it belongs to, and its peak RSS as a thread reads it from ``/proc``
+    while the child runs (VmHWM: its own high-water mark, monotonic; gone once the child has exited)."""
+
+    __slots__ = ("span", "sampled_peak", "__weakref__")
+
+    def __init__(self, span: trace.Span, pid: int) -> None:
+        self.span = span
+        self.sampled_peak: int | None = None
+        if _PROC_STATUS:
+            threading.Thread(target=self._sample_until_exit, args=(pid,), name="otel-cmbagent-rss", daemon=True).start()
+
+    def _sample_until_exit(self, pid: int) -> None:
+        delay = 0.001
+        while self._sample(pid):
+            time.sleep(delay)
+            delay = min(delay * 2, _MAX_SAMPLE_SECONDS)
+
+    def _sample(self, pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/status", "rb") as status:
+                for line in status:
+                    if line.startswith(b"VmHWM:"):
+                        self.sampled_peak = int(line.split()[1]) * 1024
+                        return True
+        except (OSError, ValueError, IndexError):
+            pass
+        return False  # exited (a zombie has no memory lines) or reaped
+
+
+# Children of code runs (weak: a Popen that is never waited for goes away with its entry).
+_children: weakref.WeakKeyDictionary[subprocess.Popen, _Child] = weakref.WeakKeyDictionary()
+
+
 def _popen_init(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     span = None
     try:
@@ -114,45 +151,59 @@ def _popen_init(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         log_internal_error("code child environment", exc)
     result = wrapped(*args, **kwargs)
     if span is not None:
-        _code_spans[instance] = span
+        _children[instance] = _Child(span, instance.pid)
     return result
 
 
 def _try_wait(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """``Popen._try_wait`` with ``os.wait4`` for the children of code runs: same result, plus their rusage."""
-    span = _code_spans.get(instance)
-    if span is None or not hasattr(os, "wait4"):
+    """``Popen._try_wait`` for the children of code runs: the same result, from ``os.wait4`` (that child's
+    own rusage)."""
+    child = _children.get(instance)
+    if child is None or not hasattr(os, "wait4"):
         return wrapped(*args, **kwargs)
-    wait_flags = args[0] if args else kwargs["wait_flags"]
     try:
-        pid, status, usage = os.wait4(instance.pid, wait_flags)
+        pid, status, usage = os.wait4(instance.pid, args[0] if args else kwargs["wait_flags"])
     except ChildProcessError:  # as the original: SIGCHLD ignored, the status is lost
         return (instance.pid, 0)
     if pid == instance.pid:
-        _code_spans.pop(instance, None)
-        _add_usage(span, usage)
+        _children.pop(instance, None)
+        _add_usage(child, usage)
     return (pid, status)
 
 
-def _add_usage(span: trace.Span, usage: Any) -> None:
+def own_peak_rss(child_maxrss: int, sampled: int | None) -> int | None:
+    """The child's own peak RSS in bytes.
+
+    On Linux a child's ``ru_maxrss`` is at least the peak RSS of the process that started it (``exec``
+    records the high-water mark of the memory it replaces - the parent's, with vfork/posix_spawn or fork),
+    so it is the child's own only when it exceeds this process's peak; otherwise the VmHWM read from
+    ``/proc`` while the child ran is (it misses only growth in its last 20 ms; None without ``/proc``).
+    """
+    if child_maxrss > resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _RSS_UNIT:
+        return child_maxrss
+    return sampled
+
+
+def _add_usage(child: _Child, usage: Any) -> None:
     """Add one child's CPU time and peak RSS to the code span (several blocks: CPU summed, RSS the peak)."""
     try:
+        peak = own_peak_rss(usage.ru_maxrss * _RSS_UNIT, child.sampled_peak)
         with _usage_lock:
-            attributes = getattr(span, "attributes", None) or {}
-            span.set_attributes(
-                {
-                    semconv.CODE_CPU_USER: round(attributes.get(semconv.CODE_CPU_USER, 0.0) + usage.ru_utime, 6),
-                    semconv.CODE_CPU_SYSTEM: round(attributes.get(semconv.CODE_CPU_SYSTEM, 0.0) + usage.ru_stime, 6),
-                    semconv.CODE_MAX_RSS: max(attributes.get(semconv.CODE_MAX_RSS, 0), usage.ru_maxrss * _RSS_UNIT),
-                    semconv.CODE_PROCESS_COUNT: attributes.get(semconv.CODE_PROCESS_COUNT, 0) + 1,
-                }
-            )
+            attributes = getattr(child.span, "attributes", None) or {}
+            values = {
+                semconv.CODE_CPU_USER: round(attributes.get(semconv.CODE_CPU_USER, 0.0) + usage.ru_utime, 6),
+                semconv.CODE_CPU_SYSTEM: round(attributes.get(semconv.CODE_CPU_SYSTEM, 0.0) + usage.ru_stime, 6),
+                semconv.CODE_PROCESS_COUNT: attributes.get(semconv.CODE_PROCESS_COUNT, 0) + 1,
+            }
+            if peak is not None:
+                values[semconv.CODE_MAX_RSS] = max(attributes.get(semconv.CODE_MAX_RSS, 0), peak)
+            child.span.set_attributes(values)
     except Exception as exc:  # noqa: BLE001
         log_internal_error("code child usage", exc)
 
 
 def instrument_code_children(patches: PatchSet) -> None:
-    """Wrap ``subprocess.Popen.__init__`` (environment) and, where it exists, ``Popen._try_wait`` (rusage)."""
+    """Wrap ``subprocess.Popen.__init__`` (environment) and, where it exists, ``Popen._try_wait`` (usage)."""
     if _ENV_INDEX is None:
         return
     patches.wrap(subprocess.Popen, "__init__", _popen_init)

@@ -1,0 +1,250 @@
+"""A run follows its work into other processes: real process pools, ``multiprocessing.Process``,
+``loop.run_in_executor`` and killed workers, on SQLite and PostgreSQL, with fork, spawn and forkserver.
+
+Each test reads the run back from the table: every row in the run's trace, parents one level up, and one
+gapless ``execution_order`` across all processes of the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import pytest
+import sqlalchemy as sa
+from opentelemetry import trace
+
+import otel_cmbagent as oc
+from otel_cmbagent.context import OrderSequence
+from otel_cmbagent.exporters.rows import is_message
+from otel_cmbagent.order_source import FileCounter, ORDERS_TABLE, SHARED_ORDER_ENV
+from otel_cmbagent.testing import ScriptedLLM, text
+import process_work
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sql_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'events.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def tracing(sql_url):
+    tracing = oc.setup_tracing(sql_url=sql_url, otlp=False, set_global=False, handle_sigterm=False)
+    yield tracing
+    tracing.shutdown()
+
+
+def run_rows(tracing, run) -> list[dict]:
+    """The run's rows, by order (after flushing this process)."""
+    assert tracing.force_flush()
+    table = tracing.sql.table
+    with tracing.sql.engine.connect() as connection:
+        result = connection.execute(sa.select(table).where(table.c.run_id == run.run_id).order_by(table.c.execution_order))
+        return [dict(row._mapping) for row in result]
+
+
+def assert_one_run(rows: list[dict], run) -> None:
+    """One trace, one root, parents one level up, orders 1..N without a gap or a repeat."""
+    assert [r["execution_order"] for r in rows] == list(range(1, len(rows) + 1))
+    assert {r["trace_id"] for r in rows} == {run.trace_id}
+    by_id = {r["id"]: r for r in rows}
+    assert [r["event_type"] for r in rows if r["parent_event_id"] is None] == ["run"]
+    for row in rows:
+        if row["parent_event_id"] is not None:
+            assert row["depth"] == by_id[row["parent_event_id"]]["depth"] + 1, row
+
+
+def assert_steps_in_run(rows: list[dict], nodes: list[str]) -> None:
+    """Each node's step row hangs under the run row; its spans carry the node and step ids."""
+    (run_row,) = [r for r in rows if r["event_type"] == "run"]
+    for node in nodes:
+        (step,) = [r for r in rows if r["event_type"] == "step" and r["step_id"] == node]
+        assert step["parent_event_id"] == run_row["id"] and step["status"] == "completed"
+        inside = [r for r in rows if r["step_id"] == node and r["event_type"] != "step"]
+        assert inside and {r["node_id"] for r in inside} == {f"node-{node}"}
+
+
+@pytest.mark.parametrize(
+    "start_method, backend",
+    [("spawn", "sqlite"), ("fork", "sqlite"), ("forkserver", "sqlite"), ("spawn", "postgresql"), ("fork", "postgresql")],
+)
+def test_a_process_pool_dag_step_lands_in_the_run(start_method, backend, request, tmp_path):
+    """cmbagent's ParallelExecutor(use_processes=True) shape: DAG nodes with real AG2 agents in a pool."""
+    url = f"sqlite:///{tmp_path / 'events.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    tracing = oc.setup_tracing(sql_url=url, otlp=False, set_global=False, handle_sigterm=False)
+    nodes = ["fit", "plot", "summary"]
+    try:
+        with ScriptedLLM(default=text("Done. TERMINATE")) as llm, oc.run(name="dag") as run:
+            config = llm.llm_config(price=[0, 0])
+            process_work.dag_step("plan", config, "Plan the fit.")  # in this process first
+            pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(start_method))
+            with pool:
+                pids = list(pool.map(process_work.dag_step, nodes, [config] * 3, [f"Do {n}." for n in nodes]))
+            with oc.step(step_id="report"):
+                pass
+        rows = run_rows(tracing, run)
+    finally:
+        tracing.shutdown()
+    assert os.getpid() not in pids
+    assert_one_run(rows, run)
+    assert_steps_in_run(rows, ["plan", *nodes])
+    for node in nodes:  # the worker's AG2 spans and messages, in the run's one order
+        kinds = {("message" if is_message(r) else r["event_type"]) for r in rows if r["step_id"] == node}
+        assert {"conversation", "agent_call", "llm_call", "message"} <= kinds, (node, kinds)
+    report = next(r for r in rows if r["step_id"] == "report")
+    assert report["execution_order"] == len(rows), "the parent goes on after every number the workers took"
+
+
+@pytest.mark.parametrize("how", ["spawn-target", "spawn-subclass", "fork-target"])
+def test_a_multiprocessing_process_lands_in_the_run(how, tracing):
+    with oc.run(name="processes") as run:
+        with oc.step(step_id="outer"):
+            if how == "spawn-subclass":
+                child = process_work.StepProcess("child")
+            else:
+                context = multiprocessing.get_context(how.split("-")[0])
+                child = context.Process(target=process_work.spans_in_step, args=("child",))
+            child.start()
+            child.join(120)
+        process_work.spans_in_step("after")
+    assert child.exitcode == 0
+    rows = run_rows(tracing, run)
+    assert_one_run(rows, run)
+    (outer,) = [r for r in rows if r["step_id"] == "outer" and r["event_type"] == "step"]
+    (inner,) = [r for r in rows if r["step_id"] == "child" and r["event_type"] == "step"]
+    assert inner["parent_event_id"] == outer["id"] and inner["depth"] == 2
+    assert len([r for r in rows if r["step_id"] == "child"]) == 4
+
+
+def test_run_in_executor_with_a_process_pool(tracing):
+    async def main():
+        loop = asyncio.get_running_loop()
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            async with oc.run(name="async") as run:
+                await asyncio.gather(*(loop.run_in_executor(pool, process_work.spans_in_step, n) for n in ("a", "b")))
+                await loop.run_in_executor(pool, process_work.spans_in_step, "c")
+        return run
+
+    run = asyncio.run(main())
+    rows = run_rows(tracing, run)
+    assert_one_run(rows, run)
+    assert_steps_in_run(rows, ["a", "b", "c"])
+
+
+def test_a_killed_worker_leaves_only_its_unwritten_number_and_blocks_nothing(tracing, tmp_path):
+    """SIGKILL mid-task: the parent goes on numbering and writing; the one gap is the number the dead worker
+    took for a row it never wrote; what it wrote stays ``running``; an ``error`` row says the worker died."""
+    marker = tmp_path / "lost.json"
+    with oc.run(name="killed") as run:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+            with pytest.raises(BrokenProcessPool):
+                pool.submit(process_work.die_after_taking_a_number, str(marker)).result(120)
+        process_work.spans_in_step("after")
+    rows = run_rows(tracing, run)
+    lost = json.loads(marker.read_text())["lost_order"]
+    orders = [r["execution_order"] for r in rows]
+    assert len(orders) == len(set(orders))
+    assert set(range(1, max(orders) + 1)) - set(orders) == {lost}
+    doomed = next(r for r in rows if r["step_id"] == "doomed" and r["event_type"] == "step")
+    assert doomed["status"] == "running"
+    (died,) = [r for r in rows if r["event_type"] == "error"]
+    assert died["status"] == "failed" and died["execution_order"] > lost
+    assert min(r["execution_order"] for r in rows if r["step_id"] == "after") > lost
+
+
+def test_a_worker_killed_holding_the_order_lock_blocks_nobody(tracing):
+    """The kernel releases a dead holder's flock: the parent and a new worker still get numbers."""
+    with oc.run(name="killed-holding") as run:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            with pytest.raises(BrokenProcessPool):
+                pool.submit(process_work.die_holding_the_order_lock).result(120)
+        done = threading.Event()
+
+        def go_on() -> None:  # in a thread: a blocked counter shows as a thread that never finishes
+            process_work.spans_in_step("after")
+            with ProcessPoolExecutor(1, mp_context=context) as fresh:
+                fresh.submit(process_work.spans_in_step, "fresh-worker").result(120)
+            done.set()
+
+        worker = threading.Thread(target=go_on, daemon=True)
+        worker.start()
+        worker.join(120)
+        assert done.is_set(), "numbering blocked after a worker died holding the order lock"
+    rows = run_rows(tracing, run)
+    assert_one_run(rows, run)
+    assert_steps_in_run(rows, ["after", "fresh-worker"])
+
+
+def test_the_order_can_live_in_the_database(tracing, monkeypatch):
+    """``OTEL_CMBAGENT_SHARED_ORDER=database``: the run's counter is a row of its SQL database (works across
+    machines); spawned workers and the parent number from it."""
+    monkeypatch.setenv(SHARED_ORDER_ENV, "database")
+    with oc.run(name="db-order") as run:
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(process_work.spans_in_step, ["a", "b"]))
+        process_work.spans_in_step("after")
+    rows = run_rows(tracing, run)
+    assert_one_run(rows, run)
+    assert_steps_in_run(rows, ["a", "b", "after"])
+    with tracing.sql.engine.connect() as connection:
+        last = connection.execute(sa.text(f"select last from {ORDERS_TABLE} where key = :k"), {"k": f"run:{run.run_id}"})
+        assert last.scalar_one() == len(rows)
+    assert not isinstance(oc.context.sequence_for_run(run.run_id).shared, FileCounter)
+
+
+def test_handing_the_order_over_under_threads_loses_and_repeats_nothing(tmp_path):
+    """Threads keep numbering while the sequence moves to a shared counter: every number once, no gap."""
+    sequence = OrderSequence()
+    taken: list[list[int]] = [[] for _ in range(4)]
+    start = threading.Barrier(5)
+
+    def take(out: list[int]) -> None:
+        start.wait()
+        out.extend(sequence.next() for _ in range(20_000))
+
+    threads = [threading.Thread(target=take, args=(out,)) for out in taken]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    while sequence.last < 10_000:
+        pass
+    sequence.share(FileCounter(str(tmp_path / "order"), "test"))
+    for thread in threads:
+        thread.join()
+    numbers = sorted(n for out in taken for n in out)
+    assert numbers == list(range(1, 80_001))
+    assert sequence.shared.value == 80_000
+
+
+def test_uninstrument_restores_the_process_patch_points(tracer_provider):
+    import subprocess
+    from concurrent import futures
+    from multiprocessing import process
+
+    points = [
+        (futures.ProcessPoolExecutor, "submit"),
+        (process.BaseProcess, "start"),
+        (subprocess.Popen, "__init__"),
+        (subprocess.Popen, "_try_wait"),
+    ]
+    originals = [owner.__dict__[name] for owner, name in points]
+    instrumentor = oc.AG2Instrumentor()
+    instrumentor.instrument(tracer_provider=tracer_provider)
+    try:
+        assert all(owner.__dict__[name] is not original for (owner, name), original in zip(points, originals))
+    finally:
+        instrumentor.uninstrument()
+    assert all(owner.__dict__[name] is original for (owner, name), original in zip(points, originals))
+    instrumentor.instrument(tracer_provider=tracer_provider, instrument_processes=False)
+    try:
+        assert all(owner.__dict__[name] is original for (owner, name), original in zip(points, originals))
+    finally:
+        instrumentor.uninstrument()
