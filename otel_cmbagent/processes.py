@@ -12,10 +12,12 @@ before the result goes back, so the rows are in the table when the parent contin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import multiprocessing.util
 import os
+import sys
 import threading
 import weakref
 from concurrent import futures
@@ -154,7 +156,8 @@ def capture() -> _Captured | None:
     span = trace.get_current_span(ctx)
     span_context = span.get_span_context()
     identity = current_identity(ctx)
-    setup = _current_setup(span)
+    captor_sinks = _captor_sql_sinks(identity.run_id if identity else None)
+    setup = _with_captor_sink(_current_setup(span), captor_sinks)
     if identity is None and not span_context.is_valid and setup is None:
         return None
     sequence, key = None, None
@@ -177,7 +180,7 @@ def capture() -> _Captured | None:
         setup=setup,
         instrumented=_instrumented(),
     )
-    _flush_linked_rows()
+    _flush_linked_rows([t.sql for t in _live_tracings()] + captor_sinks)
     return _Captured(carrier, ctx, sequence)
 
 
@@ -208,11 +211,27 @@ def _current_setup(span: Any) -> WorkerSetup | None:
     return None
 
 
-def _flush_linked_rows(timeout_millis: int = 1_000) -> None:
+def _captor_sql_sinks(run_id: str | None) -> list[Any]:
+    """The SQL sinks of a compat captor's run (cmbagent's ``EventCaptureManager`` writing its own tables)."""
+    pipeline = sys.modules.get("otel_cmbagent.compat_pipeline")
+    captor = pipeline.router.captors.get(run_id) if pipeline is not None and run_id is not None else None
+    return [sink for sink in getattr(captor, "_sinks", ()) if hasattr(sink, "engine") and hasattr(sink, "table")]
+
+
+def _with_captor_sink(setup: WorkerSetup | None, captor_sinks: list[Any]) -> WorkerSetup | None:
+    """Workers of a captor's run write where the captor writes (cmbagent's table), besides any other sink."""
+    if not captor_sinks:
+        return setup
+    own = worker_setup(captor_sinks[0], write_on_start=captor_sinks[0].write_on_start)
+    if setup is None:
+        return own
+    return dataclasses.replace(setup, sql_url=own.sql_url, sql_table=own.sql_table)
+
+
+def _flush_linked_rows(sinks: list[Any], timeout_millis: int = 1_000) -> None:
     """On a table with foreign keys (cmbagent's), the caller's open rows go in first: a worker's rows point at
     them (``parent_event_id``). Bounded; a database that is down is the sink's business (retried, spilled)."""
-    for tracing in _live_tracings():
-        sink = tracing.sql
+    for sink in sinks:
         if sink is not None and getattr(sink, "table", None) is not None and sink.table.foreign_keys:
             sink.force_flush(timeout_millis)
 

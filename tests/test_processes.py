@@ -248,3 +248,43 @@ def test_uninstrument_restores_the_process_patch_points(tracer_provider):
         assert all(owner.__dict__[name] is original for (owner, name), original in zip(points, originals))
     finally:
         instrumentor.uninstrument()
+
+
+def test_a_captors_run_in_a_spawned_pool_writes_cmbagents_own_table(tmp_path):
+    """cmbagent's shape: an ``EventCaptureManager`` on its SQLAlchemy session, DAG nodes in a spawned pool (no
+    ``setup_tracing()``): the workers write into cmbagent's ``execution_events``, in the captor's one order."""
+    import uuid
+
+    from sqlalchemy.orm import Session as OrmSession
+
+    import cmbagent_schema as cmb
+    from otel_cmbagent import compat
+
+    engine = cmb.cmbagent_engine(f"sqlite:///{tmp_path / 'cmbagent.db'}")
+    run_id, session_id = str(uuid.uuid4()), str(uuid.uuid4())
+    cmb.add_run(engine, run_id, session_id)
+    assert compat.install_ag2_hooks()
+    try:
+        with OrmSession(engine) as db_session:
+            captor = compat.EventCaptureManager(db_session=db_session, run_id=run_id, session_id=session_id)
+            compat.set_event_captor(captor)
+            captor.capture_agent_call("planner", "split the work")
+            with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+                list(pool.map(process_work.spans_in_step, ["a", "b"]))
+            captor.capture_agent_call("planner", "merge the results")
+            assert captor.flush()
+            captor.close()
+            compat.set_event_captor(None)
+    finally:
+        compat.uninstall_ag2_hooks()
+    rows = sorted(cmb.rows_of(engine, cmb.execution_events, run_id=run_id), key=lambda r: r["execution_order"])
+    assert [r["execution_order"] for r in rows] == list(range(1, len(rows) + 1))
+    by_id = {r["id"]: r for r in rows}
+    steps = [r for r in rows if r["event_type"] == "step"]
+    assert sorted(r["step_id"] for r in steps) == ["a", "b"]
+    opened = next(r for r in rows if r["event_type"] == "agent_call")  # the captor's open event at submit
+    for step in steps:
+        assert step["parent_event_id"] == opened["id"] and step["depth"] == opened["depth"] + 1
+        assert step["session_id"] == session_id
+        assert len([r for r in rows if r["parent_event_id"] == step["id"]]) == 3
+    assert rows[-1]["event_type"] == "agent_call", "the captor goes on after the workers' numbers"
