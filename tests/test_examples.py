@@ -150,6 +150,29 @@ def test_dag_parallel_steps_share_the_run_and_overlap(tmp_path):
     assert "gapless: True" in out and f"trace {root['trace_id']}" in out
 
 
+def test_process_pool_steps_join_the_run(tmp_path):
+    """process_pool.py: steps in spawned workers and their code run land in the run's trace and one order."""
+    db = tmp_path / "pool.db"
+    out = example("process_pool", tmp_path, "--db", str(db))
+    rows = db_rows(db)
+    assert_gapless(rows)
+    assert_tree(rows)
+    root = rows[0]
+    assert {r["run_id"] for r in rows} == {root["run_id"]} and {r["trace_id"] for r in rows} == {root["trace_id"]}
+    steps = {r["step_id"]: r for r in rows if r["event_type"] == "step"}
+    assert set(steps) == {"plan", "fit", "plot"} and all(s["parent_event_id"] == root["id"] for s in steps.values())
+    for step_id in ("fit", "plot"):  # the worker's own AG2 spans, under its step
+        assert {"conversation", "agent_call", "llm_call"} <= {r["event_type"] for r in rows if r["step_id"] == step_id}
+    (run_code,) = [r for r in rows if r["event_type"] == "code_exec"]
+    assert run_code["step_id"] == "fit" and run_code["meta"]["exit_code"] == 0
+    assert f"parent span {run_code['span_id']}" in run_code["outputs"]["result"]
+    assert run_code["meta"]["cmbagent.code.cpu_user_s"] > 0 and run_code["meta"]["cmbagent.code.max_rss_bytes"] > 0
+    workers = re.search(r"^this process (\d+), workers \[(\d+), (\d+)\]$", out, re.MULTILINE)
+    assert workers and len(set(workers.groups())) == 3
+    assert "its TRACEPARENT names this span: True" in out
+    assert f"{len(rows)} rows from 3 processes, one trace: True; orders 1..{len(rows)} gapless: True" in out
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_otlp_collector_sends_the_trace(tmp_path, protocol):
     """otlp_collector.py: the run's spans reach a real OTLP receiver; the printed Jaeger URL names that trace."""
@@ -227,7 +250,9 @@ def test_cmbagent_drop_in_rows_in_one_order(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["quickstart", "group_chat", "dag_parallel_steps", "otlp_collector", "live_websocket", "cmbagent_drop_in"]
+    "name",
+    ["quickstart", "group_chat", "dag_parallel_steps", "process_pool", "otlp_collector", "live_websocket",
+     "cmbagent_drop_in"],
 )
 def test_examples_take_a_real_endpoint(tmp_path, name):
     """--llm-url/--model send every LLM call of the example to that OpenAI-compatible endpoint instead."""
