@@ -9,6 +9,7 @@
 from .config import InstrumentationConfig
 from .context import RunIdentity, current_identity, propagate_context, run, step
 from .instrumentor import AG2Instrumentor, instrument, uninstrument
+from .processes import carry
 from .processor import SequencingSpanProcessor
 from .setup import Tracing, setup_tracing
 from .version import __version__
@@ -20,6 +21,7 @@ __all__ = [
     "SequencingSpanProcessor",
     "Tracing",
     "__version__",
+    "carry",
     "current_identity",
     "instrument",
     "propagate_context",

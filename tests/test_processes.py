@@ -138,6 +138,18 @@ def test_run_in_executor_with_a_process_pool(tracing):
     assert_steps_in_run(rows, ["a", "b", "c"])
 
 
+def test_carry_takes_the_run_into_a_multiprocessing_pool(tracing):
+    """``multiprocessing.Pool`` is not wrapped (its worker loop outlives any one run): ``oc.carry(fn)`` is."""
+    with oc.run(name="pool") as run:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            pool.apply(oc.carry(process_work.spans_in_step), ("pooled",))
+            pool.apply(process_work.spans_in_step, ("not carried",))
+    rows = run_rows(tracing, run)
+    assert_one_run(rows, run)
+    assert_steps_in_run(rows, ["pooled"])
+    assert not [r for r in rows if r["step_id"] == "not carried"]
+
+
 def test_a_killed_worker_leaves_only_its_unwritten_number_and_blocks_nothing(tracing, tmp_path):
     """SIGKILL mid-task: the parent goes on numbering and writing; the one gap is the number the dead worker
     took for a row it never wrote; what it wrote stays ``running``; an ``error`` row says the worker died."""
