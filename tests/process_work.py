@@ -66,3 +66,16 @@ class StepProcess(multiprocessing.get_context("spawn").Process):
 
     def run(self) -> None:
         spans_in_step(self.node)
+
+
+def own_provider(sql_url: str) -> None:
+    """A pool initializer that sets up a provider of its own (the sequencer first, then a SQL sink)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from otel_cmbagent.exporters.sql import SQLEventSink
+
+    provider = TracerProvider()
+    provider.add_span_processor(oc.SequencingSpanProcessor())
+    provider.add_span_processor(SQLEventSink(sql_url))
+    trace.set_tracer_provider(provider)

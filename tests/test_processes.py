@@ -150,6 +150,18 @@ def test_carry_takes_the_run_into_a_multiprocessing_pool(tracing):
     assert not [r for r in rows if r["step_id"] == "not carried"]
 
 
+def test_a_worker_with_its_own_provider_keeps_it(tracing, sql_url):
+    """A pool whose initializer sets up a provider: the worker's spans go there, in the run's trace and order."""
+    spawn = multiprocessing.get_context("spawn")
+    with oc.run(name="initializer") as run:
+        with ProcessPoolExecutor(1, mp_context=spawn, initializer=process_work.own_provider, initargs=(sql_url,)) as pool:
+            pool.submit(process_work.spans_in_step, "own").result(120)
+        process_work.spans_in_step("after")
+    rows = run_rows(tracing, run)
+    assert_one_run(rows, run)
+    assert_steps_in_run(rows, ["own", "after"])
+
+
 def test_a_killed_worker_leaves_only_its_unwritten_number_and_blocks_nothing(tracing, tmp_path):
     """SIGKILL mid-task: the parent goes on numbering and writing; the one gap is the number the dead worker
     took for a row it never wrote; what it wrote stays ``running``; an ``error`` row says the worker died."""
