@@ -43,6 +43,7 @@ def run_step(step_id: str, task: str, config: dict, work_dir: str) -> int:
     from autogen.coding import LocalCommandLineCodeExecutor
 
     with oc.step(node_id=f"node-{step_id}", step_id=step_id), contextlib.redirect_stdout(io.StringIO()):
+        os.makedirs(os.path.join(work_dir, step_id), exist_ok=True)  # cmbagent's AG2 fork does not create it
         executor = LocalCommandLineCodeExecutor(work_dir=os.path.join(work_dir, step_id))
         engineer = ConversableAgent(step_id, llm_config=config, system_message="Do the task, then say TERMINATE.")
         user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER",

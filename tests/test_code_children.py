@@ -11,7 +11,6 @@ import os
 import resource
 import sys
 import threading
-from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
@@ -54,11 +53,6 @@ BIG = AUTHOR_SCRIPT.format(label="big", megabytes=160, loops=3_000_000)
 SMALL = AUTHOR_SCRIPT.format(label="small", megabytes=1, loops=10)
 
 
-def this_venv() -> SimpleNamespace:
-    """AG2's virtual-env context: the executed code runs with this interpreter (it has the OTel SDK)."""
-    return SimpleNamespace(bin_path=os.path.dirname(sys.executable), env_exe=sys.executable)
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def sql_url(request, tmp_path) -> str:
     if request.param == "sqlite":
@@ -70,9 +64,13 @@ def test_an_executed_script_with_its_own_spans_lands_under_execute_code(sql_url,
     with OTLPHTTPReceiver() as receiver, ScriptedLLM([code(BIG), code(SMALL), text("TERMINATE")]) as llm:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint.removesuffix("/v1/traces"))
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        # the executed `python` is this interpreter, which has the OTel SDK (cmbagent's fork ignores AG2's
+        # virtual_env_context: it rebuilds the child's environment from os.environ)
+        monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
         tracing = oc.setup_tracing(sql_url=sql_url, set_global=False, handle_sigterm=False)
         try:
-            executor = LocalCommandLineCodeExecutor(work_dir=tmp_path / "work", virtual_env_context=this_venv())
+            (tmp_path / "work").mkdir()  # cmbagent's AG2 fork does not create it
+            executor = LocalCommandLineCodeExecutor(work_dir=tmp_path / "work")
             engineer = ConversableAgent("engineer", llm_config=llm.llm_config(price=[0, 0]))
             runner = ConversableAgent(
                 "executor", llm_config=False, human_input_mode="NEVER", code_execution_config={"executor": executor}
@@ -141,7 +139,7 @@ def test_concurrent_code_runs_each_give_their_child_their_own_context(
             work = tmp_path / name
             work.mkdir()
             config = (
-                {"executor": LocalCommandLineCodeExecutor(work_dir=work, virtual_env_context=this_venv())}
+                {"executor": LocalCommandLineCodeExecutor(work_dir=work)}
                 if path == "executor"
                 else {"work_dir": str(work), "use_docker": False}
             )
