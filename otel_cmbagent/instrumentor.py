@@ -61,6 +61,7 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
             return
         super().__init__()
         self._patches = PatchSet()
+        self._process_patches = PatchSet()  # the standard library's (process pools, Process, Popen): not AG2's
         self._active = False
         self._runtime: Runtime | None = None
         self._threading: Callable[[], None] | None = None  # undoes thread context propagation
@@ -109,6 +110,7 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
         with self._lock:
             self._active = False
             self._patches.restore()
+            self._process_patches.restore()
             _TracerSource.provider = None
             if self._threading is not None:
                 try:
@@ -203,8 +205,8 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
         from .subprocess_context import instrument_code_children
 
         try:
-            instrument_processes(self._patches)
-            instrument_code_children(self._patches)
+            instrument_processes(self._process_patches)
+            instrument_code_children(self._process_patches)
         except Exception as exc:  # noqa: BLE001
             log_internal_error("process context propagation", exc)
 

@@ -239,6 +239,7 @@ def _flush_linked_rows(sinks: list[Any], timeout_millis: int = 1_000) -> None:
 # --- the worker's side --------------------------------------------------------------------------
 _ready_pid: int | None = None
 _ready_lock = threading.Lock()
+_built_here: list[Any] = []  # the tracing a worker built from its carrier (shut down at its exit)
 # Traces without a run: this process's sequence per shared counter (weak: released with the last context).
 _trace_sequences_here: weakref.WeakValueDictionary[OrderRef, OrderSequence] = weakref.WeakValueDictionary()
 
@@ -269,7 +270,7 @@ def ensure_worker_tracing(carrier: Carrier) -> None:
             return
         try:
             if not _tracing_in_place(carrier.instrumented) and carrier.setup is not None:
-                carrier.setup.apply()
+                _built_here.append(carrier.setup.apply())
         except Exception as exc:  # noqa: BLE001 - the work runs regardless, untraced
             log_internal_error("tracing setup in a worker process", exc)
         multiprocessing.util.Finalize(None, _at_worker_exit, exitpriority=100)
@@ -292,12 +293,12 @@ def _tracing_in_place(instrumented: bool) -> bool:
 
 
 def flush_process(timeout_millis: int | None = None) -> bool:
-    """Flush every tracer provider of this process (bounded by ``$OTEL_CMBAGENT_SHUTDOWN_TIMEOUT_MS``)."""
+    """Flush the providers this process's spans go to - the instrumented one (``oc.run``'s) and the global
+    one - bounded by ``$OTEL_CMBAGENT_SHUTDOWN_TIMEOUT_MS``. Other providers a fork inherited are left alone."""
     from otel_cmbagent.exporters.worker import shutdown_timeout
 
     millis = timeout_millis if timeout_millis is not None else int(shutdown_timeout() * 1000)
-    providers = {id(p): p for p in (trace.get_tracer_provider(), _TracerSource.provider) if p is not None}
-    providers.update((id(t.tracer_provider), t.tracer_provider) for t in _live_tracings())
+    providers = {id(p): p for p in (_TracerSource.provider, trace.get_tracer_provider()) if p is not None}
     flushed = True
     for provider in providers.values():
         flush = getattr(provider, "force_flush", None)
@@ -311,10 +312,12 @@ def flush_process(timeout_millis: int | None = None) -> bool:
 
 
 def _at_worker_exit() -> None:
-    from .setup import _shutdown_all
-
     flush_process()
-    _shutdown_all()
+    for tracing in _built_here:
+        try:
+            tracing.shutdown()
+        except Exception as exc:  # noqa: BLE001
+            log_internal_error("tracing shutdown in a worker process", exc)
 
 
 class CarriedCall:

@@ -79,3 +79,14 @@ def own_provider(sql_url: str) -> None:
     provider.add_span_processor(oc.SequencingSpanProcessor())
     provider.add_span_processor(SQLEventSink(sql_url))
     trace.set_tracer_provider(provider)
+
+
+def spans_then_websocket_stats(node: str) -> tuple[dict, dict]:
+    """``spans_in_step``; the counters of the websocket sink this (forked) process inherited, before and after."""
+    from otel_cmbagent.setup import _live_tracings
+
+    (sink,) = [t.websocket for t in list(_live_tracings) if t.websocket is not None and not t._shut_down]
+    before = dict(sink.stats)
+    spans_in_step(node)
+    flush_process()
+    return before, dict(sink.stats)

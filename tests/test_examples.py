@@ -126,10 +126,10 @@ def test_group_chat_handoffs_and_message_counts(tmp_path):
     assert "TERMINATE" in json.dumps([r["inputs"] for r in rows if is_message(r) and r["inputs"]["sender"] == "reviewer"])
 
 
-def test_dag_parallel_steps_share_the_run_and_overlap(tmp_path):
-    """dag_parallel_steps.py: fit and plot run in two threads, in one run and trace, at the same time."""
-    db = tmp_path / "dag.db"
-    out = example("dag_parallel_steps", tmp_path, "--db", str(db))
+def dag_example(name: str, tmp_path: Path) -> tuple[str, list[dict], dict[str, dict]]:
+    """Run a DAG example: its output, its rows (one run, one trace, one tree, gapless) and its plan/fit/plot steps."""
+    db = tmp_path / f"{name}.db"
+    out = example(name, tmp_path, "--db", str(db))
     rows = db_rows(db)
     assert_gapless(rows)
     assert_tree(rows)
@@ -138,6 +138,13 @@ def test_dag_parallel_steps_share_the_run_and_overlap(tmp_path):
     steps = {r["step_id"]: r for r in rows if r["event_type"] == "step"}
     assert set(steps) == {"plan", "fit", "plot"}
     assert all(s["parent_event_id"] == root["id"] and s["node_id"] == f"node-{k}" for k, s in steps.items())
+    return out, rows, steps
+
+
+def test_dag_parallel_steps_share_the_run_and_overlap(tmp_path):
+    """dag_parallel_steps.py: fit and plot run in two threads, in one run and trace, at the same time."""
+    out, rows, steps = dag_example("dag_parallel_steps", tmp_path)
+    root = rows[0]
     fit, plot = steps["fit"], steps["plot"]
     start = max(datetime.fromisoformat(fit["started_at"]), datetime.fromisoformat(plot["started_at"]))
     end = min(datetime.fromisoformat(fit["completed_at"]), datetime.fromisoformat(plot["completed_at"]))
@@ -152,15 +159,7 @@ def test_dag_parallel_steps_share_the_run_and_overlap(tmp_path):
 
 def test_process_pool_steps_join_the_run(tmp_path):
     """process_pool.py: steps in spawned workers and their code run land in the run's trace and one order."""
-    db = tmp_path / "pool.db"
-    out = example("process_pool", tmp_path, "--db", str(db))
-    rows = db_rows(db)
-    assert_gapless(rows)
-    assert_tree(rows)
-    root = rows[0]
-    assert {r["run_id"] for r in rows} == {root["run_id"]} and {r["trace_id"] for r in rows} == {root["trace_id"]}
-    steps = {r["step_id"]: r for r in rows if r["event_type"] == "step"}
-    assert set(steps) == {"plan", "fit", "plot"} and all(s["parent_event_id"] == root["id"] for s in steps.values())
+    out, rows, _ = dag_example("process_pool", tmp_path)
     for step_id in ("fit", "plot"):  # the worker's own AG2 spans, under its step
         assert {"conversation", "agent_call", "llm_call"} <= {r["event_type"] for r in rows if r["step_id"] == step_id}
     (run_code,) = [r for r in rows if r["event_type"] == "code_exec"]

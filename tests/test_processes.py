@@ -162,6 +162,47 @@ def test_a_worker_with_its_own_provider_keeps_it(tracing, sql_url):
     assert_steps_in_run(rows, ["own", "after"])
 
 
+def test_forked_workers_export_over_otlp_and_leave_the_websocket_to_the_parent(tmp_path, monkeypatch):
+    """A fork inherits the sinks: OTLP gets an exporter of its own in the worker (its spans reach the receiver
+    under the run); the websocket callback and its event loop live in the parent, so the worker queues nothing
+    for it (it would wait on a loop that does not run there) and only the parent's events reach it."""
+    from otel_cmbagent.testing.otlp_receiver import OTLPHTTPReceiver
+
+    received: list[dict] = []
+
+    async def callback(_event_type, data):
+        received.append(data)
+
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
+    loop_thread.start()
+    with OTLPHTTPReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint.removesuffix("/v1/traces"))
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        tracing = oc.setup_tracing(sql_url=f"sqlite:///{tmp_path / 'e.db'}", ws_callback=callback, ws_loop=loop,
+                                   set_global=False, handle_sigterm=False)
+        try:
+            with oc.run(name="forked") as run:
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+                    worker_stats = pool.submit(process_work.spans_then_websocket_stats, "forked").result(120)
+                process_work.spans_in_step("parent")
+            rows = run_rows(tracing, run)
+        finally:
+            tracing.shutdown()
+            loop.call_soon_threadsafe(loop.stop)
+        spans = receiver.spans
+    assert_one_run(rows, run)
+    assert_steps_in_run(rows, ["forked", "parent"])
+    (run_span,) = [s for s in spans if s["name"] == "invoke_workflow forked"]
+    (step,) = [s for s in spans if s["name"] == "step forked"]
+    assert step["trace_id"] == run.trace_id and step["parent_span_id"] == run_span["span_id"]
+    assert len([s for s in spans if s["trace_id"] == run.trace_id]) == len([r for r in rows if not is_message(r)])
+    before, after = worker_stats
+    assert after == before, "the worker queued nothing for the parent's callback"
+    nodes_seen = {d.get("node_id") for d in received}
+    assert "node-parent" in nodes_seen and "node-forked" not in nodes_seen
+
+
 def test_a_killed_worker_leaves_only_its_unwritten_number_and_blocks_nothing(tracing, tmp_path):
     """SIGKILL mid-task: the parent goes on numbering and writing; the one gap is the number the dead worker
     took for a row it never wrote; what it wrote stays ``running``; an ``error`` row says the worker died."""
