@@ -11,6 +11,11 @@ Run:  .venv/ag2/bin/python benchmarks/bench_hardening.py   (--quick for a smoke 
    vs the OTLP protobuf encoding of the same span (which the exporter does anyway).
 4. Viewer: one keep-alive ``GET /api/config`` on the socket created as TCP (TCP_NODELAY set on accepted
    connections) vs created with proto 0 (as before: no TCP_NODELAY).
+5. SQL: values fitted to the table's columns (``TableFit.fit``) per row of a realistic batch, for an engine
+   the sink made and a host's PostgreSQL engine, vs writing the row (``_TableWriter.write`` of 512-row batches
+   into a SQLite file: mapping, fitting and the upsert); the SQLite file check per batch.
+6. Tracking open spans (so SIGTERM can end them as interrupted): a span's start + end with and without the
+   ``OpenSpans`` processor, next to the sequencer, in the same run.
 """
 
 from __future__ import annotations
@@ -163,6 +168,86 @@ def viewer(requests: int) -> None:
           f"{before * 1e3:.2f} ms without (×{before / tcp:.0f})")
 
 
+def _span_rows(count: int) -> list[dict[str, Any]]:
+    """Start and end rows of ``count`` realistic tool spans, as the SQL sink builds them."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from otel_cmbagent.exporters.rows import span_row
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("bench")
+    for index in range(count // 2):
+        attributes = {
+            "gen_ai.operation.name": "execute_tool", "cmbagent.event_type": "tool_call", "gen_ai.tool.name": "fit",
+            "cmbagent.run_id": "0f8b2c1e-5d7a-4b3c-9e2f-1a2b3c4d5e6f", "cmbagent.session_id": "sess-1",
+            "cmbagent.execution_order": index + 1, "cmbagent.depth": 3, "gen_ai.agent.name": "engineer",
+            "gen_ai.tool.call.arguments": json.dumps({"model": "lcdm", "ell_max": 2500, "index": index}),
+            "gen_ai.tool.call.result": "chi2/dof = 1.02 " * 20, "cmbagent.tool.success": True,
+        }
+        with tracer.start_as_current_span(f"execute_tool fit {index}", attributes=attributes):
+            pass
+    spans = memory.get_finished_spans()
+    return [span_row(span, ended=ended) for span in spans for ended in (False, True)]
+
+
+def sql_fitting(count: int) -> None:
+    from otel_cmbagent.exporters.fit import TableFit
+    from otel_cmbagent.exporters.sql import SQLEventSink, _TableWriter
+
+    rows = _span_rows(count)
+    with tempfile.TemporaryDirectory() as folder:
+        sink = SQLEventSink(f"sqlite:///{Path(folder) / 'fit.db'}", heartbeat=False)
+        writer = _TableWriter(sink.engine, sink.table)
+        mapped = [writer.to_table(row) for row in rows]
+        cells = []
+        for label, dialect in (("an engine the sink made (SQLite; JSON made safe as it is serialised)",
+                                sink.engine.dialect),
+                               ("a host's PostgreSQL engine (lengths enforced, JSON checked here)", "postgresql")):
+            fit = TableFit(sink.table, dialect, "meta")
+            started = time.perf_counter()
+            for row in mapped:
+                fit.fit(row)
+            cells.append(f"{label} {(time.perf_counter() - started) / len(mapped) * 1e6:.2f} µs")
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            for start in range(0, len(rows), 512):
+                writer.write(rows[start:start + 512])
+            best = min(best, (time.perf_counter() - started) / len(rows))
+        check = best_per_call(sink._file.check, 2_000)
+        sink.shutdown()
+    print(f"5. SQL value fitting per row: {', '.join(cells)}; writing a row (map + fit + upsert, 512-row batches, "
+          f"SQLite): {best * 1e6:.1f} µs; the SQLite file check: {check * 1e6:.1f} µs per batch")
+
+
+def open_span_tracking(spans: int) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    import otel_cmbagent as oc
+    from otel_cmbagent.open_spans import OpenSpans
+
+    cells = {}
+    for label, processors in (("sequencer", [oc.SequencingSpanProcessor()]),
+                              ("sequencer + OpenSpans", [oc.SequencingSpanProcessor(), OpenSpans()])):
+        provider = TracerProvider()
+        for processor in processors:
+            provider.add_span_processor(processor)
+        tracer = provider.get_tracer("bench")
+
+        def span() -> None:
+            with tracer.start_as_current_span("s"):
+                pass
+
+        cells[label] = best_per_call(span, spans)
+    base, tracked = cells["sequencer"], cells["sequencer + OpenSpans"]
+    print(f"6. a span's start + end: {base * 1e6:.1f} µs with the sequencer, {tracked * 1e6:.1f} µs with OpenSpans "
+          f"too (+{(tracked - base) * 1e6:.2f} µs)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -174,6 +259,8 @@ def main() -> None:
     messages(calls // 20, args.baseline_rev)
     otlp(calls)
     viewer(10 if args.quick else 50)
+    sql_fitting(2_048 if args.quick else 20_480)
+    open_span_tracking(calls // 10)
 
 
 if __name__ == "__main__":

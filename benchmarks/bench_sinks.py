@@ -132,7 +132,7 @@ def bench_sql(label: str, engine: sa.Engine, n: int, n_legacy: int, spill: Path)
 
     results.append(("raw Core executemany, 512-row txns", core, timed(raw_core), len(mapped)))
     upserts = []
-    writer_only = timed(lambda: upserts.extend(sink._writer.write(prebuilt[i:i + BATCH])
+    writer_only = timed(lambda: upserts.extend(sink._writer.write(prebuilt[i:i + BATCH])[0]  # (written, held)
                                                for i in range(0, len(prebuilt), BATCH)))
     results.append(("ours: sink writer only (prebuilt rows)", only, writer_only, len(prebuilt)))
     sink.shutdown()

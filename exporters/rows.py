@@ -57,6 +57,7 @@ _NAMESPACE = uuid.UUID("6f1d3a52-64a1-4cf4-9a3c-8a8c1b0e7c11")
 STATUS_RUNNING = "running"
 STATUS_COMPLETED = "completed"
 STATUS_FAILED = "failed"
+STATUS_INTERRUPTED = "interrupted"  # ended because the process was stopped (SIGTERM, exit) while it ran
 
 # cmbagent's name for a message row: an agent_call of subtype "message"
 MESSAGE_EVENT_TYPE = semconv.EVENT_AGENT_CALL
@@ -233,7 +234,8 @@ _AGENT_ATTRIBUTE = {semconv.EVENT_HANDOFF: semconv.HANDOFF_FROM, _MESSAGE_KIND: 
 # event_subtype of an ended span (default "complete"); these keep theirs when failed too
 _SUBTYPES = {semconv.EVENT_TOOL_CALL: "execute", semconv.EVENT_HANDOFF: "transfer", semconv.EVENT_FILE_GEN: "create"}
 # meta keys computed here (not attributes): the export back to spans skips them
-DERIVED_META = frozenset({"span_name", "trace_id", "span_id", "tokens", "cost_usd", "code_length"})
+# (``cmbagent.writer``: the process that wrote a running row, added by the SQL sink)
+DERIVED_META = frozenset({"span_name", "trace_id", "span_id", "tokens", "cost_usd", "code_length", "cmbagent.writer"})
 _NUMERIC_META = ("tokens", "cost_usd")
 # attributes that hold JSON text but have no field in a row's type (kept decoded in meta)
 _JSON_META = frozenset({semconv.GEN_AI_INPUT_MESSAGES, semconv.GEN_AI_OUTPUT_MESSAGES, semconv.CODE_BLOCKS})
@@ -348,8 +350,8 @@ def _sections(kind: str, attributes: Mapping[str, Any], capture_content: bool) -
 
 
 def _subtype(kind: str, status: str, attributes: Mapping[str, Any]) -> str:
-    if status == STATUS_RUNNING:
-        return SUBTYPE_START
+    if status in (STATUS_RUNNING, STATUS_INTERRUPTED):
+        return SUBTYPE_START if status == STATUS_RUNNING else STATUS_INTERRUPTED
     if kind == semconv.EVENT_ERROR:
         return str(attributes.get(semconv.ERROR_TYPE) or "runtime_error")
     if status == STATUS_FAILED and kind not in _SUBTYPES:
@@ -363,10 +365,13 @@ def span_row(span: ReadableSpan, *, ended: bool, capture_content: bool = True) -
     context = span.get_span_context()
     kind = str(attributes.get(semconv.EVENT_TYPE) or "info")
     inputs, outputs, meta = _sections(kind, attributes, capture_content)
-    failed = ended and span.status.status_code is StatusCode.ERROR
+    interrupted = ended and semconv.INTERRUPTED in attributes
+    failed = ended and not interrupted and span.status.status_code is StatusCode.ERROR
     status = STATUS_FAILED if failed else (STATUS_COMPLETED if ended else STATUS_RUNNING)
     error_message = None
-    if failed:
+    if interrupted:
+        status, error_message = STATUS_INTERRUPTED, f"interrupted by {attributes[semconv.INTERRUPTED]}"
+    elif failed:
         error_message = attributes.get(semconv.ERROR_MESSAGE) or span.status.description or attributes.get(
             semconv.ERROR_TYPE
         )

@@ -14,6 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from .fit import TableFit
 from .rows import SIDE_RECORDS, STATUS_RUNNING
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
@@ -35,6 +36,7 @@ class SideTables:
     def __init__(self, events: sa.Table) -> None:
         self.events = events
         self.tables: dict[str, sa.Table] = {}
+        self.fits: dict[str, TableFit] = {}  # values made storable for each side table's columns
         self._reflected = False
         self.written: dict[str, int] = {}
         self.skipped: dict[str, int] = {}
@@ -54,6 +56,7 @@ class SideTables:
             )
             self.written[name] = 0
             self.skipped[name] = 0
+            self.fits[name] = TableFit(self.tables[name], connection.dialect, "meta")
         self._reflected = True
 
     def records(self, pairs: list[Pair]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -85,7 +88,7 @@ class SideTables:
         by_table: dict[str, list[dict[str, Any]]] = {}
         for name, _event, record in records:
             table = self.tables[name]
-            values = {key: value for key, value in record.items() if key in table.c}
+            values = self.fits[name].fit({key: value for key, value in record.items() if key in table.c})
             missing = [c.name for c in table.c if _required(c) and values.get(c.name) is None]
             if missing:
                 self._skip(name, missing)

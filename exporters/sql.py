@@ -16,7 +16,8 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,13 @@ from sqlalchemy.engine import Engine
 from otel_cmbagent.live import add_message_listener, remove_message_listener
 from otel_cmbagent.utils import log_internal_error
 
+from .fit import TableFit, json_text
 from .foreign_keys import ForeignKeyGuard
 from .rows import LINK_COLUMNS, STATUS_RUNNING, message_row, snapshot, span_row
 from .side_tables import SideTables
+from .sqlite_file import BLOCKED, RECONNECTED, SQLiteFileGuard
 from .worker import BackgroundWorker
+from .writers import WRITER_KEY, Heartbeat, this_writer
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
 
@@ -92,10 +96,11 @@ def make_engine(target: str | Engine) -> Engine:
             database = url.database
             if database and database != ":memory:" and not database.startswith("file:"):
                 Path(database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
-            engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+            engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                                      json_serializer=json_text)
             sa.event.listen(engine, "connect", _sqlite_pragmas)
             return engine
-        return sa.create_engine(url, pool_pre_ping=True)
+        return sa.create_engine(url, pool_pre_ping=True, json_serializer=json_text)
     except (sa.exc.NoSuchModuleError, ImportError) as exc:
         raise ValueError(f"cannot use sql_url {url.render_as_string(hide_password=True)}: {exc}") from None
 
@@ -105,6 +110,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA mmap_size=0")  # the database file is read, not mapped: a file cut short cannot SIGBUS us
     cursor.close()
 
 
@@ -135,6 +141,7 @@ class _TableWriter:
         self.skipped = 0
         self.guard = ForeignKeyGuard(table, self.meta_column)
         self.side = SideTables(table)
+        self.fit = TableFit(table, engine.dialect, self.meta_column)
 
     def to_table(self, row: Mapping[str, Any]) -> dict[str, Any] | None:
         out: dict[str, Any] = {}
@@ -149,6 +156,7 @@ class _TableWriter:
                 out[key] = value
         if self.meta_column:
             out[self.meta_column] = meta
+        self.fit.fit(out)
         missing = [name for name in self.required if out.get(name) is None]
         if missing:  # e.g. cmbagent's table needs a run_id: spans outside a run cannot go there
             self.skipped += 1
@@ -238,6 +246,8 @@ class SQLEventSink(SpanProcessor):
     whose ``workflow_runs``/``sessions`` row does not exist yet are held (one warning naming
     the table) and written once it does; at shutdown rows still held are spilled.
     cmbagent's ``files``/``messages``/``cost_records`` tables, when present, get their rows too.
+    ``heartbeat``: keep this process's row in ``otel_cmbagent_writers`` (see :mod:`.writers`); None = only
+    when the sink creates its own table, or when that table already exists.
     """
 
     def __init__(
@@ -252,6 +262,7 @@ class SQLEventSink(SpanProcessor):
         max_batch: int = 512,
         max_retries: int = 5,
         retry_backoff: float = 0.1,
+        heartbeat: bool | None = None,
     ) -> None:
         self.engine = make_engine(target)
         self.table = table if table is not None else execution_events_table()
@@ -262,19 +273,28 @@ class SQLEventSink(SpanProcessor):
         self.spill_path = Path(spill_path) if spill_path else default_spill_path(self.engine)
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
+        self._file = SQLiteFileGuard(self.engine, reconnect=not isinstance(target, Engine), spill_path=self.spill_path)
         self._writer = _TableWriter(self.engine, self.table)
         self._open_spans: set[int] = set()
         self._open_lock = threading.Lock()
         self._degraded = False
         self.rows_written = 0
         self.rows_spilled = 0
+        self.rows_rejected = 0  # refused by the database on their own (spilled too)
         self.retries = 0
         self._held: list[dict[str, Any]] = []
         self._held_checked_at = 0.0
         self.max_held = max_queue
         self.rows_held_total = 0
-        self._ensure_table(log=True)
-        self._worker = BackgroundWorker("otel-cmbagent-sql", self._handle, max_queue=max_queue, max_batch=max_batch)
+        if self._file.check() != BLOCKED:
+            self._ensure_table(log=True)
+        create_heartbeat = self._create_table if heartbeat is None else heartbeat
+        self._heartbeat = Heartbeat(self.engine, create=create_heartbeat, schema=self.table.schema) \
+            if heartbeat is not False else None
+        self._worker = BackgroundWorker(
+            "otel-cmbagent-sql", self._handle, max_queue=max_queue, max_batch=max_batch, tick=self._beat,
+            tick_interval=self._heartbeat.interval if self._heartbeat else float("inf"),
+        )
         add_message_listener(self._on_message)
         self._shut_down = False
         if hasattr(os, "register_at_fork"):  # a forked child must never use the parent's pooled connections
@@ -328,6 +348,7 @@ class SQLEventSink(SpanProcessor):
             **self._worker.stats.as_dict(),
             "rows_written": self.rows_written,
             "rows_spilled": self.rows_spilled,
+            "rows_rejected": self.rows_rejected,
             "rows_skipped": self._writer.skipped,
             "retries": self.retries,
             "rows_held": len(self._held),
@@ -349,6 +370,7 @@ class SQLEventSink(SpanProcessor):
                     if not sa.inspect(connection).has_table(self.table.name, schema=self.table.schema):
                         raise ValueError(f"table {self.table.name!r} does not exist in the target database")
             self._table_ready = True
+            self._file.wrote()
         except ValueError:
             raise
         except Exception as exc:  # noqa: BLE001 - database down at setup: rows retry/spill later
@@ -395,9 +417,21 @@ class SQLEventSink(SpanProcessor):
                 written.add(span_id)
                 rows.append(span_row(ended, ended=True, capture_content=self.capture_content))
             else:
-                rows.append(span_row(item, ended=False, capture_content=self.capture_content))
+                row = span_row(item, ended=False, capture_content=self.capture_content)
+                row["meta"][WRITER_KEY] = this_writer()  # readers tell a dead writer's rows from live ones
+                rows.append(row)
         if rows:
             self._write_batch(rows)
+
+    def _beat(self) -> None:
+        """The heartbeat (worker thread, every few seconds), unless the database is unusable or not set up."""
+        if self._heartbeat is None or not self._table_ready:
+            return
+        state = self._file.check()
+        if state == RECONNECTED:
+            self._table_ready = False
+        elif state != BLOCKED:
+            self._heartbeat.beat()
 
     def _take_held(self, retry: bool) -> list[dict[str, Any]]:
         """The held rows, when it is time to try them again (they keep their place: before newer rows)."""
@@ -421,25 +455,28 @@ class SQLEventSink(SpanProcessor):
             self._spill(overflow, OverflowError(f"more than {self.max_held} rows held for a missing run/session row"))
 
     def _write_batch(self, rows: list[dict[str, Any]]) -> None:
+        """Write a batch; a database that fails is retried with backoff, then the batch is spilled; a batch the
+        database refuses for its values is split until the refused rows are found (see :func:`write_isolating`)."""
+        state = self._file.check()
+        if state == BLOCKED:  # the file is gone or unusable (logged once by the guard)
+            self._spill(rows, LookupError(f"{self._file.path} is gone or unusable"), log=False)
+            return
+        if state == RECONNECTED:
+            self._table_ready = False
         attempts = 1 if self._degraded else self.max_retries
         delay = self.retry_backoff
         for attempt in range(attempts):
             try:
-                if not self._ensure_table():
-                    raise RuntimeError("table not ready")
-                written, held = self._writer.write(rows)
-                self.rows_written += written
-                self._hold(held)
+                self._table_or_raise()
+                self._write(rows)
                 self._degraded = False
-                return
-            except sa.exc.IntegrityError as exc:
-                # Some rows break a constraint of the user's table (e.g. a foreign key to a run
-                # that is not in workflow_runs): retrying cannot help, but the other rows must land.
-                self._degraded = False
-                self._write_one_by_one(rows, exc)
                 return
             except Exception as exc:  # noqa: BLE001
                 error = exc
+                if not database_failed(exc):
+                    self._degraded = False
+                    self._isolate(rows)
+                    return
                 if attempt + 1 < attempts:
                     self.retries += 1
                     time.sleep(delay)
@@ -447,49 +484,167 @@ class SQLEventSink(SpanProcessor):
         self._degraded = True
         self._spill(rows, error)
 
-    def _write_one_by_one(self, rows: list[dict[str, Any]], error: BaseException) -> None:
-        rejected: list[dict[str, Any]] = []
-        for row in rows:
-            try:
-                written, held = self._writer.write([row])
-                self.rows_written += written
-                self._hold(held)
-            except sa.exc.IntegrityError:
-                rejected.append(row)
-        if rejected:
-            self._spill(rejected, error)
-
-    def _spill(self, rows: list[dict[str, Any]], error: BaseException) -> None:
+    def _table_or_raise(self) -> None:
+        """The table is there, or a database failure (retried, then spilled) - never a row's fault."""
         try:
-            self.spill_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.spill_path, "a", encoding="utf-8") as handle:
-                for row in rows:
-                    handle.write(json.dumps(row, default=_json_default) + "\n")
-            self.rows_spilled += len(rows)
+            ready = self._ensure_table()
+        except ValueError as exc:  # a host's table that is gone
+            raise RuntimeError(str(exc)) from exc
+        if not ready:
+            raise RuntimeError("table not ready")
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        written, held = self._writer.write(rows)
+        self._file.wrote()
+        self.rows_written += written
+        self._hold(held)
+
+    def _isolate(self, rows: list[dict[str, Any]]) -> None:
+        try:
+            refused = write_isolating(self._write, rows)
+        except DatabaseFailed as failed:
+            self._degraded = True
+            self._spill(failed.rows, failed.error)
+            return
+        for row, error in refused:
+            self._reject(row, error)
+
+    def _reject(self, row: dict[str, Any], error: BaseException) -> None:
+        self.rows_rejected += 1
+        if self.rows_rejected == 1:
             _logger.warning(
-                "otel-cmbagent: database write failed (%s: %s); spilled %d rows to %s (replay with replay())",
-                type(error).__name__,
-                str(error).splitlines()[0][:200] if str(error) else "",
-                len(rows),
-                self.spill_path,
+                "otel-cmbagent: the database refused a row of run %r (%s: %s); it alone is spilled to %s, the rest "
+                "of its batch is written (refused rows are counted in stats['rows_rejected']; logged once)",
+                row.get("run_id"), type(error).__name__, _first_line(error), self.spill_path,
             )
+        self._spill([row], error, log=False)
+
+    def _spill(self, rows: list[dict[str, Any]], error: BaseException, *, log: bool = True) -> None:
+        try:
+            append_rows(self.spill_path, rows)
+            self.rows_spilled += len(rows)
+            if log:
+                _logger.warning(
+                    "otel-cmbagent: database write failed (%s: %s); spilled %d rows to %s (replay with replay())",
+                    type(error).__name__, _first_line(error), len(rows), self.spill_path,
+                )
         except OSError as exc:
             self._worker.stats.dropped += len(rows)
             _logger.error("otel-cmbagent: could not spill %d rows to %s: %s", len(rows), self.spill_path, exc)
 
 
-def replay(
+# --- failures: the database's, or a row's --------------------------------------------------------------
+# What a database (or the way to it) that fails looks like; anything else a batch raises is about its values
+# (DataError, IntegrityError, a StatementError wrapping an encoding or serialisation error, ...).
+_DATABASE_ERRORS = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError,
+                    sa.exc.InternalError, sa.exc.NoSuchTableError, OSError, RuntimeError)
+
+
+def database_failed(error: BaseException) -> bool:
+    """True when ``error`` says the database failed (down, locked, table gone), not one of the rows."""
+    return isinstance(error, _DATABASE_ERRORS) and not isinstance(error, UnicodeError)
+
+
+class DatabaseFailed(Exception):
+    """The database itself failed while a refused batch was being split: ``rows`` are not written."""
+
+    def __init__(self, rows: list[dict[str, Any]], error: BaseException) -> None:
+        super().__init__(str(error))
+        self.rows = rows
+        self.error = error
+
+
+def write_isolating(
+    write: Callable[[list[dict[str, Any]]], None], rows: list[dict[str, Any]]
+) -> list[tuple[dict[str, Any], BaseException]]:
+    """Write a batch the database refused in halves, then quarters..., in order, until every row that is
+    refused on its own is found: returns those with their errors (one bad row in 512 costs ~18 writes).
+    Raises :class:`DatabaseFailed` with the rows not yet written if the database itself fails meanwhile."""
+    refused: list[tuple[dict[str, Any], BaseException]] = []
+    pending = [rows]
+    while pending:
+        part = pending.pop()
+        try:
+            write(part)
+        except Exception as exc:  # noqa: BLE001
+            if database_failed(exc):
+                raise DatabaseFailed([row for rest in [part, *reversed(pending)] for row in rest], exc) from exc
+            if len(part) == 1:
+                refused.append((part[0], exc))
+            else:
+                middle = len(part) // 2
+                pending += [part[middle:], part[:middle]]  # the first half is written first
+    return refused
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error)
+    return text.splitlines()[0][:200] if text else ""
+
+
+# --- spill files ------------------------------------------------------------------------------------------
+def append_rows(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Append rows as JSON Lines; a last line cut short (a crash mid-write) is ended first, so the new lines
+    stay whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        if handle.tell() > 0:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                handle.write(b"\n")
+        handle.write("".join(json.dumps(row, default=_json_default) + "\n" for row in rows).encode("utf-8"))
+
+
+@dataclass
+class ReplayReport:
+    """What :func:`replay_report` did: rows written, rows still waiting for their run/session row, and the
+    lines it could not use (``unreadable``: not a spilled row, e.g. cut short; ``refused``: the database
+    refused the row), by line number, with the first error. Every line not written is left in ``path``."""
+
+    path: Path
+    written: int = 0
+    held: int = 0
+    incomplete: int = 0  # rows without a value the table requires (e.g. a run_id for cmbagent's table)
+    unreadable: list[int] = field(default_factory=list)
+    refused: list[int] = field(default_factory=list)
+    first_error: str | None = None  # the error of the lowest line number skipped
+    left_in: Path | None = None
+    _first_line: int = field(default=0, repr=False)
+
+    def note(self, lines: list[int], line: int, error: str) -> None:
+        lines.append(line)
+        if self.first_error is None or line < self._first_line:
+            self.first_error, self._first_line = f"line {line}: {error}", line
+
+
+def _read_spill(path: Path, report: ReplayReport) -> Iterable[tuple[int, dict[str, Any]]]:
+    with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not row.get("id"):
+                    raise ValueError("not a row object with an id")
+                yield number, _from_json(row)
+            except (ValueError, TypeError) as exc:
+                report.note(report.unreadable, number, f"not a spilled row ({type(exc).__name__}: {exc})"[:300])
+
+
+def replay_report(
     spill_path: str | os.PathLike[str],
     target: str | Engine,
     *,
     table: sa.Table | None = None,
     batch_size: int = 512,
     remove: bool = True,
-) -> int:
-    """Write a spill file back into the table (idempotent upserts); returns the rows written.
+) -> ReplayReport:
+    """Write a spill file back into the table (idempotent upserts), skipping what cannot be written.
 
-    With ``remove`` the file is renamed ``*.replayed`` once every row is in. Rows whose
-    run/session row still does not exist stay in the file (it then holds only those).
+    Lines that are not rows (a last line cut short by a crash) and rows the database refuses are skipped and
+    reported by line number; every valid row is written. What was not written (those lines, and rows whose
+    run/session row still does not exist) is left in the file; with ``remove`` and nothing left, the file is
+    renamed ``*.replayed``. A database that fails raises (nothing is removed).
     """
     path = Path(spill_path)
     engine = make_engine(target)
@@ -497,32 +652,68 @@ def replay(
         table = execution_events_table()
         table.metadata.create_all(engine, tables=[table], checkfirst=True)
     writer = _TableWriter(engine, table)
-    written = 0
+    report = ReplayReport(path)
+    numbers: dict[int, int] = {}  # id(row) -> its line number, for the rows in hand
     held: list[dict[str, Any]] = []
     batch: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                batch.append(_from_json(json.loads(line)))
-            except ValueError as exc:
-                raise ValueError(f"{path}:{line_number}: not a spilled row ({exc})") from None
-            if len(batch) >= batch_size:
-                written += _replay_batch(writer, batch, held)
-                batch = []
+    for number, row in _read_spill(path, report):
+        numbers[id(row)] = number
+        batch.append(row)
+        if len(batch) >= batch_size:
+            _replay_batch(writer, batch, held, report, numbers)
+            numbers = {id(row): numbers[id(row)] for row in held}
+            batch = []
     if batch:
-        written += _replay_batch(writer, batch, held)
-    if held:
-        _logger.warning("otel-cmbagent: %d spilled rows still have no run/session row; left in %s", len(held), path)
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(row, default=_json_default) + "\n" for row in held)
+        _replay_batch(writer, batch, held, report, numbers)
+    report.held = len(held)
+    report.incomplete = writer.skipped
+    _leave_unwritten(path, report, [json.dumps(row, default=_json_default) + "\n" for row in held], remove)
+    return report
+
+
+def _replay_batch(writer: _TableWriter, batch: list[dict[str, Any]], held: list[dict[str, Any]],
+                  report: ReplayReport, numbers: dict[int, int]) -> None:
+    def write(rows: list[dict[str, Any]]) -> None:
+        written, waiting = writer.write(rows)
+        report.written += written
+        held.extend(waiting)
+
+    rows, held[:] = held + batch, []
+    try:
+        write(rows)
+        return
+    except Exception as exc:  # noqa: BLE001
+        if database_failed(exc):
+            raise
+    try:
+        refused = write_isolating(write, rows)
+    except DatabaseFailed as failed:
+        raise failed.error from None
+    for row, error in refused:
+        report.note(report.refused, numbers[id(row)], f"{type(error).__name__}: {_first_line(error)}")
+
+
+def _leave_unwritten(path: Path, report: ReplayReport, held: list[str], remove: bool) -> None:
+    """Rewrite ``path`` with what was not written (held rows, then the skipped lines as they were)."""
+    skipped = set(report.unreadable) | set(report.refused)
+    kept: list[str] = []
+    if skipped:
+        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+            kept = [line if line.endswith("\n") else line + "\n"
+                    for number, line in enumerate(handle, 1) if number in skipped]
+    if held or kept:
+        path.write_text("".join(held + kept), encoding="utf-8", errors="surrogateescape")
+        report.left_in = path
+        if report.held:
+            _logger.warning("otel-cmbagent: %d spilled rows still have no run/session row; left in %s",
+                            report.held, path)
+        if kept:
+            _logger.warning("otel-cmbagent: %d lines of %s could not be written (%s); left in the file",
+                            len(kept), path, report.first_error)
     elif remove:
         path.rename(path.with_name(path.name + ".replayed"))
-    return written
 
 
-def _replay_batch(writer: _TableWriter, batch: list[dict[str, Any]], held: list[dict[str, Any]]) -> int:
-    written, waiting = writer.write(held + batch)
-    held[:] = waiting
-    return written
+def replay(spill_path: str | os.PathLike[str], target: str | Engine, **options: Any) -> int:
+    """:func:`replay_report` (same options), returning the number of rows written."""
+    return replay_report(spill_path, target, **options).written

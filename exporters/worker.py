@@ -18,6 +18,8 @@ from typing import Any, Callable
 from opentelemetry import context as otel_context
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY  # the API's key (contrib re-exports it)
 
+from otel_cmbagent.utils import log_internal_error
+
 _logger = logging.getLogger("otel_cmbagent.exporters")
 
 SHUTDOWN_TIMEOUT_ENV = "OTEL_CMBAGENT_SHUTDOWN_TIMEOUT_MS"
@@ -70,6 +72,8 @@ class BackgroundWorker:
         max_queue: int = 100_000,
         max_batch: int = 512,
         delay: float = 0.1,
+        tick: Callable[[], None] | None = None,
+        tick_interval: float = 5.0,
     ) -> None:
         if max_queue <= 0 or max_batch <= 0:
             raise ValueError("max_queue and max_batch must be positive")
@@ -78,6 +82,8 @@ class BackgroundWorker:
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.delay = delay
+        self.tick = tick
+        self.tick_interval = tick_interval
         self.stats = WorkerStats()
         self._last_drop_log: float | None = None
         self._after_shutdown_logged = False
@@ -100,6 +106,7 @@ class BackgroundWorker:
         self._busy = False
         self.in_flight = 0  # items of the batch being handled
         self._flushers = 0
+        self._last_tick = float("-inf")
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
@@ -130,6 +137,7 @@ class BackgroundWorker:
     def _run(self) -> None:
         otel_context.attach(otel_context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
         while True:
+            self._maybe_tick()
             with self._condition:
                 if not self._queue and not self._shutdown:
                     self._condition.wait(self.delay)  # idle
@@ -155,6 +163,17 @@ class BackgroundWorker:
                     self._busy = False
                     self.in_flight = 0
                     self._condition.notify_all()
+
+    def _maybe_tick(self) -> None:
+        """Call ``tick`` (e.g. a heartbeat) every ``tick_interval`` seconds, between batches."""
+        now = time.monotonic()
+        if self.tick is None or now - self._last_tick < self.tick_interval:
+            return
+        self._last_tick = now
+        try:
+            self.tick()
+        except Exception as exc:  # noqa: BLE001
+            log_internal_error(f"{self.name} tick", exc)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything queued so far has been handled (True) or ``timeout`` passed (False)."""

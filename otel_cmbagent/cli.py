@@ -60,7 +60,7 @@ TYPE_STYLES = {
     "message": "dim",
     "error": "red",
 }
-STATUS_STYLES = {"completed": "green", "failed": "bold red", "running": "bold yellow"}
+STATUS_STYLES = {"completed": "green", "failed": "bold red", "running": "bold yellow", "interrupted": "bold magenta"}
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 def _console() -> Console:
@@ -209,6 +209,8 @@ def _status_text(status: Any, error: Any = None) -> Text:
         return Text("● live", style=STATUS_STYLES["running"])
     if status == "failed":
         return Text("✗ failed" + (f": {_shorten(error, 60)}" if error else ""), style=STATUS_STYLES["failed"])
+    if status == "interrupted":  # its process was stopped (SIGTERM) or is gone (SIGKILL) while it ran
+        return Text("⏹ interrupted", style=STATUS_STYLES["interrupted"])
     return Text(str(status or "-"), style=STATUS_STYLES.get(str(status), ""))
 
 
@@ -326,7 +328,7 @@ def _tree_label(row: Mapping[str, Any]) -> Text:
         label.append_text(_status_text(status))
     else:
         label.append(f"  {fmt_duration(row.get('duration_ms'))}", style="dim")
-        if status == "failed":
+        if status in ("failed", "interrupted"):
             label.append("  ")
             label.append_text(_status_text(status, row.get("error_message")))
     return label
@@ -415,7 +417,7 @@ def timeline(run_id: str, db: str | None, width: int | None, messages: bool) -> 
     """A waterfall of a run: one line per span, indented by depth, bars on the run's time axis.
 
     Bars show each span's start offset and duration, coloured by event type; failed spans end in ✗,
-    live (still running) spans in ▸. RUN_ID: an id, a unique prefix, or `last`.
+    interrupted ones (their process was stopped or is gone) in ⏹, live (still running) spans in ▸. RUN_ID: an id, a unique prefix, or `last`.
     """
     engine, _target = _open(db)
     resolved = _resolve(engine, run_id)
@@ -492,8 +494,8 @@ def timeline(run_id: str, db: str | None, width: int | None, messages: bool) -> 
                                                     if row.get("duration_ms") is not None
                                                     else _seconds(end_of(row) - start_of(row)) * 1000)
         line.append(f" {duration:>{duration_width - 1}}", style=STATUS_STYLES["running"] if live else "dim")
-        if row.get("status") == "failed":
-            line.append(" ✗", style=STATUS_STYLES["failed"])
+        if row.get("status") in ("failed", "interrupted"):
+            line.append(" ✗" if row["status"] == "failed" else " ⏹", style=STATUS_STYLES[row["status"]])
         console.print(line, soft_wrap=True)
 
     legend = Text(" " * (label_width + 1))
@@ -855,8 +857,13 @@ def export(run_id: str, endpoint: str | None, protocol: str | None, db: str | No
 @db_option
 @click.option("--keep", is_flag=True, help="Leave the spill file as it is (default: rename it *.replayed).")
 def replay(spill_file: str, db: str | None, keep: bool) -> None:
-    """Write rows spilled while the database was down back into it (idempotent upserts)."""
-    from otel_cmbagent.exporters.sql import replay as replay_rows
+    """Write rows spilled while the database was down back into it (idempotent upserts).
+
+    Lines that are not rows (a last line cut short by a crash) and rows the database refuses are skipped and
+    reported by line number; every valid row is written; what was not written stays in the file (exit code 1
+    when lines were skipped).
+    """
+    from otel_cmbagent.exporters.sql import replay_report
 
     path = Path(spill_file).expanduser()
     if not path.exists():
@@ -864,10 +871,32 @@ def replay(spill_file: str, db: str | None, keep: bool) -> None:
     if path.is_dir():
         raise StoreError(f"{path} is a directory, not a spill file")
     target = _db(db)
-    written = replay_rows(path, store.db_url(target), remove=not keep)
-    console.print(f"replayed {written} rows from {path} into {target}", soft_wrap=True)
-    if not keep:
+    report = replay_report(path, store.db_url(target), remove=not keep)
+    console.print(Text(f"replayed {report.written} rows from {printable(str(path))} into {printable(target)}"),
+                  soft_wrap=True)
+    for lines, what in ((report.unreadable, "not a spilled row"), (report.refused, "refused by the database")):
+        if lines:
+            console.print(Text(f"skipped {len(lines)} {'line' if len(lines) == 1 else 'lines'} ({what}): "
+                               f"{_line_numbers(lines)}"), soft_wrap=True)
+    if report.first_error:
+        console.print(Text(f"first error: {printable(report.first_error)}"), soft_wrap=True)
+    if report.held:
+        console.print(f"{report.held} rows wait for their run/session row", soft_wrap=True)
+    if report.incomplete:
+        console.print(f"{report.incomplete} rows lack a value the table requires (e.g. a run id): not written",
+                      soft_wrap=True)
+    if report.left_in is not None:
+        console.print(Text(f"what was not written is left in {printable(str(report.left_in))}"), soft_wrap=True)
+    elif not keep:
         console.print(f"(the spill file is now {path.name}.replayed)", style="dim", soft_wrap=True)
+    if report.unreadable or report.refused:
+        sys.exit(1)
+
+
+def _line_numbers(numbers: Sequence[int], shown: int = 20) -> str:
+    text = ", ".join(map(str, numbers[:shown]))
+    more = f", … ({len(numbers) - shown} more)" if len(numbers) > shown else ""
+    return f"line {text}" if len(numbers) == 1 else f"lines {text}{more}"
 
 
 # --- serve --------------------------------------------------------------------------------------

@@ -104,6 +104,8 @@ CONVERSATION_KIND = "cmbagent.conversation.kind"
 CONVERSATION_RECIPIENT = "cmbagent.conversation.recipient"
 CONVERSATION_CHATS = "cmbagent.conversation.chats"
 ERROR_MESSAGE = "cmbagent.error.message"
+# Set on a span ended because its process was stopped while it ran ("SIGTERM", "the process exiting").
+INTERRUPTED = "cmbagent.interrupted"
 # What cmbagent's event-capture API (otel_cmbagent.compat) passes along: its ``context`` and
 # ``metadata`` arguments (JSON), a handoff's ``reason`` and a message's ``tokens``.
 CONTEXT = "cmbagent.context"

@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 
 from .config import CAPTURE_CONTENT_ENV, parse_bool_env
 from .instrumentor import AG2Instrumentor
+from .open_spans import OpenSpans
 from .processor import SequencingSpanProcessor
 
 _logger = logging.getLogger(__name__)
@@ -36,12 +37,19 @@ class Tracing:
     otlp: SpanProcessor | None = None
     websocket: SpanProcessor | None = None
     instrumentor: AG2Instrumentor | None = None
+    open_spans: OpenSpans | None = None
     worker_setup: Any = field(default=None, repr=False)  # how worker processes rebuild these sinks
     _shut_down: bool = field(default=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return self.tracer_provider.force_flush(timeout_millis)
+
+    def interrupt(self, reason: str) -> int:
+        """End every span still open as interrupted by ``reason`` (the process is being stopped)."""
+        if self._shut_down or self.open_spans is None:
+            return 0
+        return self.open_spans.end_all(reason)
 
     def shutdown(self) -> None:
         with self._lock:
@@ -110,7 +118,8 @@ def setup_tracing(
 
     provider = TracerProvider(resource=_resource(service_name), span_limits=_span_limits())
     provider.add_span_processor(SequencingSpanProcessor())
-    tracing = Tracing(tracer_provider=provider)
+    tracing = Tracing(tracer_provider=provider, open_spans=OpenSpans())
+    provider.add_span_processor(tracing.open_spans)
     try:
         if sql_url is _DEFAULT:
             sql_url = os.environ.get(SQL_URL_ENV) or DEFAULT_SQL_URL
@@ -176,12 +185,27 @@ _live_tracings: weakref.WeakSet[Tracing] = weakref.WeakSet()
 _hooks_installed = False
 
 
-def _shutdown_all() -> None:
+# How long the SIGTERM handler waits for the sinks (e.g. Kubernetes sends SIGKILL 30 s after SIGTERM).
+SIGTERM_GRACE_SECONDS = 20.0
+
+
+def _shutdown_all(reason: str) -> None:
+    """Every live setup: open spans ended as interrupted by ``reason``, then flushed and shut down."""
     for tracing in list(_live_tracings):
         try:
+            tracing.interrupt(reason)
             tracing.shutdown()
         except Exception:  # noqa: BLE001
             _logger.exception("otel-cmbagent: shutdown at exit failed")
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    # In a thread: the signal may have interrupted the main thread inside a lock the shutdown needs.
+    worker = threading.Thread(target=_shutdown_all, args=("SIGTERM",), name="otel-cmbagent-sigterm", daemon=True)
+    worker.start()
+    worker.join(SIGTERM_GRACE_SECONDS)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _register_exit_hooks(tracing: Tracing, handle_sigterm: bool) -> None:
@@ -190,14 +214,7 @@ def _register_exit_hooks(tracing: Tracing, handle_sigterm: bool) -> None:
     if _hooks_installed:
         return
     _hooks_installed = True
-    atexit.register(_shutdown_all)
+    atexit.register(_shutdown_all, "the process exiting")
     if handle_sigterm and threading.current_thread() is threading.main_thread():
-        previous = signal.getsignal(signal.SIGTERM)
-        if previous in (signal.SIG_DFL, None):
-
-            def _on_sigterm(signum: int, frame: Any) -> None:
-                _shutdown_all()
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                os.kill(os.getpid(), signal.SIGTERM)
-
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
             signal.signal(signal.SIGTERM, _on_sigterm)

@@ -32,6 +32,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from otel_cmbagent.exporters import writers
+from otel_cmbagent.exporters.fit import fit_text
 from otel_cmbagent.exporters.rows import MESSAGE_EVENT_TYPE, MESSAGE_SUBTYPE
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "event_tree",
     "events_table",
     "list_runs",
+    "mark_interrupted",
     "open_store",
     "resolve_run",
     "run_events",
@@ -60,6 +63,8 @@ _MESSAGE = "message"  # the kind of cmbagent's message rows (agent_call / messag
 _RUNNING = "running"
 _FAILED = "failed"
 _COMPLETED = "completed"
+_INTERRUPTED = "interrupted"  # stopped while it ran: ended by SIGTERM/exit, or its writer is gone (SIGKILL)
+_STATUSES = (_RUNNING, _COMPLETED, _FAILED, _INTERRUPTED)
 _INPUT_TOKENS = "gen_ai.usage.input_tokens"
 _OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 _COST = "gen_ai.usage.cost"
@@ -311,58 +316,71 @@ def _number(value: Any) -> float | int | None:
 
 
 # --- runs ----------------------------------------------------------------------------------
-def _summaries(engine: Engine, shape: _Shape, groups: list[Any]) -> list[dict[str, Any]]:
-    """Run summaries for ``(key, count, first, last)`` groups, in the given order."""
-    if not groups:
-        return []
-    keys = [group[0] for group in groups]
+def _roots(engine: Engine, shape: _Shape, keys: list[Any]) -> dict[str, dict[str, Any]]:
+    """The root row of each run: depth 0, a "run" row preferred, then the first one."""
     c = shape.table.c
-    key = shape.key.label("run_key")
     meta = shape.meta if shape.meta is not None else sa.null()
-
-    # the root row of each run: depth 0, a "run" row preferred, then the first one
-    root_columns = [key, c.id, c.session_id, c.event_type, c.status, c.started_at, c.timestamp,
-                    c.completed_at, c.duration_ms, c.execution_order, meta.label("meta")]
+    columns = [shape.key.label("run_key"), c.id, c.session_id, c.event_type, c.status, c.started_at, c.timestamp,
+               c.completed_at, c.duration_ms, c.execution_order, meta.label("meta")]
     if shape.has_links:
-        root_columns.append(c.trace_id)
+        columns.append(c.trace_id)
     roots: dict[str, dict[str, Any]] = {}
-    statement = sa.select(*root_columns).where(shape.where_runs(keys), c.depth == 0).order_by(c.execution_order)
+    statement = sa.select(*columns).where(shape.where_runs(keys), c.depth == 0).order_by(c.execution_order)
     for row in _execute(engine, statement):
         record = decode_row(row._mapping)
         current = roots.get(record["run_key"])
         if current is None or (current.get("event_type") != "run" and record.get("event_type") == "run"):
             roots[record["run_key"]] = record
+    return roots
 
-    # any running / failed row, for runs whose root row is not (yet) in the table
-    statuses: dict[str, set[str]] = {}
-    for run_key, status in _execute(engine, sa.select(key, c.status).where(shape.where_runs(keys)).distinct()):
-        statuses.setdefault(run_key, set()).add(status)
 
+def _agents(engine: Engine, shape: _Shape, keys: list[Any]) -> dict[str, list[str]]:
+    c = shape.table.c
     agents: dict[str, list[str]] = {}
     statement = (
-        sa.select(key, c.agent_name, sa.func.min(c.execution_order).label("first_order"))
+        sa.select(shape.key.label("run_key"), c.agent_name, sa.func.min(c.execution_order).label("first_order"))
         .where(shape.where_runs(keys), c.agent_name.is_not(None))
         .group_by(shape.key, c.agent_name)
         .order_by("first_order")
     )
     for run_key, agent, _first in _execute(engine, statement):
         agents.setdefault(run_key, []).append(agent)
+    return agents
 
-    usage: dict[str, dict[str, Any]] = {k: {"input_tokens": 0, "output_tokens": 0, "cost": 0.0, "llm_calls": 0}
-                                        for k in keys}
-    if shape.meta is not None:
-        statement = sa.select(key, meta.label("meta")).where(shape.where_runs(keys), c.event_type == _LLM_CALL)
-        for run_key, raw in _execute(engine, statement):
-            values = _json(raw)
-            totals = usage[run_key]
-            totals["llm_calls"] += 1
-            if not isinstance(values, dict):
-                continue
-            for field, attribute in (("input_tokens", _INPUT_TOKENS), ("output_tokens", _OUTPUT_TOKENS),
-                                     ("cost", _COST)):
-                number = _number(values.get(attribute))
-                if number is not None:
-                    totals[field] += number
+
+def _usage(engine: Engine, shape: _Shape, keys: list[Any]) -> dict[str, dict[str, Any]]:
+    """Tokens, cost and calls summed over each run's ``llm_call`` rows (per call, never cumulative)."""
+    usage = {k: {"input_tokens": 0, "output_tokens": 0, "cost": 0.0, "llm_calls": 0} for k in keys}
+    if shape.meta is None:
+        return usage
+    c = shape.table.c
+    statement = sa.select(shape.key.label("run_key"), shape.meta.label("meta")).where(
+        shape.where_runs(keys), c.event_type == _LLM_CALL)
+    for run_key, raw in _execute(engine, statement):
+        values = _json(raw)
+        totals = usage[run_key]
+        totals["llm_calls"] += 1
+        if not isinstance(values, dict):
+            continue
+        for name, attribute in (("input_tokens", _INPUT_TOKENS), ("output_tokens", _OUTPUT_TOKENS), ("cost", _COST)):
+            number = _number(values.get(attribute))
+            if number is not None:
+                totals[name] += number
+    return usage
+
+
+def _summaries(engine: Engine, shape: _Shape, groups: list[Any]) -> list[dict[str, Any]]:
+    """Run summaries for ``(key, count, first, last)`` groups, in the given order."""
+    if not groups:
+        return []
+    keys = [group[0] for group in groups]
+    roots, agents, usage = _roots(engine, shape, keys), _agents(engine, shape, keys), _usage(engine, shape, keys)
+    # any running / failed row, for runs whose root row is not (yet) in the table
+    statuses: dict[str, set[str]] = {}
+    statement = sa.select(shape.key.label("run_key"), shape.table.c.status).where(shape.where_runs(keys)).distinct()
+    for run_key, status in _execute(engine, statement):
+        statuses.setdefault(run_key, set()).add(status)
+    gone = _gone_runs(engine, shape, [k for k in keys if _RUNNING in statuses.get(k, ())])
 
     now = datetime.now(timezone.utc)
     out = []
@@ -371,15 +389,16 @@ def _summaries(engine: Engine, shape: _Shape, groups: list[Any]) -> list[dict[st
         meta_values = root.get("meta") if isinstance(root.get("meta"), dict) else {}
         seen = statuses.get(run_key, set())
         status = root.get("status")
-        if status not in (_RUNNING, _COMPLETED, _FAILED):
+        if status not in _STATUSES:
             status = _RUNNING if _RUNNING in seen else (_FAILED if _FAILED in seen else _COMPLETED)
         started = _utc(root.get("started_at") or root.get("timestamp") or first)
         last = _utc(last)
+        if status == _RUNNING and run_key in gone:  # its writer died (SIGKILL): no longer live
+            status, last = _INTERRUPTED, max(filter(None, [last, gone[run_key]]), default=last)
         duration = root.get("duration_ms") if status != _RUNNING else None
         if duration is None and isinstance(started, datetime):
             end = now if status == _RUNNING else (last if isinstance(last, datetime) else started)
             duration = max(0, int((end - started).total_seconds() * 1000))
-        trace_id = root.get("trace_id") or meta_values.get("trace_id")
         out.append({
             "run_id": run_key,
             "session_id": root.get("session_id"),
@@ -392,9 +411,62 @@ def _summaries(engine: Engine, shape: _Shape, groups: list[Any]) -> list[dict[st
             "events": int(count),
             "agents": agents.get(run_key, []),
             **usage[run_key],
-            "trace_id": trace_id,
+            "trace_id": root.get("trace_id") or meta_values.get("trace_id"),
         })
     return out
+
+
+# --- runs whose writer is gone ------------------------------------------------------------------
+def _writer(meta: Any) -> str | None:
+    meta = _json(meta)
+    return meta.get(writers.WRITER_KEY) if isinstance(meta, dict) else None
+
+
+def _gone_runs(engine: Engine, shape: _Shape, keys: list[Any]) -> dict[str, datetime | None]:
+    """Runs (of ``keys``) whose every ``running`` row was written by a process that is gone, each with that
+    process's last heartbeat (None when unknown)."""
+    if not keys or shape.meta is None:
+        return {}
+    c = shape.table.c
+    running: dict[str, set[str | None]] = {}
+    statement = sa.select(shape.key.label("run_key"), shape.meta).where(shape.where_runs(keys), c.status == _RUNNING)
+    for run_key, meta in _execute(engine, statement):
+        running.setdefault(run_key, set()).add(_writer(meta))
+    gone = writers.gone(engine, {writer for found in running.values() for writer in found if writer})
+    return {
+        run_key: max(filter(None, (gone[w] for w in found)), default=None)
+        for run_key, found in running.items() if all(w in gone for w in found)
+    }
+
+
+def _last_times(engine: Engine, shape: _Shape, keys: Iterable[Any]) -> dict[str, Any]:
+    c = shape.table.c
+    statement = (
+        sa.select(shape.key.label("run_key"), sa.func.max(sa.func.coalesce(c.completed_at, c.timestamp)))
+        .where(shape.where_runs(sorted(keys)))
+        .group_by(shape.key)
+    )
+    return {run_key: _utc(last) for run_key, last in _execute(engine, statement)}
+
+
+def mark_interrupted(engine: Engine, rows: list[dict[str, Any]], *, table: str | sa.Table | None = None
+                     ) -> list[dict[str, Any]]:
+    """Decoded rows still ``running`` whose writer is gone (a process killed with SIGKILL), shown as
+    ``interrupted``: ``completed_at`` is the run's last sign of life (its last row, or its writer's last
+    heartbeat), ``duration_ms`` runs to it. The table keeps them as they were written. Changed in place."""
+    running = [row for row in rows if row.get("status") == _RUNNING and _writer(row.get("meta"))]
+    gone = writers.gone(engine, {_writer(row["meta"]) for row in running}) if running else {}
+    dead = [row for row in running if _writer(row["meta"]) in gone]
+    if not dead:
+        return rows
+    ends = _last_times(engine, _shape(engine, table), {row.get("run_id") or row.get("trace_id") for row in dead})
+    for row in dead:
+        end = max(filter(None, [ends.get(row.get("run_id") or row.get("trace_id")), gone[_writer(row["meta"])]]))
+        start = row.get("started_at") or row.get("timestamp")
+        row["status"], row["completed_at"] = _INTERRUPTED, end
+        if isinstance(start, datetime):
+            row["duration_ms"] = max(0, int((end - start).total_seconds() * 1000))
+    return rows
 
 
 def _groups_statement(shape: _Shape) -> Any:
@@ -415,9 +487,10 @@ def _groups_statement(shape: _Shape) -> Any:
 def list_runs(engine: Engine, limit: int | None = 50, *, table: str | sa.Table | None = None) -> list[dict[str, Any]]:
     """Runs, newest first (by start): ``run_id``, ``session_id``, ``name`` (the run span's name),
     ``started_at``, ``last_event_at``, ``duration_ms`` (so far, for a live run), ``status``
-    (``running`` = live, ``completed``, ``failed``), ``live``, ``events`` (rows), ``agents`` (distinct
-    names, first seen first), ``input_tokens``, ``output_tokens``, ``cost`` and ``llm_calls`` (summed
-    over the run's ``llm_call`` rows: per call, never the cumulative totals), ``trace_id``.
+    (``running`` = live, ``completed``, ``failed``, ``interrupted``: its process was stopped while it ran, or
+    the process that wrote its running rows is gone - see :func:`mark_interrupted`), ``live``, ``events``
+    (rows), ``agents`` (distinct names, first seen first), ``input_tokens``, ``output_tokens``, ``cost`` and
+    ``llm_calls`` (summed over the run's ``llm_call`` rows: per call, never the cumulative totals), ``trace_id``.
     """
     shape = _shape(engine, table)
     statement = _groups_statement(shape).order_by(sa.desc("first_seen"), sa.desc("run_key"))
@@ -462,8 +535,9 @@ def resolve_run(engine: Engine, ref: str, *, table: str | sa.Table | None = None
 
     c = shape.table.c
     key = shape.key.label("run_key")
-    if _execute(engine, sa.select(key).where(shape.where_run(ref)).limit(1)):
-        return ref
+    for candidate in dict.fromkeys([ref, _as_stored(shape, ref)]):
+        if _execute(engine, sa.select(key).where(shape.where_run(candidate)).limit(1)):
+            return candidate
 
     pattern = ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     conditions = [shape.key.like(pattern, escape="\\")]
@@ -488,6 +562,12 @@ def resolve_run(engine: Engine, ref: str, *, table: str | sa.Table | None = None
         ref,
         matches,
     )
+
+
+def _as_stored(shape: _Shape, run_id: str) -> str:
+    """A run id longer than the column as the SQL sink fitted it (the full id is in ``meta["run_id_full"]``)."""
+    length = getattr(shape.run_id.type, "length", None)
+    return fit_text(run_id, length) if length else run_id
 
 
 def _as_set(value: str | Iterable[str] | None) -> set[str] | None:
@@ -523,7 +603,7 @@ def run_events(
     if agents:
         statement = statement.where(c.agent_name.in_(sorted(agents)))
     statement = statement.order_by(c.execution_order, c.timestamp, c.id)
-    return [decode_row(row._mapping) for row in _execute(engine, statement)]
+    return mark_interrupted(engine, [decode_row(row._mapping) for row in _execute(engine, statement)], table=table)
 
 
 def event_tree(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from autogen import ConversableAgent, register_function
 
 import otel_cmbagent as oc
-from otel_cmbagent.testing import text, tool_call
+from otel_cmbagent.testing import ScriptedLLM, text, tool_call
 
 from conftest import FAKE_KEY
 
@@ -38,6 +38,66 @@ def scripted_run(
     with oc.run(name=name, run_id=run_id, session_id=session_id) as run:
         user.initiate_chat(assistant, message=f"add 20 and 22, key {FAKE_KEY}", max_turns=3, silent=True)
     return run
+
+
+# What the LLM sends: JSON escapes that decode to NUL and a lone surrogate.
+POISON_ARGUMENTS = '{"value": "bad\\u0000value\\udcff"}'
+
+
+def lookup_tool(tracer=None):
+    """A tool that fails with its argument in the message. With ``tracer`` it works as code instrumented with
+    OpenTelemetry does (an HTTP client, a database driver): in a span of its own, named and attributed with
+    the raw value, which records the exception as the span's status."""
+
+    def lookup(value: str) -> str:
+        if tracer is None:
+            raise ValueError(f"cannot look up {value!r}: {value}")
+        with tracer.start_as_current_span(f"GET /lookup/{value}") as span:
+            span.set_attribute("url.path", f"/lookup/{value}")
+            raise ValueError(f"cannot look up {value!r}: {value}")
+
+    return lookup
+
+
+def agent_run(llm: ScriptedLLM, name: str, arguments: str, started: threading.Barrier, ran: dict, *, tracer=None,
+              **run_options) -> None:
+    """A traced two-agent chat whose assistant calls ``lookup`` with ``arguments``.
+
+    With the poison, the openai SDK itself then fails to send the tool's error back to the LLM
+    (UnicodeEncodeError in the host, not ours): that exception ends the run and is recorded on its spans.
+    """
+    llm.push(tool_call("lookup", arguments), text("done"), text("TERMINATE"))
+    assistant = ConversableAgent("assistant", llm_config=llm.llm_config(), human_input_mode="NEVER")
+    user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER", code_execution_config=False)
+    register_function(lookup_tool(tracer), name="lookup", caller=assistant, executor=user,
+                      description="Look up a value.")
+    started.wait(30)
+    try:
+        with oc.run(name=name, **run_options) as run:
+            ran[name] = run.run_id
+            user.initiate_chat(assistant, message=f"{name}: look it up", max_turns=3, silent=True)
+    except UnicodeEncodeError as exc:
+        ran[f"{name} raised"] = exc
+
+
+def poisoned_and_innocent_runs(poisoned_llm: ScriptedLLM, innocent_llm: ScriptedLLM, *, tracer=None) -> dict:
+    """Two concurrent traced runs (threads): ``poisoned`` (its LLM sends :data:`POISON_ARGUMENTS`, the tool
+    raises with them; with ``tracer`` inside an instrumented call, see :func:`lookup_tool`) and ``innocent``.
+    Returns ``{"poisoned": run id, "innocent": run id, ...}``."""
+    run_ids: dict = {}
+    started = threading.Barrier(2)
+    threads = [
+        threading.Thread(target=agent_run, args=(llm, name, arguments, started, run_ids), kwargs={"tracer": tracer})
+        for name, llm, arguments in (
+            ("poisoned", poisoned_llm, POISON_ARGUMENTS), ("innocent", innocent_llm, '{"value": "ok"}')
+        )
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert {"poisoned", "innocent"} <= set(run_ids), run_ids
+    return run_ids
 
 
 class PausedRun:

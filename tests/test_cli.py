@@ -319,8 +319,8 @@ def test_export_of_a_live_run_marks_it_incomplete(tmp_path):
 
 
 # --- replay --------------------------------------------------------------------------------------
-def test_replay_a_spill_file(tmp_path, scripted_llm):
-    """Rows a real sink spilled (its database is unusable) are written back by `replay`."""
+def spilled_run(tmp_path, llm):
+    """A real run whose sink spills every row (its database is a directory): (spill file, run)."""
     spill = tmp_path / "rows.spill.jsonl"
     not_a_db = tmp_path / "a-directory"
     not_a_db.mkdir()
@@ -328,11 +328,17 @@ def test_replay_a_spill_file(tmp_path, scripted_llm):
     sink = SQLEventSink(f"sqlite:///{not_a_db}", spill_path=spill, max_retries=1, retry_backoff=0.01)
     tracing.tracer_provider.add_span_processor(sink)
     try:
-        run = scripted_run(scripted_llm, run_id="spilled-run")
+        run = scripted_run(llm, run_id="spilled-run")
         sink.force_flush()
     finally:
         tracing.shutdown()
     assert sink.stats["rows_spilled"] > 0 and spill.exists()
+    return spill, run
+
+
+def test_replay_a_spill_file(tmp_path, scripted_llm):
+    """Rows a real sink spilled (its database is unusable) are written back by `replay`."""
+    spill, run = spilled_run(tmp_path, scripted_llm)
     target = tmp_path / "replayed.db"
     result = run_cli("replay", spill, "--db", target, check=0)
     rows = table_rows(make_engine(f"sqlite:///{target}"))
@@ -342,6 +348,32 @@ def test_replay_a_spill_file(tmp_path, scripted_llm):
     assert {r["status"] for r in rows} == {"completed"}
     assert not spill.exists() and spill.with_name(spill.name + ".replayed").exists()
     assert "spilled-" in run_cli("runs", "--db", target, check=0).stdout  # its short id
+
+
+def test_replay_skips_a_cut_last_line_and_a_refused_row_and_writes_every_valid_row(tmp_path, scripted_llm):
+    """A spill file whose last line was cut short (the process died mid-write) and one of whose rows the
+    database refuses (a timestamp written as a number by another tool): `replay` writes every other row,
+    reports both lines by number with the first error, leaves them in the file and exits 1. (It wrote 0 rows
+    and raised before.)"""
+    spill, _run = spilled_run(tmp_path, scripted_llm)
+    lines = spill.read_text().splitlines(keepends=True)
+    bad = json.loads(lines[2])
+    bad["timestamp"] = 1767225600
+    lines[2] = json.dumps(bad) + "\n"
+    lines[-1] = lines[-1][: len(lines[-1]) // 2]
+    spill.write_text("".join(lines))
+    valid = {json.loads(line)["id"] for line in lines[:2] + lines[3:-1]}
+    target = tmp_path / "replayed.db"
+    result = run_cli("replay", spill, "--db", target, check=1)
+    rows = table_rows(make_engine(f"sqlite:///{target}"))
+    assert {r["id"] for r in rows} == valid and len(valid) == len(lines) - 2
+    assert f"replayed {len(rows)} rows" in result.stdout
+    assert f"skipped 1 line (not a spilled row): line {len(lines)}" in result.stdout
+    assert "skipped 1 line (refused by the database): line 3" in result.stdout
+    assert "first error: line 3: StatementError" in result.stdout, result.stdout
+    assert spill.read_text().splitlines() == [lines[2].rstrip("\n"), lines[-1]]
+    again = run_cli("replay", spill, "--db", target, check=1)  # the two lines are still reported, nothing lost
+    assert "replayed 0 rows" in again.stdout and "line 1" in again.stdout and "line 2" in again.stdout
 
 
 # --- errors: one line, no traceback --------------------------------------------------------------

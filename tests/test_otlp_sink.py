@@ -14,71 +14,35 @@ import socket
 import threading
 
 import pytest
-from autogen import ConversableAgent, register_function
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_cmbagent as oc
 from otel_cmbagent.exporters.otlp import otlp_span_processor
-from otel_cmbagent.testing import ScriptedLLM, text, tool_call
+from otel_cmbagent.testing import ScriptedLLM
 from otel_cmbagent.testing.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
+from sinks_util import poisoned_and_innocent_runs
 
 pytestmark = pytest.mark.usefixtures("chats_cwd")
-
-# What the LLM sends: JSON escapes that decode to NUL and a lone surrogate.
-POISON_ARGUMENTS = '{"value": "bad\\u0000value\\udcff"}'
-
-
-def lookup(value: str) -> str:
-    raise ValueError(f"cannot look up {value!r}: {value}")
-
-
-def agent_run(llm: ScriptedLLM, name: str, arguments: str, started: threading.Barrier, ran: dict) -> None:
-    """A traced two-agent chat whose assistant calls ``lookup`` with ``arguments``.
-
-    With the poison, the openai SDK itself then fails to send the tool's error back to the LLM
-    (UnicodeEncodeError in the host, not ours): that exception ends the run and is recorded on its spans.
-    """
-    llm.push(tool_call("lookup", arguments), text("done"), text("TERMINATE"))
-    assistant = ConversableAgent("assistant", llm_config=llm.llm_config(), human_input_mode="NEVER")
-    user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER", code_execution_config=False)
-    register_function(lookup, caller=assistant, executor=user, description="Look up a value.")
-    started.wait(30)
-    try:
-        with oc.run(name=name) as run:
-            ran[name] = run.run_id
-            user.initiate_chat(assistant, message=f"{name}: look it up", max_turns=3, silent=True)
-    except UnicodeEncodeError as exc:
-        ran[f"{name} raised"] = exc
 
 
 @pytest.mark.parametrize("receiver_cls, protocol", [(OTLPHTTPReceiver, "http/protobuf"), (OTLPGRPCReceiver, "grpc")])
 def test_a_poisoned_run_costs_the_innocent_run_no_span(monkeypatch, receiver_cls, protocol):
     """Two concurrent runs share OTLP batches; one LLM sends a tool argument with NUL and a lone surrogate
-    and the tool raises with it (status description, exception text). Every span of both runs arrives
+    and the tool raises with it (status description, exception text; the tool's own instrumented span is named
+    and attributed with it). Every span of both runs arrives
     (it cost 28 of 36), the bad characters as U+FFFD, nothing failed or rejected."""
     memory = InMemorySpanExporter()
-    run_ids: dict[str, str] = {}
     with receiver_cls() as receiver, ScriptedLLM() as poisoned_llm, ScriptedLLM() as innocent_llm:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint.removesuffix("/v1/traces"))
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
         tracing = oc.setup_tracing(sql_url=None, set_global=False, handle_sigterm=False)  # default content policy
         tracing.tracer_provider.add_span_processor(SimpleSpanProcessor(memory))
-        started = threading.Barrier(2)
-        threads = [
-            threading.Thread(target=agent_run, args=(llm, name, arguments, started, run_ids))
-            for name, llm, arguments in (
-                ("poisoned", poisoned_llm, POISON_ARGUMENTS), ("innocent", innocent_llm, '{"value": "ok"}')
-            )
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
+        run_ids = poisoned_and_innocent_runs(
+            poisoned_llm, innocent_llm, tracer=tracing.tracer_provider.get_tracer("app"))
         tracing.shutdown()
         received = receiver.spans
-    assert {"poisoned", "innocent"} <= set(run_ids)
     run_ids.pop("poisoned raised", None)
     expected = {f"{s.context.span_id:016x}": s for s in memory.get_finished_spans()}
     by_run = {name: {i for i, s in expected.items() if s.attributes.get("cmbagent.run_id") == run_id}

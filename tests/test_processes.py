@@ -203,6 +203,47 @@ def test_forked_workers_export_over_otlp_and_leave_the_websocket_to_the_parent(t
     assert "node-parent" in nodes_seen and "node-forked" not in nodes_seen
 
 
+SIGTERM_SCRIPT = """
+import json, multiprocessing, os, signal, sqlite3, sys, time
+import otel_cmbagent as oc
+
+def worker(ready):
+    open(ready, "w").close()
+    time.sleep(60)
+
+if __name__ == "__main__":
+    db, ready = sys.argv[1], sys.argv[2]
+    tracing = oc.setup_tracing(sql_url=f"sqlite:///{db}", otlp=False)  # its SIGTERM handler, as an app has it
+    with oc.run(name="parent") as run, oc.step(step_id="outer"):
+        child = multiprocessing.get_context("fork").Process(target=worker, args=(ready,))
+        child.start()
+        while not os.path.exists(ready):
+            time.sleep(0.01)
+        os.kill(child.pid, signal.SIGTERM)
+        child.join(60)
+        tracing.force_flush()
+        rows = sqlite3.connect(db).execute("select event_type, status from execution_events where run_id = ?",
+                                           (run.run_id,)).fetchall()
+    print(json.dumps({"exitcode": child.exitcode, "while_open": sorted(rows)}))
+"""
+
+
+def test_sigterm_in_a_forked_worker_leaves_the_parents_run_open(tmp_path):
+    """A forked worker inherits the SIGTERM handler that ends open spans as interrupted: it must end its own,
+    never the parent's (the run and step still open in the parent)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "app.py"
+    script.write_text(SIGTERM_SCRIPT)
+    completed = subprocess.run([sys.executable, str(script), str(tmp_path / "e.db"), str(tmp_path / "ready")],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result["exitcode"] == -15, "the worker still dies of SIGTERM"
+    assert result["while_open"] == [["run", "running"], ["step", "running"]]
+
+
 def test_a_killed_worker_leaves_only_its_unwritten_number_and_blocks_nothing(tracing, tmp_path):
     """SIGKILL mid-task: the parent goes on numbering and writing; the one gap is the number the dead worker
     took for a row it never wrote; what it wrote stays ``running``; an ``error`` row says the worker died."""

@@ -221,6 +221,47 @@ def test_run_from_another_process_appears_live(tmp_path, page):
         assert not page.errors, page.errors
 
 
+def test_a_killed_run_turns_interrupted_in_the_page(tmp_path, page):
+    """A run shown live (written by another process, waiting in its second step) whose process is killed with
+    SIGKILL: the page's header and run list switch from LIVE to an "interrupted" badge, and no bar stays
+    running (before, it stayed LIVE with its duration growing)."""
+    db = tmp_path / "killed.db"
+    writer = subprocess.Popen([sys.executable, "-c", SYNTHETIC_WRITER, str(db), "killed-run", "3", "0",
+                               str(tmp_path / "never")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (db.exists() and _has_running_run(db, "killed-run")):
+            assert time.monotonic() < deadline and writer.poll() is None, "the writer never got going"
+            time.sleep(0.1)
+        with ViewerServer(str(db), poll_interval=0.2) as server:
+            page.goto(server.url + "#/run/killed-run")
+            header = '[data-testid="run-header"]'
+            page.wait_for_selector(f'{header}[data-status="running"]')
+            assert page.locator(f"{header} .badge").first.inner_text() == "LIVE"
+            writer.kill()
+            writer.wait(30)
+            page.wait_for_selector(f'{header}[data-status="interrupted"]')
+            assert page.locator(f"{header} .badge.interrupted").inner_text() == "interrupted"
+            row = '[data-testid="run-row"][data-run-id="killed-run"]'
+            page.wait_for_selector(f'{row}[data-status="interrupted"][data-live="false"]')
+            assert page.locator(f'{row} [data-testid="run-status"]').inner_text() == "interrupted"
+            assert bars(page, '[data-status="running"]').count() == 0
+            assert bars(page, '[data-status="interrupted"]').count() >= 1
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    assert not page.errors, page.errors
+
+
+def _has_running_run(db, run_id):
+    try:
+        runs = store.list_runs(store.open_store(str(db)))
+        return any(r["status"] == "running" for r in runs if r["run_id"] == run_id)
+    except store.StoreError:
+        return False
+
+
 def test_demo_run_screenshot(tmp_path, page, monkeypatch):
     """The README screenshot: cmbagent's demo workflow (group chat, code, files, a failed tool call)."""
     from otel_cmbagent.demo import run_demo

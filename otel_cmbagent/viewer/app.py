@@ -60,6 +60,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from otel_cmbagent import store
+from otel_cmbagent.exporters import writers
 from otel_cmbagent.exporters.websocket import DATA_FIELDS, envelope
 from otel_cmbagent.version import __version__
 
@@ -77,6 +78,7 @@ _RUNNING = "running"
 RECENT_WINDOW = timedelta(minutes=10)
 FULL_SCAN_SECONDS = 15.0
 GAP_TTL_SECONDS = 30.0
+LIVENESS_SECONDS = 2.0  # how often the writers of running rows are checked (a killed process: "interrupted")
 MAX_GAPS = 2_000
 CLIENT_QUEUE = 50_000
 MAX_RUNNING_IDS = 1_000
@@ -246,7 +248,8 @@ class _Source:
             statement = statement.where(c.agent_name.in_(list(agents)))
         statement = statement.order_by(c.execution_order, c.timestamp, c.id)
         with self.engine().connect() as connection:
-            return [store.decode_row(row._mapping) for row in connection.execute(statement)]
+            rows = [store.decode_row(row._mapping) for row in connection.execute(statement)]
+        return store.mark_interrupted(self.engine(), rows, table=table)
 
 
 # --- live feed: poll the table, broadcast what changed --------------------------------------------
@@ -272,6 +275,8 @@ class _Poller:
         self.source = source
         self.runs: dict[str, _RunState] = {}
         self.running: dict[str, str] = {}  # row id -> run key
+        self.writers: dict[str, str] = {}  # running row id -> the process that wrote it
+        self._last_liveness = 0.0
         self.ready = False
         self._last_full_scan = 0.0
         self.polls = 0
@@ -307,10 +312,12 @@ class _Poller:
                 for k, m in maxima.items():
                     self.runs[k] = _RunState(m)
                 if "status" in c:
-                    statement = sa.select(c.id, key).where(c.status == _RUNNING)
-                    for row_id, k in connection.execute(statement):
+                    statement = sa.select(table).where(c.status == _RUNNING)
+                    for raw in connection.execute(statement):
+                        row = store.decode_row(raw._mapping)
+                        k = row.get("run_id") or row.get("trace_id")
                         if k is not None:
-                            self.running[row_id] = k
+                            self._track(row, k)
                 self.ready = True
                 return []
             for k, highest in maxima.items():
@@ -344,10 +351,7 @@ class _Poller:
                 for order in seen:
                     state.gaps.pop(order, None)
                 for row in rows:
-                    if row.get("status") == _RUNNING:
-                        self.running[row["id"]] = k
-                    else:
-                        self.running.pop(row["id"], None)
+                    self._track(row, k)
                     out.append((k, row))
             if self.running and "status" in c:
                 fresh = {row_id for _k, row in out for row_id in (row.get("id"),)}
@@ -358,12 +362,46 @@ class _Poller:
                     statement = sa.select(table).where(c.id.in_(chunk), c.status != _RUNNING)
                     for raw in connection.execute(statement):
                         row = store.decode_row(raw._mapping)
-                        k = self.running.pop(row["id"], None)
+                        k = self.running.get(row["id"])
                         if k is not None:
+                            self._track(row, k)
                             finished.append((k, row))
                 finished.sort(key=lambda item: (item[0], item[1].get("execution_order") or 0))
                 out.extend(finished)
+        out.extend(self._interrupted(engine, table, monotonic))
         self.broadcast_rows += len(out)
+        return out
+
+    def _track(self, row: Mapping[str, Any], run_key: str) -> None:
+        """Remember a running row (and its writer), forget a final one."""
+        if row.get("status") == _RUNNING:
+            self.running[row["id"]] = run_key
+            meta = row.get("meta")
+            writer = meta.get(writers.WRITER_KEY) if isinstance(meta, dict) else None
+            if isinstance(writer, str):
+                self.writers[row["id"]] = writer
+        else:
+            self.running.pop(row["id"], None)
+            self.writers.pop(row["id"], None)
+
+    def _interrupted(self, engine: Engine, table: sa.Table, monotonic: float) -> list[tuple[str, dict[str, Any]]]:
+        """Every LIVENESS_SECONDS: the running rows whose writer is gone (killed), as ``interrupted`` rows."""
+        if not self.writers or monotonic - self._last_liveness < LIVENESS_SECONDS:
+            return []
+        self._last_liveness = monotonic
+        gone = writers.gone(engine, set(self.writers.values()))
+        ids = [row_id for row_id, writer in self.writers.items() if writer in gone]
+        if not ids:
+            return []
+        with engine.connect() as connection:
+            statement = sa.select(table).where(table.c.id.in_(ids[:500]), table.c.status == _RUNNING)
+            rows = [store.decode_row(raw._mapping) for raw in connection.execute(statement)]
+        out = []
+        for row in store.mark_interrupted(engine, rows, table=table):
+            k = self.running.get(row["id"])
+            if k is not None and row.get("status") != _RUNNING:
+                self._track(row, k)
+                out.append((k, row))
         return out
 
 

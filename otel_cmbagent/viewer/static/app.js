@@ -272,7 +272,8 @@
   }
 
   function statusBadge(status, label) {
-    const cls = status === 'failed' ? 'failed' : status === 'running' ? 'running' : 'completed';
+    // interrupted: its process was stopped (SIGTERM) or is gone (killed) while it ran - final, not live
+    const cls = status === 'failed' || status === 'running' || status === 'interrupted' ? status : 'completed';
     const badge = h('span', { class: 'badge ' + cls });
     if (cls === 'running') badge.append(h('span', { class: 'live-dot' }));
     badge.append(document.createTextNode(label || (cls === 'running' ? 'running' : cls)));
@@ -868,12 +869,13 @@
       h('span', { class: 'lbl-name' }, ev.name),
       ev.agent && ev.name.indexOf(ev.agent) < 0 ? h('span', { class: 'lbl-agent' }, ev.agent) : null,
       ev.status === 'failed' ? h('span', { class: 'lbl-status failed', title: 'failed' }, '✕') : null,
+      ev.status === 'interrupted' ? h('span', { class: 'lbl-status interrupted', title: 'interrupted' }, '⏹') : null,
       ev.status === 'running' ? h('span', { class: 'lbl-status running', title: 'running' }, '●') : null);
     label.style.setProperty('--indent', String(filters.type || filters.agent || filters.text ? 0 : ev.level));
     const bar = h('div', {
-      class: 'bar ' + typeClass(ev.type) + (ev.status === 'running' ? ' running' : ev.status === 'failed' ? ' failed' : ''),
+      class: 'bar ' + typeClass(ev.type) + (ev.status === 'running' || ev.status === 'failed' || ev.status === 'interrupted' ? ' ' + ev.status : ''),
       'data-testid': 'bar', 'data-event-id': ev.id, 'data-type': ev.type, 'data-status': ev.status, 'data-agent': ev.agent,
-      title: ev.name + ' — ' + (ev.status === 'running' ? 'running' : fmtDur(ev.e - ev.s)) + (ev.status === 'failed' ? ' (failed)' : ''),
+      title: ev.name + ' — ' + (ev.status === 'running' ? 'running' : fmtDur(ev.e - ev.s)) + (ev.status === 'failed' || ev.status === 'interrupted' ? ' (' + ev.status + ')' : ''),
     }, h('span', { class: 'bar-fill' }), h('span', { class: 'bar-dur' }, ev.status === 'running' ? 'running…' : fmtDur(ev.e - ev.s)));
     bar.style.setProperty('--s', String(ev.s));
     if (ev.e !== null) bar.style.setProperty('--e', String(ev.e));

@@ -1,0 +1,72 @@
+"""The spans still open, so a process being stopped (SIGTERM, exit) can end them as interrupted.
+
+Without this a stopped run's spans never end: their rows stay ``running`` and readers show the run live,
+its duration growing, forever. :meth:`OpenSpans.end_all` ends each open span - children first - with
+``cmbagent.interrupted`` set to the reason and an ERROR status, so every sink gets its final form (the SQL
+rows: status and ``event_subtype`` ``interrupted``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import weakref
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.trace import Status, StatusCode
+
+from . import semconv
+from .utils import log_internal_error
+
+
+class OpenSpans(SpanProcessor):
+    """Tracks the spans started and not yet ended (a dict insert and delete per span)."""
+
+    def __init__(self) -> None:
+        self._spans: dict[int, Span] = {}
+        self._lock = threading.Lock()
+        if hasattr(os, "register_at_fork"):  # a forked child (a pool worker) never ends its parent's spans
+            os.register_at_fork(after_in_child=functools.partial(_forget_after_fork, weakref.ref(self)))
+
+    def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
+        with self._lock:
+            self._spans[span.context.span_id] = span
+
+    def on_end(self, span: ReadableSpan) -> None:  # a ReadableSpan copy of the Span: keyed by span id
+        with self._lock:
+            self._spans.pop(span.context.span_id, None)
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def end_all(self, reason: str) -> int:
+        """End every open span as interrupted by ``reason`` (latest started first); returns how many."""
+        with self._lock:
+            spans = sorted(self._spans.values(), key=_start_time, reverse=True)
+            self._spans.clear()
+        ended = 0
+        for span in spans:
+            try:
+                if not span.is_recording():  # ended meanwhile by its own thread
+                    continue
+                span.set_attribute(semconv.INTERRUPTED, reason)
+                span.set_status(Status(StatusCode.ERROR, f"interrupted by {reason}"))
+                span.end()
+                ended += 1
+            except Exception as exc:  # noqa: BLE001
+                log_internal_error("ending open spans", exc)
+        return ended
+
+
+def _forget_after_fork(open_spans_ref: weakref.ref[OpenSpans]) -> None:
+    open_spans = open_spans_ref()
+    if open_spans is not None:
+        open_spans._lock = threading.Lock()
+        open_spans._spans = {}
+
+
+def _start_time(span: Any) -> int:
+    return getattr(span, "start_time", None) or 0
