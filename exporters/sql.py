@@ -293,7 +293,7 @@ class SQLEventSink(SpanProcessor):
             if heartbeat is not False else None
         self._worker = BackgroundWorker(
             "otel-cmbagent-sql", self._handle, max_queue=max_queue, max_batch=max_batch, tick=self._beat,
-            tick_interval=self._heartbeat.interval if self._heartbeat else float("inf"),
+            tick_interval=self._heartbeat.interval if self._heartbeat else float("inf"), quiesce_on_fork=True,
         )
         add_message_listener(self._on_message)
         self._shut_down = False

@@ -171,6 +171,7 @@ class _Flocked:
 
 
 def _after_fork_in_child() -> None:
+    _held_for_fork.clear()  # the child's counters get new locks below
     for engine in list(_engines.values()):
         engine.dispose(close=False)  # the parent's pooled connections stay the parent's
     for counter in list(_live_counters):
@@ -180,8 +181,23 @@ def _after_fork_in_child() -> None:
             _logger.warning("otel-cmbagent: cannot reopen the order counter %s after fork: %s", counter.ref(), exc)
 
 
+_held_for_fork: list[threading.Lock] = []
+
+
+def _before_fork() -> None:
+    """Let a database increment in flight finish first (SQLite: a child forked mid-statement finds the file locked)."""
+    for counter in list(_live_counters):
+        if isinstance(counter, DatabaseCounter) and counter.lock.acquire(timeout=5.0):
+            _held_for_fork.append(counter.lock)
+
+
+def _after_fork_in_parent() -> None:
+    while _held_for_fork:
+        _held_for_fork.pop().release()
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 class _OrderDirectory:

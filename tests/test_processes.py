@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from opentelemetry import trace
 
 import otel_cmbagent as oc
+from otel_cmbagent import store
 from otel_cmbagent.context import OrderSequence
 from otel_cmbagent.exporters.rows import is_message
 from otel_cmbagent.order_source import FileCounter, ORDERS_TABLE, SHARED_ORDER_ENV
@@ -203,6 +204,34 @@ def test_forked_workers_export_over_otlp_and_leave_the_websocket_to_the_parent(t
     assert "node-parent" in nodes_seen and "node-forked" not in nodes_seen
 
 
+def test_a_fork_waits_for_the_sql_batch_in_hand(tmp_path):
+    """Forked while the parent's SQL writer is inside a SQLite transaction, a child would find the file locked by
+    its own copy of SQLite's lock state (30 s busy, its rows never written): the fork waits for the batch."""
+    tracing = oc.setup_tracing(sql_url=f"sqlite:///{tmp_path / 'e.db'}", otlp=False, set_global=False,
+                               handle_sigterm=False)
+    parent, inside = os.getpid(), threading.Event()
+
+    def hold_the_transaction(connection, cursor, statement, *args) -> None:
+        if os.getpid() == parent and statement.startswith("INSERT INTO execution_events") and not inside.is_set():
+            inside.set()  # the INSERT ran: the write lock is held until the commit, after this pause
+            threading.Event().wait(0.5)
+
+    sa.event.listen(tracing.sql.engine, "after_cursor_execute", hold_the_transaction)
+    try:
+        with oc.run(name="fork-mid-write") as run:
+            threading.Thread(target=tracing.force_flush, daemon=True).start()
+            assert inside.wait(30)
+            child = multiprocessing.get_context("fork").Process(target=process_work.spans_in_step, args=("child",))
+            child.start()
+            child.join(120)
+        rows = run_rows(tracing, run)
+    finally:
+        tracing.shutdown()
+    assert child.exitcode == 0
+    assert_one_run(rows, run)
+    assert_steps_in_run(rows, ["child"])
+
+
 SIGTERM_SCRIPT = """
 import json, multiprocessing, os, signal, sqlite3, sys, time
 import otel_cmbagent as oc
@@ -259,7 +288,10 @@ def test_a_killed_worker_leaves_only_its_unwritten_number_and_blocks_nothing(tra
     assert len(orders) == len(set(orders))
     assert set(range(1, max(orders) + 1)) - set(orders) == {lost}
     doomed = next(r for r in rows if r["step_id"] == "doomed" and r["event_type"] == "step")
-    assert doomed["status"] == "running"
+    assert doomed["status"] == "running"  # in the table; readers see its writer (the worker) is gone:
+    shown = {r["id"]: r for r in store.run_events(tracing.sql.engine, run.run_id)}
+    assert shown[doomed["id"]]["status"] == "interrupted"
+    assert store.run_summary(tracing.sql.engine, run.run_id)["status"] == "completed"
     (died,) = [r for r in rows if r["event_type"] == "error"]
     assert died["status"] == "failed" and died["execution_order"] > lost
     assert min(r["execution_order"] for r in rows if r["step_id"] == "after") > lost
