@@ -176,7 +176,8 @@ def _pool(tasks: int, repeats: int, tmp: str) -> None:
     finally:
         tracing.shutdown()
     print(f"3. One process-pool task, ms (submit + result of a no-op, one at a time; best of {repeats}, {tasks} tasks)")
-    print(f"  uninstrumented {plain:.3f}   traced into SQLite {traced:.3f}   Δ {traced - plain:+.3f} ms   ×{traced / plain:.2f}")
+    print(f"  uninstrumented {plain:.3f}   traced into SQLite {traced:.3f}   Δ {traced - plain:+.3f} ms   "
+          f"×{traced / plain:.2f}")
     print("  (the traced task carries the context and flushes the worker's providers before returning)\n")
 
 
@@ -193,7 +194,8 @@ def main() -> None:
             ("in-process (run never left)", None),
             ("shared file (flock + mmap)", lambda key: FileCounter(os.path.join(tmp, f"order-{next(files)}"), key)),
         ]
-        db_sources: list[Source] = [("database: SQLite file", lambda key: DatabaseCounter(f"sqlite:///{tmp}/order.db", key))]
+        sqlite_url = f"sqlite:///{tmp}/order.db"
+        db_sources: list[Source] = [("database: SQLite file", lambda key: DatabaseCounter(sqlite_url, key))]
         if not args.no_postgres:
             try:
                 server = PostgresServer().start()

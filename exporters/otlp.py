@@ -180,7 +180,7 @@ class ContentPolicyExporter(SpanExporter):
     ) -> None:
         self.exporter = exporter
         if rebuild is not None and hasattr(os, "register_at_fork"):
-            # A forked child gets an exporter of its own: the parent's pooled connection (or channel) stays the parent's.
+            # A forked child gets an exporter of its own: the parent's pooled connection (or channel) stays its own.
             os.register_at_fork(after_in_child=functools.partial(_rebuild_after_fork, weakref.ref(self), rebuild))
         self.capture_content = capture_content
         self.spill_path = os.fspath(spill_path) if spill_path is not None else None

@@ -265,6 +265,9 @@ class SQLEventSink(SpanProcessor):
         heartbeat: bool | None = None,
     ) -> None:
         self.engine = make_engine(target)
+        if hasattr(os, "register_at_fork"):  # a forked child never uses the parent's pooled connections (this runs
+            # before the child's writer thread restarts: handlers run in the order they were registered)
+            os.register_at_fork(after_in_child=functools.partial(_dispose_after_fork, weakref.ref(self.engine)))
         self.table = table if table is not None else execution_events_table()
         self._create_table = table is None
         self._table_ready = False
@@ -297,8 +300,6 @@ class SQLEventSink(SpanProcessor):
         )
         add_message_listener(self._on_message)
         self._shut_down = False
-        if hasattr(os, "register_at_fork"):  # a forked child must never use the parent's pooled connections
-            os.register_at_fork(after_in_child=functools.partial(_dispose_after_fork, weakref.ref(self.engine)))
 
     # --- SpanProcessor --------------------------------------------------------
     def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:

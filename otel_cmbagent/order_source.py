@@ -354,7 +354,8 @@ def open_counter(ref: OrderRef) -> SharedCounter:
     with _opened_lock:
         counter = _opened.get(ref)
         if counter is None:
-            counter = FileCounter(ref.location, ref.key) if ref.kind == KIND_FILE else DatabaseCounter(ref.location, ref.key)
+            kind = FileCounter if ref.kind == KIND_FILE else DatabaseCounter
+            counter = kind(ref.location, ref.key)
             _opened[ref] = counter
         return counter
 

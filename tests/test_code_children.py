@@ -37,7 +37,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 provider = TracerProvider(resource=Resource.create({{"service.name": "camb-pipeline"}}))
 provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter()))
 tracer = provider.get_tracer("camb")
-context.attach(extract({{k.lower(): os.environ[k] for k in ("TRACEPARENT", "TRACESTATE", "BAGGAGE") if k in os.environ}}))
+carrier = {{k.lower(): os.environ[k] for k in ("TRACEPARENT", "TRACESTATE", "BAGGAGE") if k in os.environ}}
+context.attach(extract(carrier))
 with tracer.start_as_current_span("camb.compute_spectrum {label}") as span:
     span.set_attribute("camb.run_from_baggage", baggage.get_baggage("cmbagent.run_id") or "")
     block = bytearray({megabytes} * 1024 * 1024)
@@ -102,7 +103,8 @@ def test_an_executed_script_with_its_own_spans_lands_under_execute_code(sql_url,
     assert big[semconv.CODE_PROCESS_COUNT] == small[semconv.CODE_PROCESS_COUNT] == 1
     assert big[semconv.CODE_MAX_RSS] >= 160 * 1024 * 1024
     # the kernel's ru_maxrss of any child here is at least this process's peak (exec records it): not used as is
-    assert small[semconv.CODE_MAX_RSS] < min(100 * 1024 * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    parent_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert small[semconv.CODE_MAX_RSS] < min(100 * 1024 * 1024, parent_peak)
     assert big[semconv.CODE_CPU_USER] > small[semconv.CODE_CPU_USER] > 0
     assert big[semconv.CODE_CPU_SYSTEM] > 0
     for row in (big_row, small_row):  # the same figures on the span (OTLP) as in the row
@@ -144,7 +146,9 @@ def test_concurrent_code_runs_each_give_their_child_their_own_context(
                 else {"work_dir": str(work), "use_docker": False}
             )
             engineer = ConversableAgent("engineer", llm_config=llm.llm_config(price=[0, 0]))
-            runner = ConversableAgent("runner", llm_config=False, human_input_mode="NEVER", code_execution_config=config)
+            runner = ConversableAgent(
+                "runner", llm_config=False, human_input_mode="NEVER", code_execution_config=config
+            )
             with oc.run(name=name) as run:
                 runs[name] = run
                 runner.initiate_chat(engineer, message=f"Show the context of {name}.", max_turns=2, silent=True)

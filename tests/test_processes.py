@@ -47,8 +47,8 @@ def run_rows(tracing, run) -> list[dict]:
     assert tracing.force_flush()
     table = tracing.sql.table
     with tracing.sql.engine.connect() as connection:
-        result = connection.execute(sa.select(table).where(table.c.run_id == run.run_id).order_by(table.c.execution_order))
-        return [dict(row._mapping) for row in result]
+        query = sa.select(table).where(table.c.run_id == run.run_id).order_by(table.c.execution_order)
+        return [dict(row._mapping) for row in connection.execute(query)]
 
 
 def assert_one_run(rows: list[dict], run) -> None:
@@ -74,7 +74,8 @@ def assert_steps_in_run(rows: list[dict], nodes: list[str]) -> None:
 
 @pytest.mark.parametrize(
     "start_method, backend",
-    [("spawn", "sqlite"), ("fork", "sqlite"), ("forkserver", "sqlite"), ("spawn", "postgresql"), ("fork", "postgresql")],
+    [("spawn", "sqlite"), ("fork", "sqlite"), ("forkserver", "sqlite"), ("spawn", "postgresql"),
+     ("fork", "postgresql")],
 )
 def test_a_process_pool_dag_step_lands_in_the_run(start_method, backend, request, tmp_path):
     """cmbagent's ParallelExecutor(use_processes=True) shape: DAG nodes with real AG2 agents in a pool."""
@@ -155,7 +156,8 @@ def test_a_worker_with_its_own_provider_keeps_it(tracing, sql_url):
     """A pool whose initializer sets up a provider: the worker's spans go there, in the run's trace and order."""
     spawn = multiprocessing.get_context("spawn")
     with oc.run(name="initializer") as run:
-        with ProcessPoolExecutor(1, mp_context=spawn, initializer=process_work.own_provider, initargs=(sql_url,)) as pool:
+        pool = ProcessPoolExecutor(1, mp_context=spawn, initializer=process_work.own_provider, initargs=(sql_url,))
+        with pool:
             pool.submit(process_work.spans_in_step, "own").result(120)
         process_work.spans_in_step("after")
     rows = run_rows(tracing, run)
@@ -333,7 +335,8 @@ def test_the_order_can_live_in_the_database(tracing, monkeypatch):
     assert_one_run(rows, run)
     assert_steps_in_run(rows, ["a", "b", "after"])
     with tracing.sql.engine.connect() as connection:
-        last = connection.execute(sa.text(f"select last from {ORDERS_TABLE} where key = :k"), {"k": f"run:{run.run_id}"})
+        query = sa.text(f"select last from {ORDERS_TABLE} where key = :k")
+        last = connection.execute(query, {"k": f"run:{run.run_id}"})
         assert last.scalar_one() == len(rows)
     assert not isinstance(oc.context.sequence_for_run(run.run_id).shared, FileCounter)
 
