@@ -90,6 +90,7 @@ bench: $(AG2)/.ready
 	$(AG2)/bin/python benchmarks/bench_sinks.py
 	$(AG2)/bin/python benchmarks/bench_viewer.py
 	$(AG2)/bin/python benchmarks/bench_hardening.py
+	$(AG2)/bin/python benchmarks/bench_processes.py
 
 clean:
 	rm -rf $(VENV)

@@ -3,11 +3,13 @@ encodable, a span that still cannot be encoded isolated, drops counted, shutdown
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import Event, ReadableSpan
@@ -169,9 +171,17 @@ class ContentPolicyExporter(SpanExporter):
     once and appended to ``spill_path`` when given), and counts what was exported or failed."""
 
     def __init__(
-        self, exporter: SpanExporter, *, capture_content: bool, spill_path: str | os.PathLike[str] | None = None
+        self,
+        exporter: SpanExporter,
+        *,
+        capture_content: bool,
+        spill_path: str | os.PathLike[str] | None = None,
+        rebuild: Callable[[], SpanExporter] | None = None,
     ) -> None:
         self.exporter = exporter
+        if rebuild is not None and hasattr(os, "register_at_fork"):
+            # A forked child gets an exporter of its own: the parent's pooled connection (or channel) stays its own.
+            os.register_at_fork(after_in_child=functools.partial(_rebuild_after_fork, weakref.ref(self), rebuild))
         self.capture_content = capture_content
         self.spill_path = os.fspath(spill_path) if spill_path is not None else None
         self.exported = 0
@@ -250,6 +260,16 @@ class ContentPolicyExporter(SpanExporter):
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         flush = getattr(self.exporter, "force_flush", None)
         return flush(timeout_millis) if callable(flush) else True
+
+
+def _rebuild_after_fork(exporter_ref: weakref.ref[ContentPolicyExporter], rebuild: Callable[[], SpanExporter]) -> None:
+    exporter = exporter_ref()
+    if exporter is not None:
+        try:
+            exporter._lock = threading.Lock()
+            exporter.exporter = rebuild()
+        except Exception as exc:  # noqa: BLE001 - never break the fork
+            log_internal_error("OTLP exporter after fork", exc)
 
 
 class CountingBatchSpanProcessor(BatchSpanProcessor):
@@ -339,8 +359,9 @@ def otlp_span_processor(
     """
     allow_content = parse_bool_env(CAPTURE_CONTENT_ENV, False) if capture_content is None else capture_content
     inner = exporter if exporter is not None else make_otlp_exporter(protocol, endpoint)
+    rebuild = None if exporter is not None else functools.partial(make_otlp_exporter, protocol, endpoint)
     return CountingBatchSpanProcessor(
-        ContentPolicyExporter(inner, capture_content=allow_content, spill_path=spill_path),
+        ContentPolicyExporter(inner, capture_content=allow_content, spill_path=spill_path, rebuild=rebuild),
         shutdown_timeout_millis=shutdown_timeout_millis,
         **batch_options,
     )

@@ -9,10 +9,12 @@ file that ``replay()`` writes back idempotently.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,12 @@ def default_spill_path(engine: Engine) -> Path:
     return Path.cwd() / "otel_cmbagent.spill.jsonl"
 
 
+def _dispose_after_fork(engine_ref: weakref.ref[Engine]) -> None:
+    engine = engine_ref()
+    if engine is not None:
+        engine.dispose(close=False)
+
+
 class SQLEventSink(SpanProcessor):
     """A SpanProcessor that writes cmbagent ``execution_events`` rows (add it after the sequencer).
 
@@ -114,6 +122,9 @@ class SQLEventSink(SpanProcessor):
         heartbeat: bool | None = None,
     ) -> None:
         self.engine = make_engine(target)
+        if hasattr(os, "register_at_fork"):  # a forked child never uses the parent's pooled connections (this runs
+            # before the child's writer thread restarts: handlers run in the order they were registered)
+            os.register_at_fork(after_in_child=functools.partial(_dispose_after_fork, weakref.ref(self.engine)))
         self.table = table if table is not None else execution_events_table()
         self._create_table = table is None
         self._table_ready = False
@@ -142,7 +153,7 @@ class SQLEventSink(SpanProcessor):
             if heartbeat is not False else None
         self._worker = BackgroundWorker(
             "otel-cmbagent-sql", self._handle, max_queue=max_queue, max_batch=max_batch, tick=self._beat,
-            tick_interval=self._heartbeat.interval if self._heartbeat else float("inf"),
+            tick_interval=self._heartbeat.interval if self._heartbeat else float("inf"), quiesce_on_fork=True,
         )
         add_message_listener(self._on_message)
         self._shut_down = False

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -53,6 +56,14 @@ FAILURE_LOG_EVERY = 100
 _KIND_START = "start"
 _KIND_END = "end"
 _KIND_MESSAGE = "message"
+
+
+def _silence_after_fork(processor_ref: weakref.ref[WebsocketCallbackProcessor]) -> None:
+    processor = processor_ref()
+    if processor is not None:
+        processor._lock = threading.Lock()
+        processor._closed = True
+        processor._open.clear()
 
 
 def _span_key(span: Any) -> tuple[int, int]:
@@ -121,6 +132,8 @@ class WebsocketCallbackProcessor(SpanProcessor):
             "otel-cmbagent-websocket", self._handle, max_queue=max_queue, max_batch=64, delay=0.05
         )
         add_message_listener(self._on_message)
+        if hasattr(os, "register_at_fork"):  # the callback and its loop stay in the parent: a child sends nothing
+            os.register_at_fork(after_in_child=functools.partial(_silence_after_fork, weakref.ref(self)))
 
     # --- agent side: snapshot and queue, nothing else ---------------------------------
     def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import inspect
+import functools
 import logging
 import os
 import threading
@@ -54,6 +55,20 @@ def shutdown_timeout(millis: float | None = None) -> float:
     return DEFAULT_SHUTDOWN_TIMEOUT_MILLIS / 1000
 
 
+def _quiesce(worker_ref: weakref.ref[BackgroundWorker]) -> None:
+    """Before a fork: wait (bounded) until the worker is between batches, so no write is half done in the child."""
+    worker = worker_ref()
+    if worker is not None and not worker._shutdown and worker._thread is not threading.current_thread():
+        worker._io_held_for_fork = worker._io.acquire(timeout=shutdown_timeout())
+
+
+def _resume(worker_ref: weakref.ref[BackgroundWorker]) -> None:
+    worker = worker_ref()
+    if worker is not None and worker._io_held_for_fork:
+        worker._io_held_for_fork = False
+        worker._io.release()
+
+
 @dataclass
 class WorkerStats:
     enqueued: int = 0
@@ -83,6 +98,7 @@ class BackgroundWorker:
         delay: float = 0.1,
         tick: Callable[[], None] | None = None,
         tick_interval: float = 5.0,
+        quiesce_on_fork: bool = False,
     ) -> None:
         if max_queue <= 0 or max_batch <= 0:
             raise ValueError("max_queue and max_batch must be positive")
@@ -97,16 +113,23 @@ class BackgroundWorker:
         self._last_drop_log: float | None = None
         self._after_shutdown_logged = False
         self.abandoned = 0  # queued items dropped because shutdown gave up on a busy handler
+        self._io = threading.Lock()  # held while handle/tick run: a fork waits for the batch in hand
+        self._io_held_for_fork = False
         self._init_state()
         weak_self = weakref.ref(self)
 
         def _after_fork() -> None:
             worker = weak_self()
-            if worker is not None:
+            if worker is not None and not worker._shutdown:  # a shut-down sink stays shut down in the child
+                worker._io, worker._io_held_for_fork = threading.Lock(), False
                 worker._init_state()
 
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=_after_fork)
+            if quiesce_on_fork:  # e.g. SQLite: a child forked mid-transaction finds the file locked by itself
+                os.register_at_fork(
+                    before=functools.partial(_quiesce, weak_self), after_in_parent=functools.partial(_resume, weak_self)
+                )
 
     def _init_state(self) -> None:
         self._queue: collections.deque[Any] = collections.deque()
@@ -162,7 +185,8 @@ class BackgroundWorker:
                 self._busy = True
                 self.in_flight = len(batch)
             try:
-                self._handle(batch)
+                with self._io:
+                    self._handle(batch)
                 self.stats.processed += len(batch)
             except Exception:  # noqa: BLE001
                 self.stats.failed += len(batch)
@@ -180,7 +204,8 @@ class BackgroundWorker:
             return
         self._last_tick = now
         try:
-            self.tick()
+            with self._io:
+                self.tick()
         except Exception as exc:  # noqa: BLE001
             log_internal_error(f"{self.name} tick", exc)
 

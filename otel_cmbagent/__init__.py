@@ -11,6 +11,7 @@ from .pipeline.config import InstrumentationConfig
 from .pipeline.context import RunIdentity, current_identity, propagate_context, run, step
 from .pipeline.processor import SequencingSpanProcessor
 from .tracing import Tracing, setup_tracing
+from .instrumentation.processes import carry
 from .version import __version__
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "SequencingSpanProcessor",
     "Tracing",
     "__version__",
+    "carry",
     "current_identity",
     "instrument",
     "propagate_context",

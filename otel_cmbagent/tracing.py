@@ -36,6 +36,7 @@ class Tracing:
     websocket: SpanProcessor | None = None
     instrumentor: AG2Instrumentor | None = None
     open_spans: OpenSpans | None = None
+    worker_setup: Any = field(default=None, repr=False)  # how worker processes rebuild these sinks
     _shut_down: bool = field(default=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -138,6 +139,12 @@ def setup_tracing(
     except BaseException:
         provider.shutdown()
         raise
+    from .instrumentation.processes import worker_setup
+
+    tracing.worker_setup = worker_setup(
+        tracing.sql, service_name=service_name, otlp=tracing.otlp is not None, capture_content=capture_content,
+        write_on_start=write_on_start, spill_path=spill_path, instrument=instrument,
+    )
 
     if set_global:
         _set_global_provider(provider)

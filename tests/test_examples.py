@@ -128,10 +128,10 @@ def test_group_chat_handoffs_and_message_counts(tmp_path):
     assert "TERMINATE" in json.dumps([r["inputs"] for r in rows if is_message(r) and r["inputs"]["sender"] == "reviewer"])
 
 
-def test_dag_parallel_steps_share_the_run_and_overlap(tmp_path):
-    """dag_parallel_steps.py: fit and plot run in two threads, in one run and trace, at the same time."""
-    db = tmp_path / "dag.db"
-    out = example("dag_parallel_steps", tmp_path, "--db", str(db))
+def dag_example(name: str, tmp_path: Path) -> tuple[str, list[dict], dict[str, dict]]:
+    """Run a DAG example: its output, its rows (one run, one trace, one tree, gapless) and its plan/fit/plot steps."""
+    db = tmp_path / f"{name}.db"
+    out = example(name, tmp_path, "--db", str(db))
     rows = db_rows(db)
     assert_gapless(rows)
     assert_tree(rows)
@@ -140,6 +140,13 @@ def test_dag_parallel_steps_share_the_run_and_overlap(tmp_path):
     steps = {r["step_id"]: r for r in rows if r["event_type"] == "step"}
     assert set(steps) == {"plan", "fit", "plot"}
     assert all(s["parent_event_id"] == root["id"] and s["node_id"] == f"node-{k}" for k, s in steps.items())
+    return out, rows, steps
+
+
+def test_dag_parallel_steps_share_the_run_and_overlap(tmp_path):
+    """dag_parallel_steps.py: fit and plot run in two threads, in one run and trace, at the same time."""
+    out, rows, steps = dag_example("dag_parallel_steps", tmp_path)
+    root = rows[0]
     fit, plot = steps["fit"], steps["plot"]
     start = max(datetime.fromisoformat(fit["started_at"]), datetime.fromisoformat(plot["started_at"]))
     end = min(datetime.fromisoformat(fit["completed_at"]), datetime.fromisoformat(plot["completed_at"]))
@@ -150,6 +157,21 @@ def test_dag_parallel_steps_share_the_run_and_overlap(tmp_path):
         assert llm["step_id"] == step_id
     assert "same run and trace: True; overlapping: True" in out
     assert "gapless: True" in out and f"trace {root['trace_id']}" in out
+
+
+def test_process_pool_steps_join_the_run(tmp_path):
+    """process_pool.py: steps in spawned workers and their code run land in the run's trace and one order."""
+    out, rows, _ = dag_example("process_pool", tmp_path)
+    for step_id in ("fit", "plot"):  # the worker's own AG2 spans, under its step
+        assert {"conversation", "agent_call", "llm_call"} <= {r["event_type"] for r in rows if r["step_id"] == step_id}
+    (run_code,) = [r for r in rows if r["event_type"] == "code_exec"]
+    assert run_code["step_id"] == "fit" and run_code["meta"]["exit_code"] == 0
+    assert f"parent span {run_code['span_id']}" in run_code["outputs"]["result"]
+    assert run_code["meta"]["cmbagent.code.cpu_user_s"] > 0 and run_code["meta"]["cmbagent.code.max_rss_bytes"] > 0
+    workers = re.search(r"^this process (\d+), workers \[(\d+), (\d+)\]$", out, re.MULTILINE)
+    assert workers and len(set(workers.groups())) == 3
+    assert "its TRACEPARENT names this span: True" in out
+    assert f"{len(rows)} rows from 3 processes, one trace: True; orders 1..{len(rows)} gapless: True" in out
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -229,7 +251,9 @@ def test_cmbagent_drop_in_rows_in_one_order(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["quickstart", "group_chat", "dag_parallel_steps", "otlp_collector", "live_websocket", "cmbagent_drop_in"]
+    "name",
+    ["quickstart", "group_chat", "dag_parallel_steps", "process_pool", "otlp_collector", "live_websocket",
+     "cmbagent_drop_in"],
 )
 def test_examples_take_a_real_endpoint(tmp_path, name):
     """--llm-url/--model send every LLM call of the example to that OpenAI-compatible endpoint instead."""

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import sqlalchemy as sa
 
 import otel_cmbagent as oc
 from otel_cmbagent.table.rows import event_id

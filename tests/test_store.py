@@ -8,7 +8,6 @@ import uuid
 from datetime import datetime, timezone
 
 import pytest
-import sqlalchemy as sa
 from autogen import ConversableAgent
 from autogen.coding import LocalCommandLineCodeExecutor
 

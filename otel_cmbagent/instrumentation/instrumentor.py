@@ -48,7 +48,7 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
     """Trace AG2 (classic ``autogen`` API): conversations, agent turns, LLM calls, tools, code, files, handoffs.
 
     ``instrument(tracer_provider=None, capture_content=None, max_value_length=None,
-    track_files=None, instrument_threading=True, add_sequencer=True)``. With
+    track_files=None, instrument_threading=True, instrument_processes=True, add_sequencer=True)``. With
     ``add_sequencer`` an SDK provider that has no ``SequencingSpanProcessor`` gets
     one, so zero-code (``opentelemetry-instrument``) runs are ordered too.
     """
@@ -61,6 +61,7 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
             return
         super().__init__()
         self._patches = PatchSet()
+        self._process_patches = PatchSet()  # the standard library's (process pools, Process, Popen): not AG2's
         self._active = False
         self._runtime: Runtime | None = None
         self._threading: Callable[[], None] | None = None  # undoes thread context propagation
@@ -102,11 +103,14 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
                 wrapt.register_post_import_hook(self._patch_executor_module, module)
             if kwargs.get("instrument_threading", True):
                 self._instrument_threading()
+            if kwargs.get("instrument_processes", True):
+                self._instrument_processes()
 
     def _uninstrument(self, **kwargs: Any) -> None:
         with self._lock:
             self._active = False
             self._patches.restore()
+            self._process_patches.restore()
             _TracerSource.provider = None
             if self._threading is not None:
                 try:
@@ -193,6 +197,17 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
             return self._patches.wrap(
                 executor_class, "execute_code_blocks", traced(self._runtime, code.start_executor, code.finish, original)
             )
+
+    def _instrument_processes(self) -> None:
+        """Work in other processes stays in the run (pools, Process, code-run children); undone with the rest."""
+        from .processes import instrument_processes
+        from .subprocess_context import instrument_code_children
+
+        try:
+            instrument_processes(self._process_patches)
+            instrument_code_children(self._process_patches)
+        except Exception as exc:  # noqa: BLE001
+            log_internal_error("process context propagation", exc)
 
     def _instrument_threading(self) -> None:
         try:

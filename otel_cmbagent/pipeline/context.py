@@ -7,6 +7,7 @@ threading instrumentation, and never leaks into a concurrent run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import itertools
@@ -43,24 +44,56 @@ class OrderSequence:
     Only the increment is serialised: measured here, a lock around the whole processor
     hook costs 5-17 µs per span under thread contention, and even a lock around the
     increment alone adds up with 8 threads; ``itertools.count`` needs none under the GIL.
+    When work of the run leaves the process, :meth:`share` hands the counting over to a
+    counter every process of the run uses (:mod:`otel_cmbagent.pipeline.order_source`).
     """
 
-    __slots__ = ("_counter", "_last", "_lock", "open_spans", "__weakref__")
+    __slots__ = ("_counter", "_last", "_lock", "_boundary", "shared", "open_spans", "__weakref__")
 
     def __init__(self) -> None:
-        self._counter = itertools.count(1)
+        self._counter: Any = itertools.count(1)
         self._last = 0
         self._lock = None if _GIL else threading.Lock()
+        self._boundary = 0  # the first number of the shared counter (set by share)
+        self.shared: Any = None  # the cross-process counter, once work of the run left the process
         self.open_spans = 0
 
     def next(self) -> int:
+        counter = self._counter
         if self._lock is None:
-            value = next(self._counter)
+            value = next(counter)
         else:
             with self._lock:
-                value = next(self._counter)
+                counter = self._counter
+                value = next(counter)
+        if counter is not self._counter:  # handed over to the shared counter while we took this one
+            value = self._after_handover(value)
         self._last = value  # informational (stats); orders come from the counter
         return value
+
+    def _after_handover(self, value: int) -> int:
+        shared = self.shared
+        if shared is None:  # continue_after replaced the in-process counter: its numbers are as good
+            return value
+        with shared.lock:  # share() holds it until the boundary is known
+            boundary = self._boundary
+        return value if value < boundary else next(shared)
+
+    def share(self, counter: Any) -> None:
+        """From now on take numbers from ``counter``, after every number this process has handed out.
+
+        A thread that loaded the in-process counter just before the swap and takes a number from it
+        afterwards sees the swap and takes a shared number instead (numbers below the boundary it keeps).
+        """
+        with counter.lock, self._lock or contextlib.nullcontext():  # shared takers wait for the boundary
+            if self.shared is not None:
+                return
+            old = self._counter
+            self.shared = counter
+            self._counter = counter
+            boundary = next(old)  # no number >= this was handed out before the swap
+            counter.start_after_locked(boundary - 1)
+            self._boundary = boundary
 
     @property
     def last(self) -> int:
@@ -68,9 +101,11 @@ class OrderSequence:
 
     def continue_after(self, value: int) -> None:
         """Go on from ``value`` (a run resumed by a new captor or process: its orders stay unique)."""
-        if value > self._last:
+        if self.shared is not None:
+            self.shared.continue_after(value)
+        elif value > self._last:
             self._counter = itertools.count(value + 1)
-            self._last = value
+        self._last = max(self._last, value)
 
 
 # One sequence per live run id: two scopes that share a run id share one order.

@@ -8,7 +8,10 @@ rows: status and ``event_subtype`` ``interrupted``).
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
+import weakref
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -25,6 +28,8 @@ class OpenSpans(SpanProcessor):
     def __init__(self) -> None:
         self._spans: dict[int, Span] = {}
         self._lock = threading.Lock()
+        if hasattr(os, "register_at_fork"):  # a forked child (a pool worker) never ends its parent's spans
+            os.register_at_fork(after_in_child=functools.partial(_forget_after_fork, weakref.ref(self)))
 
     def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
         with self._lock:
@@ -54,6 +59,13 @@ class OpenSpans(SpanProcessor):
             except Exception as exc:  # noqa: BLE001
                 log_internal_error("ending open spans", exc)
         return ended
+
+
+def _forget_after_fork(open_spans_ref: weakref.ref[OpenSpans]) -> None:
+    open_spans = open_spans_ref()
+    if open_spans is not None:
+        open_spans._lock = threading.Lock()
+        open_spans._spans = {}
 
 
 def _start_time(span: Any) -> int:

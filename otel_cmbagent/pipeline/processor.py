@@ -54,6 +54,12 @@ def next_event_order(span: trace.Span) -> int | None:
     return sequence.next() if sequence is not None else None
 
 
+def trace_sequence(trace_id: int) -> OrderSequence | None:
+    """The live counter of a trace without a run (None when none of its spans is open)."""
+    with _trace_sequences_lock:
+        return _trace_sequences.get(trace_id) or _ended_trace_sequences.get(trace_id)
+
+
 def open_trace_sequences() -> int:
     """How many traces without a run have live counters (for memory checks)."""
     return len(_trace_sequences)
