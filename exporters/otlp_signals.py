@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 import warnings
 from typing import Any
 
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, Resource
 
 from otel_cmbagent.pipeline.logs import ScrubbingFormatter
 
@@ -96,6 +97,8 @@ def meter_provider(resource: Resource) -> Any:
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
     readers = [PeriodicExportingMetricReader(_metric_exporter(name)) for name in _chosen_exporters("METRICS")]
+    if SERVICE_INSTANCE_ID not in resource.attributes:  # SDKs before 1.45 add none: one series per process
+        resource = resource.merge(Resource({SERVICE_INSTANCE_ID: str(uuid.uuid4())}))
     return MeterProvider(metric_readers=readers, resource=resource)
 
 

@@ -178,6 +178,7 @@ def setup_tracing(
     tracing.worker_setup = worker_setup(
         tracing.sql, service_name=service_name, otlp=tracing.otlp is not None, capture_content=capture_content,
         write_on_start=write_on_start, spill_path=spill_path, instrument=instrument,
+        metrics=tracing.meter_provider is not None, logs=tracing.logger_provider is not None,
     )
 
     if set_global:
