@@ -236,3 +236,81 @@ def test_defaults_follow_the_standard_variables(monkeypatch, variables, metrics,
         assert (tracing.metrics is not None) == metrics
     finally:
         tracing.shutdown()
+
+
+# --- which spans count: ours, the compat captures', AG2's own; never totals or other instrumentations' ------
+def _points(reader) -> dict:
+    """{metric name: {frozenset(attributes): value or (count, sum)}} from a real in-memory reader."""
+    found: dict = {}
+    data = reader.get_metrics_data()
+    for resource_metrics in data.resource_metrics if data else ():
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                for point in metric.data.data_points:
+                    value = (point.count, point.sum) if hasattr(point, "bucket_counts") else point.value
+                    found.setdefault(metric.name, {})[frozenset(point.attributes.items())] = value
+    return found
+
+
+@pytest.fixture
+def metrics_reader():
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    yield reader, MeterProvider(metric_readers=[reader])
+
+
+def test_ag2_own_spans_count_and_totals_or_other_instrumentations_do_not(metrics_reader):
+    from opentelemetry.sdk.trace import TracerProvider
+
+    reader, meter_provider = metrics_reader
+    provider = TracerProvider()
+    provider.add_span_processor(oc.MetricsSpanProcessor(meter_provider))
+    ag2 = provider.get_tracer("opentelemetry.instrumentation.ag2")  # as autogen.opentelemetry names its spans
+    usage = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m", "gen_ai.usage.input_tokens": 11,
+             "gen_ai.usage.output_tokens": 5}
+    ag2.start_span("chat m", attributes={**usage, "ag2.span.type": "llm"}).end()
+    ag2.start_span("execute_tool fit", attributes={"ag2.span.type": "tool", "gen_ai.tool.name": "fit"}).end()
+    provider.get_tracer("opentelemetry.instrumentation.openai_v2").start_span("chat m", attributes=usage).end()
+    ours = provider.get_tracer("otel_cmbagent")
+    ours.start_span("conversation a", attributes={**usage, "cmbagent.event_type": "conversation"}).end()
+    ours.start_span("invoke_workflow r", attributes={**usage, "cmbagent.event_type": "run",
+                                                     "gen_ai.usage.cost": 2.0}).end()
+    points = _points(reader)
+    tokens = {dict(k)["gen_ai.token.type"]: v for k, v in points["gen_ai.client.token.usage"].items()}
+    assert tokens == {"input": (1, 11), "output": (1, 5)}, "AG2's LLM span once; totals and openai-v2's never"
+    assert list(points["cmbagent.tool.calls"].values()) == [1]
+    assert "cmbagent.run.cost" not in points
+
+
+def test_compat_captures_count(metrics_reader):
+    from otel_cmbagent.compat import EventCaptureManager
+
+    reader, meter_provider = metrics_reader
+    captor = EventCaptureManager(None, "run-compat-metrics", "s")
+    captor._sinks = (*captor._sinks, oc.MetricsSpanProcessor(meter_provider))
+    event_id = captor.capture_agent_call("engineer", "fit it")
+    captor.capture_tool_call("engineer", "fit_spectrum", {"n": 3}, result="ok")
+    captor.capture_code_execution("engineer", "raise SystemExit(2)", exit_code=2, result="")
+    captor.capture_agent_response("engineer", "done", event_id=event_id)
+    captor.close()
+    points = _points(reader)
+    assert {dict(k)["gen_ai.tool.name"]: v for k, v in points["cmbagent.tool.calls"].items()} == {"fit_spectrum": 1}
+    (code_run,) = points["cmbagent.code.runs"]
+    assert dict(code_run)["ag2.code_execution.exit_code"] == 2 and dict(code_run)["cmbagent.outcome"] == "error"
+    assert {dict(k)["gen_ai.agent.name"] for k in points["cmbagent.agent.turns"]} == {"engineer"}
+    assert not any("cmbagent.run_id" in dict(k) for series in points.values() for k in series)
+
+
+def test_a_broken_span_never_escapes_the_processor(metrics_reader):
+    _, meter_provider = metrics_reader
+
+    class Broken:
+        attributes = None
+
+        @property
+        def _attributes(self):
+            raise RuntimeError("not a span")
+
+    oc.MetricsSpanProcessor(meter_provider).on_end(Broken())  # logged once, never raised
