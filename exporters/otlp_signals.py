@@ -8,6 +8,7 @@ the SDK's own machinery honours ``OTEL_METRIC_EXPORT_INTERVAL``/``_TIMEOUT``, ``
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import uuid
@@ -67,28 +68,22 @@ def _protocol(signal: str) -> str:
                          or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf")
 
 
-def _metric_exporter(name: str) -> Any:
-    if name == "console":
-        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+# Where each signal's exporters live: console, OTLP/gRPC, OTLP/HTTP (module, class).
+_EXPORTER_CLASSES = {
+    "METRICS": (("opentelemetry.sdk.metrics.export", "ConsoleMetricExporter"),
+                ("opentelemetry.exporter.otlp.proto.grpc.metric_exporter", "OTLPMetricExporter"),
+                ("opentelemetry.exporter.otlp.proto.http.metric_exporter", "OTLPMetricExporter")),
+    "LOGS": (("opentelemetry.sdk._logs.export", "ConsoleLogExporter"),
+             ("opentelemetry.exporter.otlp.proto.grpc._log_exporter", "OTLPLogExporter"),
+             ("opentelemetry.exporter.otlp.proto.http._log_exporter", "OTLPLogExporter")),
+}
 
-        return ConsoleMetricExporter()
-    if _protocol("METRICS") == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-    else:
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-    return OTLPMetricExporter()
 
-
-def _log_exporter(name: str) -> Any:
-    if name == "console":
-        from opentelemetry.sdk._logs.export import ConsoleLogExporter
-
-        return ConsoleLogExporter()
-    if _protocol("LOGS") == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
-    else:
-        from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
-    return OTLPLogExporter()
+def _exporter(signal: str, name: str) -> Any:
+    """A new exporter of ``signal`` for ``name`` ("console" or "otlp", over the configured protocol)."""
+    console, grpc, http = _EXPORTER_CLASSES[signal]
+    module, cls = console if name == "console" else grpc if _protocol(signal) == "grpc" else http
+    return getattr(importlib.import_module(module), cls)()
 
 
 def meter_provider(resource: Resource) -> Any:
@@ -96,7 +91,7 @@ def meter_provider(resource: Resource) -> Any:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-    readers = [PeriodicExportingMetricReader(_metric_exporter(name)) for name in _chosen_exporters("METRICS")]
+    readers = [PeriodicExportingMetricReader(_exporter("METRICS", name)) for name in _chosen_exporters("METRICS")]
     if SERVICE_INSTANCE_ID not in resource.attributes:  # SDKs before 1.45 add none: one series per process
         resource = resource.merge(Resource({SERVICE_INSTANCE_ID: str(uuid.uuid4())}))
     return MeterProvider(metric_readers=readers, resource=resource)
@@ -109,7 +104,7 @@ def logger_provider(resource: Resource) -> Any:
 
     provider = LoggerProvider(resource=resource)
     for name in _chosen_exporters("LOGS"):
-        provider.add_log_record_processor(BatchLogRecordProcessor(_log_exporter(name)))
+        provider.add_log_record_processor(BatchLogRecordProcessor(_exporter("LOGS", name)))
     return provider
 
 

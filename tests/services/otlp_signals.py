@@ -30,36 +30,39 @@ def _point(metric: Any, kind: str, point: Any) -> dict[str, Any]:
     return decoded
 
 
-def decode_metrics(request: "metrics_service_pb2.ExportMetricsServiceRequest") -> list[dict[str, Any]]:
+def _walk(resources: Any, scopes: str, items: Callable[[Any], Any]) -> Any:
+    """(resource attributes, scope name, item) for every item of an export request's resource/scope lists."""
     from .otlp_receiver import _attributes
 
-    points: list[dict[str, Any]] = []
-    for resource_metrics in request.resource_metrics:
-        resource = _attributes(resource_metrics.resource.attributes)
-        for scope_metrics in resource_metrics.scope_metrics:
-            for metric in scope_metrics.metrics:
-                kind = metric.WhichOneof("data")
-                for point in getattr(metric, kind).data_points:
-                    points.append({**_point(metric, kind, point), "resource": resource,
-                                   "scope": scope_metrics.scope.name})
-    return points
+    for resource_items in resources:
+        resource = _attributes(resource_items.resource.attributes)
+        for scope_items in getattr(resource_items, scopes):
+            for item in items(scope_items):
+                yield resource, scope_items.scope.name, item
+
+
+def _metric_points(scope_metrics: Any) -> Any:
+    for metric in scope_metrics.metrics:
+        kind = metric.WhichOneof("data")
+        for point in getattr(metric, kind).data_points:
+            yield metric, kind, point
+
+
+def decode_metrics(request: "metrics_service_pb2.ExportMetricsServiceRequest") -> list[dict[str, Any]]:
+    return [{**_point(metric, kind, point), "resource": resource, "scope": scope}
+            for resource, scope, (metric, kind, point) in _walk(request.resource_metrics, "scope_metrics",
+                                                                _metric_points)]
 
 
 def decode_logs(request: "logs_service_pb2.ExportLogsServiceRequest") -> list[dict[str, Any]]:
     from .otlp_receiver import _any_value, _attributes
 
-    records: list[dict[str, Any]] = []
-    for resource_logs in request.resource_logs:
-        resource = _attributes(resource_logs.resource.attributes)
-        for scope_logs in resource_logs.scope_logs:
-            for record in scope_logs.log_records:
-                records.append({
-                    "body": _any_value(record.body), "severity_text": record.severity_text,
-                    "severity_number": record.severity_number, "trace_id": record.trace_id.hex(),
-                    "span_id": record.span_id.hex(), "attributes": _attributes(record.attributes),
-                    "resource": resource, "scope": scope_logs.scope.name, "time_unix_nano": record.time_unix_nano,
-                })
-    return records
+    return [{
+        "body": _any_value(record.body), "severity_text": record.severity_text,
+        "severity_number": record.severity_number, "trace_id": record.trace_id.hex(),
+        "span_id": record.span_id.hex(), "attributes": _attributes(record.attributes),
+        "resource": resource, "scope": scope, "time_unix_nano": record.time_unix_nano,
+    } for resource, scope, record in _walk(request.resource_logs, "scope_logs", lambda s: s.log_records)]
 
 
 # path -> (request class, response class, decoder, the receiver's list it fills)
