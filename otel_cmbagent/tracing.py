@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import signal
@@ -83,12 +84,18 @@ class Tracing:
             from otel_cmbagent.exporters.otlp_signals import detach_log_handlers
 
             detach_log_handlers(only=self.log_handler)
-        for provider in (self.meter_provider, self.logger_provider):
-            if provider is not None:
-                try:
-                    provider.shutdown()
-                except Exception:  # noqa: BLE001
-                    _logger.exception("otel-cmbagent: shutting down the %s failed", type(provider).__name__)
+        from otel_cmbagent.exporters.worker import shutdown_timeout
+
+        shutdowns = []
+        if self.meter_provider is not None:  # its last export waits at most the sinks' shutdown timeout
+            shutdowns.append(functools.partial(self.meter_provider.shutdown, shutdown_timeout() * 1000))
+        if self.logger_provider is not None:
+            shutdowns.append(self.logger_provider.shutdown)
+        for shutdown in shutdowns:
+            try:
+                shutdown()
+            except Exception:  # noqa: BLE001
+                _logger.exception("otel-cmbagent: shutting down metrics or logs failed")
 
     @property
     def stats(self) -> dict[str, dict[str, int]]:
