@@ -15,6 +15,7 @@ import uuid
 import warnings
 from typing import Any
 
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult
 from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, Resource
 
 from otel_cmbagent.pipeline.logs import ScrubbingFormatter
@@ -86,15 +87,45 @@ def _exporter(signal: str, name: str) -> Any:
     return getattr(importlib.import_module(module), cls)()
 
 
+class _ThisProcessOnly(MetricExporter):
+    """An exporter that exports only in the process that made it. A forked child's copy of the parent's
+    MeterProvider holds the parent's points so far (the SDK copies them and restarts the reader's thread):
+    exported from the child, under the child's ``service.instance.id``, they would be counted twice."""
+
+    def __init__(self, inner: MetricExporter) -> None:
+        super().__init__(preferred_temporality=getattr(inner, "_preferred_temporality", None),
+                         preferred_aggregation=getattr(inner, "_preferred_aggregation", None))
+        self.inner = inner
+        self._pid = os.getpid()
+
+    def export(self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+        if os.getpid() != self._pid:
+            return MetricExportResult.SUCCESS
+        return self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return self.inner.force_flush(timeout_millis) if os.getpid() == self._pid else True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        if os.getpid() == self._pid:
+            self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
+def this_process(resource: Resource) -> Resource:
+    """``resource`` with this process's ``service.instance.id`` (the SDK's own since 1.45, else a new one):
+    each process, forked children included, exports its own series."""
+    detected = Resource.create({}).attributes.get(SERVICE_INSTANCE_ID)
+    return resource.merge(Resource({SERVICE_INSTANCE_ID: detected or str(uuid.uuid4())}))
+
+
 def meter_provider(resource: Resource) -> Any:
     """A MeterProvider with one periodic reader per exporter ``OTEL_METRICS_EXPORTER`` names (default OTLP)."""
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-    readers = [PeriodicExportingMetricReader(_exporter("METRICS", name)) for name in _chosen_exporters("METRICS")]
-    if SERVICE_INSTANCE_ID not in resource.attributes:  # SDKs before 1.45 add none: one series per process
-        resource = resource.merge(Resource({SERVICE_INSTANCE_ID: str(uuid.uuid4())}))
-    return MeterProvider(metric_readers=readers, resource=resource)
+    readers = [PeriodicExportingMetricReader(_ThisProcessOnly(_exporter("METRICS", name)))
+               for name in _chosen_exporters("METRICS")]
+    return MeterProvider(metric_readers=readers, resource=this_process(resource))
 
 
 def logger_provider(resource: Resource) -> Any:

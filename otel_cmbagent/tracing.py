@@ -20,6 +20,7 @@ from .instrumentation.instrumentor import AG2Instrumentor
 from .pipeline.config import InstrumentationConfig
 from .pipeline.open_spans import OpenSpans
 from .pipeline.processor import SequencingSpanProcessor
+from .pipeline.values import log_internal_error
 
 _logger = logging.getLogger(__name__)
 
@@ -213,9 +214,26 @@ def _add_metrics_and_logs(tracing: Tracing, resource: Resource, metrics: bool | 
         tracing.meter_provider = otlp_signals.meter_provider(resource)
         tracing.metrics = MetricsSpanProcessor(tracing.meter_provider)
         tracing.tracer_provider.add_span_processor(tracing.metrics)
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=functools.partial(_own_meter_provider, weakref.ref(tracing), resource))
     if logs if logs is not None else otlp_signals.signal_configured("LOGS"):
         tracing.logger_provider = otlp_signals.logger_provider(resource)
         tracing.log_handler = otlp_signals.attach_log_handler(tracing.logger_provider)
+
+
+def _own_meter_provider(tracing_ref: weakref.ref[Tracing], resource: Resource) -> None:
+    """In a forked child: a MeterProvider of its own (the inherited copy holds the parent's points and no
+    longer exports, see ``otlp_signals._ThisProcessOnly``), so the child exports only what it records."""
+    tracing = tracing_ref()
+    if tracing is None or tracing._shut_down or tracing.metrics is None:
+        return
+    try:
+        from otel_cmbagent.exporters import otlp_signals
+
+        tracing.meter_provider = otlp_signals.meter_provider(resource)
+        tracing.metrics.rebind(tracing.meter_provider)  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001
+        log_internal_error("metrics in a forked process", exc)
 
 
 # A conversation span carries one event per message; the SDK's default of 128 events

@@ -314,3 +314,37 @@ def test_a_broken_span_never_escapes_the_processor(metrics_reader):
             raise RuntimeError("not a span")
 
     oc.MetricsSpanProcessor(meter_provider).on_end(Broken())  # logged once, never raised
+
+
+def test_a_forked_worker_exports_its_own_points_once(scripted_llm, monkeypatch):
+    """A fork copies the parent's MeterProvider with the points recorded so far: the worker exports only
+    its own (its own service.instance.id), so the sums over every process match the spans' tokens."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import process_work
+
+    with OTLPHTTPReceiver() as receiver:
+        _otlp_env(monkeypatch, receiver, OTEL_METRIC_EXPORT_INTERVAL="600000")
+        tracing = oc.setup_tracing(sql_url=None, set_global=False, handle_sigterm=False)
+        scripted_llm.push(text("parent", prompt_tokens=100, completion_tokens=10),
+                          text("worker", prompt_tokens=7, completion_tokens=3))
+        with oc.run(name="forked-metrics"):
+            assistant = ConversableAgent("assistant", llm_config=scripted_llm.llm_config())
+            user = ConversableAgent("user", llm_config=False, human_input_mode="NEVER", code_execution_config=False)
+            user.initiate_chat(assistant, message="hi", max_turns=1, silent=True)
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+                worker_pid = pool.submit(process_work.dag_step, "w", scripted_llm.llm_config(), "go").result(120)
+        tracing.shutdown()
+        spans, metrics = receiver.spans, receiver.metrics
+    llm_spans = _of(spans, "llm_call")
+    assert len(llm_spans) == 2
+    latest: dict = {}
+    for point in (p for p in metrics if p["name"] == "gen_ai.client.token.usage"):
+        key = (point["resource"]["service.instance.id"], point["attributes"]["gen_ai.token.type"])
+        if key not in latest or point["time_unix_nano"] >= latest[key]["time_unix_nano"]:
+            latest[key] = point
+    assert len({instance for instance, _ in latest}) == 2 and worker_pid
+    for token_type, total in (("input", 107), ("output", 10 + 3)):
+        assert sum(p["sum"] for (_, t), p in latest.items() if t == token_type) == total == sum(
+            s["attributes"][f"gen_ai.usage.{token_type}_tokens"] for s in llm_spans)

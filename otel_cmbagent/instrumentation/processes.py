@@ -301,6 +301,8 @@ def flush_process(timeout_millis: int | None = None) -> bool:
 
     millis = timeout_millis if timeout_millis is not None else int(shutdown_timeout() * 1000)
     providers = {id(p): p for p in (_TracerSource.provider, trace.get_tracer_provider()) if p is not None}
+    for tracing in _live_tracings():  # then the metrics these spans recorded, and the logs
+        providers.update({id(p): p for p in (tracing.meter_provider, tracing.logger_provider) if p is not None})
     flushed = True
     for provider in providers.values():
         flush = getattr(provider, "force_flush", None)

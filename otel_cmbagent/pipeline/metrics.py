@@ -96,13 +96,17 @@ class MetricsSpanProcessor(SpanProcessor):
     """
 
     def __init__(self, meter_provider: metrics.MeterProvider | None = None) -> None:
-        self.instruments = GenAIMetrics(meter_provider)
+        self.rebind(meter_provider)
         self._record = {
             semconv.EVENT_LLM_CALL: self._llm_call,
             semconv.EVENT_AGENT_CALL: self._agent_turn,
             semconv.EVENT_TOOL_CALL: self._tool_call,
             semconv.EVENT_CODE_EXEC: self._code_run,
         }
+
+    def rebind(self, meter_provider: metrics.MeterProvider | None) -> None:
+        """Record into ``meter_provider`` from now on (a forked child's own, see ``setup_tracing``)."""
+        self.instruments = GenAIMetrics(meter_provider)
 
     def on_end(self, span: ReadableSpan) -> None:
         try:
