@@ -9,6 +9,8 @@
 from .instrumentation.instrumentor import AG2Instrumentor, instrument, uninstrument
 from .pipeline.config import InstrumentationConfig
 from .pipeline.context import RunIdentity, current_identity, propagate_context, run, step
+from .pipeline.logs import LOG_FORMAT
+from .pipeline.metrics import MetricsSpanProcessor
 from .pipeline.processor import SequencingSpanProcessor
 from .tracing import Tracing, setup_tracing
 from .instrumentation.processes import carry
@@ -17,6 +19,8 @@ from .version import __version__
 __all__ = [
     "AG2Instrumentor",
     "InstrumentationConfig",
+    "LOG_FORMAT",
+    "MetricsSpanProcessor",
     "RunIdentity",
     "SequencingSpanProcessor",
     "Tracing",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ from .instrumentation.instrumentor import AG2Instrumentor
 from .pipeline.config import InstrumentationConfig
 from .pipeline.open_spans import OpenSpans
 from .pipeline.processor import SequencingSpanProcessor
+from .pipeline.values import log_internal_error
 
 _logger = logging.getLogger(__name__)
 
@@ -36,12 +38,21 @@ class Tracing:
     websocket: SpanProcessor | None = None
     instrumentor: AG2Instrumentor | None = None
     open_spans: OpenSpans | None = None
+    metrics: SpanProcessor | None = None  # the MetricsSpanProcessor, recording into meter_provider
+    meter_provider: Any = None
+    logger_provider: Any = None
+    log_handler: logging.Handler | None = None  # on the root logger, feeding logger_provider
     worker_setup: Any = field(default=None, repr=False)  # how worker processes rebuild these sinks
     _shut_down: bool = field(default=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return self.tracer_provider.force_flush(timeout_millis)
+        """Spans first (their end records the metrics), then metrics and logs."""
+        flushed = self.tracer_provider.force_flush(timeout_millis)
+        for provider in (self.meter_provider, self.logger_provider):
+            if provider is not None:
+                flushed = bool(provider.force_flush(timeout_millis)) and flushed
+        return flushed
 
     def interrupt(self, reason: str) -> int:
         """End every span still open as interrupted by ``reason`` (the process is being stopped)."""
@@ -64,7 +75,28 @@ class Tracing:
             ):
                 instrumentor.uninstrument()
         finally:
-            self.tracer_provider.shutdown()
+            try:
+                self.tracer_provider.shutdown()
+            finally:
+                self._shutdown_metrics_and_logs()
+
+    def _shutdown_metrics_and_logs(self) -> None:
+        if self.log_handler is not None:
+            from otel_cmbagent.exporters.otlp_signals import detach_log_handlers
+
+            detach_log_handlers(only=self.log_handler)
+        from otel_cmbagent.exporters.worker import shutdown_timeout
+
+        shutdowns = []
+        if self.meter_provider is not None:  # its last export waits at most the sinks' shutdown timeout
+            shutdowns.append(functools.partial(self.meter_provider.shutdown, shutdown_timeout() * 1000))
+        if self.logger_provider is not None:
+            shutdowns.append(self.logger_provider.shutdown)
+        for shutdown in shutdowns:
+            try:
+                shutdown()
+            except Exception:  # noqa: BLE001
+                _logger.exception("otel-cmbagent: shutting down metrics or logs failed")
 
     @property
     def stats(self) -> dict[str, dict[str, int]]:
@@ -97,6 +129,8 @@ def setup_tracing(
     instrument: bool = True,
     set_global: bool = True,
     handle_sigterm: bool = True,
+    metrics: bool | None = None,
+    logs: bool | None = None,
 ) -> Tracing:
     """Build a TracerProvider with the sequencer first and one processor per sink, and instrument AG2.
 
@@ -105,6 +139,11 @@ def setup_tracing(
     - ``capture_content``: None = content in the instrumentation (unless the GenAI content variable
       says false) and in SQL/websocket, stripped from OTLP unless that variable says true;
       True = content everywhere; False = nowhere.
+    - ``metrics``: GenAI and ``cmbagent.*`` metrics from the spans; None = on when ``OTEL_METRICS_EXPORTER``
+      names otlp/console or an OTLP (metrics) endpoint variable is set; True/False forces.
+    - ``logs``: log records over OTLP; None = on when ``OTEL_LOGS_EXPORTER`` names otlp/console or
+      ``OTEL_EXPORTER_OTLP_LOGS_ENDPOINT`` is set; True/False forces. Log records carry trace, span and
+      run ids (``otel_cmbagent.pipeline.logs``) whatever this says.
     """
     from otel_cmbagent.exporters.otlp import otlp_configured, otlp_span_processor
     from otel_cmbagent.table.schema import DEFAULT_SQL_URL, SQL_URL_ENV
@@ -113,11 +152,13 @@ def setup_tracing(
         raise TypeError(f"ws_callback must be callable(event_type, data), not {ws_callback!r}")
     content_in_spans = InstrumentationConfig.resolve(capture_content=capture_content).capture_content
 
-    provider = TracerProvider(resource=_resource(service_name), span_limits=_span_limits())
+    resource = _resource(service_name)
+    provider = TracerProvider(resource=resource, span_limits=_span_limits())
     provider.add_span_processor(SequencingSpanProcessor())
     tracing = Tracing(tracer_provider=provider, open_spans=OpenSpans())
     provider.add_span_processor(tracing.open_spans)
     try:
+        _add_metrics_and_logs(tracing, resource, metrics, logs)
         if sql_url is _DEFAULT:
             sql_url = os.environ.get(SQL_URL_ENV) or DEFAULT_SQL_URL
         if sql_url is not None:
@@ -138,12 +179,14 @@ def setup_tracing(
             provider.add_span_processor(tracing.websocket)
     except BaseException:
         provider.shutdown()
+        tracing._shutdown_metrics_and_logs()
         raise
     from .instrumentation.processes import worker_setup
 
     tracing.worker_setup = worker_setup(
         tracing.sql, service_name=service_name, otlp=tracing.otlp is not None, capture_content=capture_content,
         write_on_start=write_on_start, spill_path=spill_path, instrument=instrument,
+        metrics=tracing.meter_provider is not None, logs=tracing.logger_provider is not None,
     )
 
     if set_global:
@@ -156,6 +199,41 @@ def setup_tracing(
         tracing.instrumentor = instrumentor
     _register_exit_hooks(tracing, handle_sigterm)
     return tracing
+
+
+def _add_metrics_and_logs(tracing: Tracing, resource: Resource, metrics: bool | None, logs: bool | None) -> None:
+    """Log correlation always; the metrics processor and its MeterProvider, and the OTLP log pipeline, when asked."""
+    from otel_cmbagent.exporters import otlp_signals
+
+    from .pipeline.logs import configure_plain_output_from_env, install_log_correlation
+    from .pipeline.metrics import MetricsSpanProcessor
+
+    install_log_correlation(str(resource.attributes.get(SERVICE_NAME, "")))
+    configure_plain_output_from_env()
+    if metrics if metrics is not None else otlp_signals.signal_configured("METRICS"):
+        tracing.meter_provider = otlp_signals.meter_provider(resource)
+        tracing.metrics = MetricsSpanProcessor(tracing.meter_provider)
+        tracing.tracer_provider.add_span_processor(tracing.metrics)
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=functools.partial(_own_meter_provider, weakref.ref(tracing), resource))
+    if logs if logs is not None else otlp_signals.signal_configured("LOGS"):
+        tracing.logger_provider = otlp_signals.logger_provider(resource)
+        tracing.log_handler = otlp_signals.attach_log_handler(tracing.logger_provider)
+
+
+def _own_meter_provider(tracing_ref: weakref.ref[Tracing], resource: Resource) -> None:
+    """In a forked child: a MeterProvider of its own (the inherited copy holds the parent's points and no
+    longer exports, see ``otlp_signals._ThisProcessOnly``), so the child exports only what it records."""
+    tracing = tracing_ref()
+    if tracing is None or tracing._shut_down or tracing.metrics is None:
+        return
+    try:
+        from otel_cmbagent.exporters import otlp_signals
+
+        tracing.meter_provider = otlp_signals.meter_provider(resource)
+        tracing.metrics.rebind(tracing.meter_provider)  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001
+        log_internal_error("metrics in a forked process", exc)
 
 
 # A conversation span carries one event per message; the SDK's default of 128 events

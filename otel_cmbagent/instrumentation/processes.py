@@ -51,6 +51,8 @@ class WorkerSetup:
     write_on_start: bool = True
     spill_path: str | None = None
     instrument: bool = True
+    metrics: bool = False  # as the caller decided (each process exports its own series: service.instance.id)
+    logs: bool = False
 
     def apply(self) -> Any:
         """``setup_tracing()`` with these settings (in a worker process)."""
@@ -67,7 +69,7 @@ class WorkerSetup:
         return setup_tracing(
             service_name=self.service_name, sql_url=self.sql_url, sql_table=table, otlp=self.otlp,
             capture_content=self.capture_content, write_on_start=self.write_on_start, spill_path=self.spill_path,
-            instrument=self.instrument,
+            instrument=self.instrument, metrics=self.metrics, logs=self.logs,
         )
 
 
@@ -299,6 +301,8 @@ def flush_process(timeout_millis: int | None = None) -> bool:
 
     millis = timeout_millis if timeout_millis is not None else int(shutdown_timeout() * 1000)
     providers = {id(p): p for p in (_TracerSource.provider, trace.get_tracer_provider()) if p is not None}
+    for tracing in _live_tracings():  # then the metrics these spans recorded, and the logs
+        providers.update({id(p): p for p in (tracing.meter_provider, tracing.logger_provider) if p is not None})
     flushed = True
     for provider in providers.values():
         flush = getattr(provider, "force_flush", None)

@@ -10,6 +10,7 @@ both look alike in a viewer.
 from __future__ import annotations
 
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as _gen_ai
+from opentelemetry.semconv._incubating.metrics import gen_ai_metrics as _gen_ai_metrics
 from opentelemetry.semconv.attributes import error_attributes as _error
 
 # --- OpenTelemetry GenAI semantic conventions -------------------------------
@@ -152,3 +153,28 @@ CONTENT_ATTRIBUTES: frozenset[str] = frozenset(
         CONTEXT,
     }
 )
+
+# --- metrics (otel_cmbagent.pipeline.metrics) -------------------------------
+# GenAI metric names and the token type from the spec; ours under ``cmbagent.``.
+METRIC_TOKEN_USAGE = _gen_ai_metrics.GEN_AI_CLIENT_TOKEN_USAGE
+METRIC_OPERATION_DURATION = _gen_ai_metrics.GEN_AI_CLIENT_OPERATION_DURATION
+GEN_AI_TOKEN_TYPE = _gen_ai.GEN_AI_TOKEN_TYPE
+TOKEN_TYPE_INPUT = _gen_ai.GenAiTokenTypeValues.INPUT.value
+TOKEN_TYPE_OUTPUT = "output"  # GenAiTokenTypeValues.COMPLETION's value (the member's name is deprecated)
+METRIC_AGENT_TURNS = "cmbagent.agent.turns"
+METRIC_TOOL_CALLS = "cmbagent.tool.calls"
+METRIC_CODE_RUNS = "cmbagent.code.runs"
+METRIC_COST = "cmbagent.run.cost"
+# A metric point's outcome (tool calls, agent turns, code runs): success, or error with ``error.type``.
+OUTCOME = "cmbagent.outcome"
+OUTCOME_SUCCESS = "success"
+OUTCOME_ERROR = "error"
+
+# --- logs (otel_cmbagent.pipeline.logs) -------------------------------------
+# What every logging.LogRecord carries: the names opentelemetry-instrumentation-logging uses, so
+# formats written for it work, and the run id under its attribute key (exported as such over OTLP).
+LOG_TRACE_ID = "otelTraceID"
+LOG_SPAN_ID = "otelSpanID"
+LOG_TRACE_SAMPLED = "otelTraceSampled"
+LOG_SERVICE_NAME = "otelServiceName"
+LOG_RUN_ID = RUN_ID

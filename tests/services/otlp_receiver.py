@@ -1,4 +1,7 @@
 """Real OTLP trace receivers on loopback, for tests: what an exporter sends, decoded into plain dicts.
+The HTTP receiver also takes metrics (``/v1/metrics``) and logs (``/v1/logs``): ``rx.metrics``, ``rx.logs``
+(decoded as described in ``otlp_signals``), ``rx.wait_until(predicate)``; ``rx.base_url`` is
+``http://HOST:PORT`` (what ``OTEL_EXPORTER_OTLP_ENDPOINT`` takes).
 
     with OTLPHTTPReceiver() as rx:                       # POST http://127.0.0.1:PORT/v1/traces
         exporter = OTLPSpanExporter(endpoint=rx.endpoint)
@@ -37,6 +40,8 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("tests.services.otlp_receiver needs opentelemetry-proto: "
                       "pip install opentelemetry-exporter-otlp") from exc
+
+from .otlp_signals import SIGNALS  # noqa: E402 - after the import check above
 
 __all__ = ["MODES", "OTLPGRPCReceiver", "OTLPHTTPReceiver", "decode_request"]
 
@@ -100,6 +105,8 @@ class _ReceiverBase:
         self.port = port
         self._lock = threading.Lock()
         self._spans: list[dict[str, Any]] = []
+        self._metrics: list[dict[str, Any]] = []
+        self._logs: list[dict[str, Any]] = []
         self._requests = 0
         self._release = threading.Event()
         self._stopping = threading.Event()
@@ -131,6 +138,27 @@ class _ReceiverBase:
             return list(self._spans)
 
     @property
+    def metrics(self) -> list[dict[str, Any]]:
+        """Snapshot of every metric point received so far (each export's points; cumulative by default)."""
+        with self._lock:
+            return list(self._metrics)
+
+    @property
+    def logs(self) -> list[dict[str, Any]]:
+        """Snapshot of every log record received so far, in arrival order."""
+        with self._lock:
+            return list(self._logs)
+
+    def wait_until(self, predicate: Any, timeout: float = 10.0, what: str = "the condition") -> None:
+        """Poll until ``predicate(self)`` is true, or raise ``TimeoutError`` naming ``what``."""
+        deadline = time.monotonic() + timeout
+        while not predicate(self):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{self.kind} receiver at {self.endpoint}: no {what} in {timeout:g}s "
+                                   f"({self.requests} request(s))")
+            time.sleep(0.02)
+
+    @property
     def requests(self) -> int:
         """Number of export requests received (in any mode)."""
         with self._lock:
@@ -139,6 +167,8 @@ class _ReceiverBase:
     def clear(self) -> None:
         with self._lock:
             self._spans.clear()
+            self._metrics.clear()
+            self._logs.clear()
             self._requests = 0
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
@@ -170,6 +200,10 @@ class _ReceiverBase:
             if still_wanted is not None and not still_wanted():
                 return False
         return False
+
+    def _record_signal(self, items: list[dict[str, Any]], into: str) -> None:
+        with self._lock:
+            getattr(self, into).extend(items)
 
     def _record(self, request: "trace_service_pb2.ExportTraceServiceRequest") -> None:
         spans = decode_request(request)
@@ -234,8 +268,9 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:
             self._send(400, str(exc).encode(), "text/plain")
             return
-        if self.path.split("?", 1)[0].rstrip("/") != "/v1/traces":
-            self._send(404, b"only /v1/traces is served", "text/plain")
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path != "/v1/traces" and path not in SIGNALS:
+            self._send(404, b"only /v1/traces, /v1/metrics and /v1/logs are served", "text/plain")
             return
         if "json" in self.headers.get("Content-Type", "").lower():
             self._send(415, b"OTLP/JSON is not supported; send application/x-protobuf", "text/plain")
@@ -251,14 +286,19 @@ class _Handler(BaseHTTPRequestHandler):
         if receiver.mode == "fail":
             self._send(503, b"receiver in fail mode", "text/plain")
             return
-        request = trace_service_pb2.ExportTraceServiceRequest()
+        request_class, response_class, decode, into = SIGNALS.get(path) or (
+            trace_service_pb2.ExportTraceServiceRequest, trace_service_pb2.ExportTraceServiceResponse, None, "")
+        request = request_class()
         try:
             request.ParseFromString(body)
         except Exception as exc:
             self._send(400, f"bad protobuf: {exc}".encode(), "text/plain")
             return
-        receiver._record(request)
-        self._send(200, trace_service_pb2.ExportTraceServiceResponse().SerializeToString())
+        if decode is None:
+            receiver._record(request)
+        else:
+            receiver._record_signal(decode(request), into)
+        self._send(200, response_class().SerializeToString())
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -282,6 +322,10 @@ class OTLPHTTPReceiver(_ReceiverBase):
     @property
     def endpoint(self) -> str:
         return f"http://{self.host}:{self.port}/v1/traces"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> "OTLPHTTPReceiver":
         if self._server is not None:
