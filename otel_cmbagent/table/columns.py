@@ -20,39 +20,28 @@ from collections.abc import Iterable
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 
 from ..pipeline import semconv
 from .encoding import decode_row
 from .liveness import mark_interrupted
-from .reading import RunNotFoundError, StoreError, TableShape, describe, first_line, shape
+from .reading import RunNotFoundError, StoreError, TableShape, describe, first_line, json_text, shape, where_run_indexed
 from .schema import MESSAGE_EVENT_TYPE, MESSAGE_KIND, STATUS_COMPLETED, STATUS_RUNNING, SUBTYPE_MESSAGE
 
 MAX_DETAIL_MESSAGES = 300  # messages sent during a span returned with its details (the page lists as many)
 _USAGE_KEYS = (semconv.GEN_AI_USAGE_INPUT_TOKENS, semconv.GEN_AI_USAGE_OUTPUT_TOKENS, semconv.GEN_AI_USAGE_COST)
 
 
-def _json_text(engine: Engine, column: Any, key: str, when: Any = None) -> Any:
-    """``column[key]`` as text, extracted by the database (only for rows matching ``when``; ``NULL`` without
-    the column)."""
-    if column is None:
-        return sa.null()
-    if engine.dialect.name == "postgresql" and not isinstance(column.type, (sa.JSON, postgresql.JSONB)):
-        column = sa.cast(column, postgresql.JSONB)
-    value = sa.type_coerce(column, sa.JSON)[key].as_string()
-    return value if when is None else sa.case((when, value), else_=sa.null())
-
-
 def _epoch_ms(engine: Engine, column: Any) -> Any:
-    """A time column as whole epoch milliseconds (the precision the page's ``Date.parse`` has), computed by the
-    database: parsing 200,000 datetimes in Python costs more than the rest of a 100,000-row request."""
-    if engine.dialect.name == "sqlite":  # julianday() keeps whole milliseconds: rounding restores them exactly
-        return sa.cast(sa.func.round((sa.func.julianday(column) - 2440587.5) * 86400000.0), sa.BigInteger)
-    return sa.cast(sa.func.floor(sa.extract("epoch", column) * 1000.0), sa.BigInteger)
+    """A time column as whole epoch milliseconds, truncated as the page's ``Date.parse`` truncates, computed by
+    the database: parsing 200,000 datetimes in Python costs more than the rest of a 100,000-row request."""
+    if engine.dialect.name == "sqlite":  # SQLAlchemy's text, "YYYY-MM-DD HH:MM:SS.ffffff" (julianday() rounds)
+        seconds = sa.cast(sa.func.strftime("%s", sa.func.substr(column, 1, 19)), sa.BigInteger)
+        return seconds * 1000 + sa.cast(sa.func.substr(column, 21, 3), sa.Integer)
+    return sa.cast(sa.func.floor(sa.extract("epoch", column) * 1000), sa.BigInteger)
 
 
-def _statement(engine: Engine, table_shape: TableShape, run_key: str, by_run_id: bool) -> Any:
+def _statement(engine: Engine, table_shape: TableShape, run_key: str) -> Any:
     c, meta = table_shape.table.c, table_shape.meta
     inputs = c.inputs if "inputs" in c else None
     message = sa.and_(c.event_type == MESSAGE_EVENT_TYPE, c.event_subtype == SUBTYPE_MESSAGE)
@@ -61,14 +50,12 @@ def _statement(engine: Engine, table_shape: TableShape, run_key: str, by_run_id:
         c.id, c.parent_event_id, c.execution_order, c.depth, c.event_type, c.event_subtype,
         c.status if table_shape.has_status else sa.literal(STATUS_COMPLETED), c.agent_name,
         _epoch_ms(engine, sa.func.coalesce(c.started_at, c.timestamp)), _epoch_ms(engine, c.completed_at), c.duration_ms,
-        _json_text(engine, meta, "span_name", sa.not_(message)),
-        _json_text(engine, inputs, "sender", message), _json_text(engine, inputs, "recipient", message),
-        *(_json_text(engine, meta, key, llm) for key in _USAGE_KEYS),
-        c.trace_id if table_shape.has_links else _json_text(engine, meta, "trace_id", c.execution_order <= 1),
+        json_text(engine, meta, "span_name", sa.not_(message)),
+        json_text(engine, inputs, "sender", message), json_text(engine, inputs, "recipient", message),
+        *(json_text(engine, meta, key, llm) for key in _USAGE_KEYS),
+        c.trace_id if table_shape.has_links else json_text(engine, meta, "trace_id", c.execution_order <= 1),
     ]
-    # the (run_id, execution_order) index, unless the run is keyed by its trace id (rows outside any run)
-    where = c.run_id == run_key if by_run_id else table_shape.where_run(run_key)
-    return table_shape.ordered(sa.select(*columns).where(where))
+    return table_shape.ordered(sa.select(*columns).where(where_run_indexed(engine, table_shape, run_key)))
 
 
 def _number(text: Any) -> float | int:
@@ -143,17 +130,11 @@ def _all_rows(engine: Engine, statement: Any) -> list[tuple[Any, ...]]:
         raise StoreError(f"cannot read {describe(engine)}: {first_line(exc)}") from None
 
 
-def _has_run_id(engine: Engine, table_shape: TableShape, run_key: str) -> bool:
-    statement = sa.select(table_shape.table.c.id).where(table_shape.table.c.run_id == run_key).limit(1)
-    return bool(_all_rows(engine, statement))
-
-
 def run_columns(engine: Engine, run_key: str, *, table: str | sa.Table | None = None) -> dict[str, Any]:
     """A resolved run's rows in ``execution_order`` as columns (see the module docstring); rows still
     ``running`` whose writer is gone come out ``interrupted``, as in ``store.run_events``."""
     table_shape = shape(engine, table)
-    by_run_id = not table_shape.has_links or _has_run_id(engine, table_shape, run_key)
-    out = _build(run_key, _all_rows(engine, _statement(engine, table_shape, run_key, by_run_id)))
+    out = _build(run_key, _all_rows(engine, _statement(engine, table_shape, run_key)))
     running = [i for i, status in enumerate(out["status"]) if out["strings"][status] == STATUS_RUNNING]
     if running:
         _mark_interrupted(engine, table_shape, out, running)
