@@ -536,3 +536,25 @@ def test_an_events_details_come_on_demand_with_its_messages(client, viewer_db):
     assert client.get(f"/api/events/{tool['id']}").json() == {"event": tool, "messages": [], "message_count": 0}
     missing = client.get("/api/events/no-such-event")
     assert missing.status_code == 404 and "no-such-event" in missing.json()["error"]
+
+
+def test_columns_and_details_on_postgresql(postgres_url):
+    """The columns' SQL on PostgreSQL (->> for names, extract(epoch) for times) gives what the rows hold."""
+    from otel_cmbagent.table.columns import event_details, run_columns
+
+    write_synthetic(postgres_url, "pg-columns", steps=3)
+    engine = store.open_store(postgres_url)
+    rows = json.loads(json.dumps(store.run_events(engine, "pg-columns"), default=str))
+    cols = run_columns(engine, "pg-columns")
+    strings = cols["strings"]
+    assert cols["id"] == [r["id"] for r in rows] and len(rows) == 1 + 3 * 4
+    assert [strings[n] for n in cols["name"]] == [
+        f"message {r['inputs']['sender']} → {r['inputs']['recipient']}" if is_message(r) else r["meta"]["span_name"]
+        for r in rows]
+    assert [cols["base"] + s for s in cols["start"]] == [_epoch_ms(r["started_at"]) for r in rows]
+    assert [None if e is None else cols["base"] + e for e in cols["end"]] == [
+        _epoch_ms(r["completed_at"]) if r["completed_at"] else None for r in rows]
+    agent = next(r for r in rows if r["event_type"] == "agent_call" and not is_message(r))
+    details = event_details(engine, agent["id"])
+    assert details["event"]["id"] == agent["id"] and details["message_count"] == 1
+    assert details["messages"][0]["inputs"]["recipient"] == "worker"

@@ -247,8 +247,8 @@ def _as_set(value: str | Iterable[str] | None) -> set[str] | None:
     return out or None
 
 
-def _events_statement(engine: Engine, table_shape: TableShape, run_id: str, event_type: Any, agent: Any,
-                      exclude: Any) -> Any:
+def _events_statement(engine: Engine, table_shape: TableShape, run_id: str, event_type: Any = None,
+                      agent: Any = None, exclude: Any = None) -> Any:
     c = table_shape.table.c
     statement = sa.select(table_shape.table).where(where_run_indexed(engine, table_shape, run_id))
     types = _as_set(event_type)
@@ -294,38 +294,21 @@ def run_events(
     return mark_interrupted(engine, [decode_row(row._mapping) for row in execute(engine, statement)], table=table)
 
 
-def count_events(
-    engine: Engine,
-    run_id: str,
-    event_type: str | Iterable[str] | None = None,
-    agent: str | Iterable[str] | None = None,
-    *,
-    table: str | sa.Table | None = None,
-    exclude: str | Iterable[str] | None = None,
-) -> int:
-    """How many rows :func:`run_events` returns without a limit (for "rows 1-1000 of 100,000")."""
+def count_events(engine: Engine, run_id: str, *, table: str | sa.Table | None = None, **filters: Any) -> int:
+    """How many rows :func:`run_events` returns without a limit (for "rows 1-500 of 100,000"); ``filters``:
+    its ``event_type``, ``agent``, ``exclude``."""
     table_shape = shape(engine, table)
-    inner = _events_statement(engine, table_shape, run_id, event_type, agent, exclude).with_only_columns(
+    inner = _events_statement(engine, table_shape, run_id, **filters).with_only_columns(
         table_shape.table.c.id).subquery()
     return int(execute(engine, sa.select(sa.func.count()).select_from(inner))[0][0])
 
 
-def iter_run_events(
-    engine: Engine,
-    run_id: str,
-    event_type: str | Iterable[str] | None = None,
-    agent: str | Iterable[str] | None = None,
-    *,
-    table: str | sa.Table | None = None,
-    limit: int | None = None,
-    offset: int = 0,
-    batch: int = 1_000,
-) -> Iterator[dict[str, Any]]:
+def iter_run_events(engine: Engine, run_id: str, *, table: str | sa.Table | None = None, limit: int | None = None,
+                    offset: int = 0, batch: int = 1_000, **filters: Any) -> Iterator[dict[str, Any]]:
     """:func:`run_events` as a stream: ``batch`` rows at a time from a server-side cursor (bounded memory for
-    a 100,000-row run; ``otel-cmbagent events --json``)."""
+    a 100,000-row run; ``otel-cmbagent events --json``); ``filters``: its ``event_type``, ``agent``, ``exclude``."""
     table_shape = shape(engine, table)
-    statement = _paged(table_shape.ordered(_events_statement(engine, table_shape, run_id, event_type, agent, None)),
-                       limit, offset)
+    statement = _paged(table_shape.ordered(_events_statement(engine, table_shape, run_id, **filters)), limit, offset)
     try:
         with engine.connect() as connection:
             result = connection.execution_options(stream_results=True, yield_per=batch).execute(statement)
