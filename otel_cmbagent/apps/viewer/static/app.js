@@ -1308,7 +1308,7 @@
     socket.onopen = () => {
       backoff = 500;
       setConnection('open', 'live');
-      refreshRuns();
+      if (!R || R.loaded || R.missing) refreshRuns();   // else: once the run on screen has loaded
       if (R && R.loaded) catchUp();
     };
     socket.onmessage = (message) => {
@@ -1337,8 +1337,9 @@
   dom.dbName.textContent = CONFIG.db || '';
   dom.dbName.title = 'database: ' + (CONFIG.db || '');
   window.addEventListener('hashchange', () => { const key = routeKey(); if (key) selectRun(key); });
+  // A run in the address: its waterfall first (the server reads one thing at a time), then the run list.
   const initial = routeKey();
-  if (initial) selectRun(initial);
-  refreshRuns();
+  if (initial) selectRun(initial).finally(refreshRuns);
+  else refreshRuns();
   connect();
 })();
