@@ -37,7 +37,8 @@ from typing import Any
 
 import httpx
 
-from otel_cmbagent.table import store
+from otel_cmbagent.table import columns, store
+from otel_cmbagent.table.encoding import dumps
 from otel_cmbagent.apps.viewer import ViewerServer
 
 CHROMIUM = os.environ.get("OTEL_CMBAGENT_CHROMIUM", "/usr/bin/chromium")
@@ -130,6 +131,17 @@ def _fetch_ms(server: ViewerServer, run_id: str, what: str, repeat: int = 3) -> 
     return fetch, len(response.content) / 1024
 
 
+def _columns_cpu_ms(engine, run_id: str) -> float:
+    """CPU time of what ``GET /columns`` computes (query, columns, JSON), in this process: steadier than wall time
+    on a loaded machine (median of 3)."""
+    spent = []
+    for _ in range(3):
+        started = time.process_time()
+        dumps(columns.run_columns(engine, run_id))
+        spent.append((time.process_time() - started) * 1000)
+    return statistics.median(spent)
+
+
 def _first_renders(browser, server: ViewerServer, run_id: str, repeat: int) -> tuple[list[float], Any, Any, Any]:
     """Time to first render, ``repeat`` fresh pages; the last page (and its context) is left open."""
     first = []
@@ -193,6 +205,7 @@ def measure(browser, server: ViewerServer, db: Path, size: int, extra: int, repe
             time.sleep(0.1)
         rows = store.count_events(engine, run_id)
         fetch, payload_kb = _fetch_ms(server, run_id, "columns")
+        cpu_ms = _columns_cpu_ms(engine, run_id)
         old_fetch, old_kb = _fetch_ms(server, run_id, "events", repeat=1)
         first, breakdown, context, page = _first_renders(browser, server, run_id, repeat)
         live = _stream(writer, context, page, engine, run_id, rows)
@@ -201,7 +214,7 @@ def measure(browser, server: ViewerServer, db: Path, size: int, extra: int, repe
             writer.kill()
         writer.wait()
     return {"size": rows, "fetch_ms": statistics.median(fetch), "payload_kb": payload_kb,
-            "events_ms": old_fetch[0], "events_kb": old_kb,
+            "events_ms": old_fetch[0], "events_kb": old_kb, "cpu_ms": cpu_ms,
             "first_render_ms": statistics.median(first), "first_render_all": first, "breakdown": breakdown, **live}
 
 
@@ -246,7 +259,7 @@ def main() -> None:
     for r in results:
         loads = ", ".join(f"{x:.0f}" for x in r["first_render_all"])
         fetch_ms, build_ms, paint_ms = r["breakdown"]
-        print(f"  {r['size']} events: first render per load {loads} ms (last: fetch+parse {fetch_ms:.0f} ms, "
+        print(f"  {r['size']} events: GET columns {r['cpu_ms']:.0f} ms of CPU; first render per load {loads} ms (last: fetch+parse {fetch_ms:.0f} ms, "
               f"tree {build_ms:.0f} ms, render+paint {paint_ms:.0f} ms); {r['applied']} live events applied in "
               f"{r['frames']} frames over {r['stream_s']:.1f} s; script {r['script_ms_per_event'] * 1000:.1f}µs/event")
     base, big = results[0], results[-1]
