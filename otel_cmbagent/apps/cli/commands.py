@@ -108,11 +108,13 @@ def page_options(func: Any) -> Any:
                         help=f"Show at most this many rows, 0 for all [default: {PAGE}; with --json: all].")(func)
 
 
-def _page_note(engine: Any, run_id: str, shown: int, limit: int, offset: int, **filters: Any) -> Text | None:
-    """``rows 1-1,000 of 100,000 ...`` when the page is not the whole run (counted only then)."""
+def _page_note(engine: Any, run_id: str, shown: int, limit: int, offset: int, total: int | None = None,
+               **filters: Any) -> Text | None:
+    """``rows 1-500 of 100,000 ...`` when the page is not the whole run (counted only then, unless known)."""
     if limit == 0 or (shown < limit and not offset):
         return None
-    total = store.count_events(engine, run_id, **filters)
+    if total is None:
+        total = store.count_events(engine, run_id, **filters)
     if not offset and shown >= total:
         return None
     first = f"{offset + 1:,}–{offset + shown:,}" if shown else "none"
@@ -145,7 +147,8 @@ def tree(run_id: str, db: str | None, messages: bool, max_depth: int | None, lim
     rows = _page_rows(engine, resolved, limit, offset, **filters)
     console.print(render.event_tree(summary, store.event_tree(for_terminal(rows)), messages=messages,
                                     max_depth=max_depth))
-    note = _page_note(engine, resolved, len(rows), limit, offset, **filters)
+    total = None if filters else summary["events"]  # the run's rows: the summary counted them already
+    note = _page_note(engine, resolved, len(rows), limit, offset, total, **filters)
     if note is not None:
         console.print(note)
 
