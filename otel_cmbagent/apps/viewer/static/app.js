@@ -1078,21 +1078,23 @@
   // shown as fields, not in the inputs section
   const INPUT_FIELDS = ['tool_name', 'file_path', 'file_type', 'from_agent', 'to_agent', 'sender', 'recipient'];
 
-  // The selected event's row and messages, fetched when it is shown and again when it changes (ev.dv).
+  // The selected event's row and messages, fetched when it is shown and again when it changes (ev.dv); one
+  // request at a time (a live span getting messages every frame is fetched again when the previous answer is in).
   const details = { id: null, dv: -1, data: null, loading: null, failed: null };
 
   function detailsOf(ev) {
     const dv = ev.dv || 0;
     const wanted = ev.id + '#' + dv;
     if (details.id === ev.id && details.dv === dv) return details.data;
-    if (details.loading !== wanted && details.failed !== wanted) {
+    if (details.loading !== null && !details.loading.startsWith(ev.id + '#')) details.loading = null;  // another event
+    if (details.loading === null && details.failed !== wanted) {
       details.loading = wanted;
       const run = R;
       api('/api/events/' + encodeURIComponent(ev.id)).then((data) => {
         if (details.loading !== wanted) return;
         details.loading = null;
         details.id = ev.id; details.dv = dv; details.data = data;
-        if (R === run && R.selected === ev.id) { R.detailsDirty = true; schedule(); }
+        if (R === run && R.selected === ev.id) { R.detailsDirty = true; schedule(); }   // newer: fetched next
       }, () => {
         if (details.loading !== wanted) return;
         details.loading = null; details.failed = wanted;
