@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -508,3 +509,54 @@ def test_serve_off_loopback_needs_a_token():
 def test_store_and_cli_agree_on_the_default_database():
     assert store.DEFAULT_DB == "otel_cmbagent.db"
     assert sa.engine.make_url(store.db_url("x.db")).get_backend_name() == "sqlite"
+
+
+# --- big runs: a page at a time (issue 14) -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """A 1,264-row run (250 units: agent, LLM and tool spans, two messages each) through the real SQL sink."""
+    from big_run import write_big_run
+
+    db = tmp_path_factory.mktemp("big-cli") / "big.db"
+    total = write_big_run(db, "big-cli-run", 250)
+    return {"db": db, "total": total, "rows": store.run_events(store.open_store(str(db)), "big-cli-run")}
+
+
+def _orders(output):
+    return [int(m) for m in re.findall(r"#(\d+) ", output)]
+
+
+def test_tree_of_a_big_run_is_its_first_page_and_says_how_to_page(big):
+    total = big["total"]
+    first = run_cli("tree", "last", "--db", big["db"], check=0).stdout
+    assert _orders(first) == list(range(1, 501))
+    assert f"rows 1–500 of {total:,} (next page: --offset 500; all: --limit 0)" in first
+    second = run_cli("tree", "last", "--db", big["db"], "--offset", "500", "-n", "100", check=0).stdout
+    assert _orders(second) == list(range(501, 601))
+    assert f"rows 501–600 of {total:,} (next page: --offset 600; all: --limit 0)" in second
+    spans = [row for row in big["rows"] if not is_message(row)]
+    no_messages = run_cli("tree", "last", "--db", big["db"], "--no-messages", check=0).stdout
+    assert _orders(no_messages) == [row["execution_order"] for row in spans[:500]]
+    assert f"rows 1–500 of {len(spans):,}" in no_messages
+    everything = run_cli("tree", "last", "--db", big["db"], "--limit", "0", check=0).stdout
+    assert _orders(everything) == list(range(1, total + 1)) and "rows " not in everything
+
+
+def test_timeline_and_events_table_of_a_big_run_page_too(big):
+    spans = [row for row in big["rows"] if not is_message(row)]
+    timeline = run_cli("timeline", "last", "--db", big["db"], "-w", "40", "--limit", "200", check=0).stdout
+    assert f"rows 1–200 of {len(spans):,} (next page: --offset 200; all: --limit 0)" in timeline
+    assert len(timeline.splitlines()) == 2 + 2 + 200 + 2  # header, axis, one line per span, legend, note
+    table = run_cli("events", "last", "--db", big["db"], "--offset", "1200", check=0).stdout
+    orders = [int(line.split()[0]) for line in table.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert orders == list(range(1201, big["total"] + 1))
+    assert f"rows 1,201–{big['total']:,} of {big['total']:,} (all: --limit 0)" in table
+    small = run_cli("events", "last", "--db", big["db"], "--type", "tool_call", "--limit", "0", check=0).stdout
+    assert small.rstrip().endswith("250 events")
+
+
+def test_events_json_of_a_big_run_streams_every_row(big):
+    out = run_cli("events", "last", "--db", big["db"], "--json", check=0).stdout.splitlines()
+    assert [json.loads(line)["id"] for line in out] == [row["id"] for row in big["rows"]]
+    page = run_cli("events", "last", "--db", big["db"], "--json", "--limit", "10", "--offset", "5", check=0).stdout
+    assert [json.loads(line)["execution_order"] for line in page.splitlines()] == list(range(6, 16))

@@ -132,7 +132,16 @@ def test_sigkill_run_shows_interrupted_in_store_cli_and_viewer_api(tmp_path):
         (api_run,) = [r for r in get_json(server.url + "api/runs") if r["run_id"] == "killed-run"]
         api_events = get_json(server.url + "api/runs/killed-run/events")
         incremental = get_json(server.url + "api/runs/killed-run/events?after=1000&running=" + ",".join(open_ids))
+        columns = get_json(server.url + "api/runs/killed-run/columns")
+        details = [get_json(server.url + "api/events/" + event_id)["event"] for event_id in sorted(open_ids)]
     assert api_run["status"] == "interrupted" and not api_run["live"]
+    by_id = {r["id"]: r for r in api_events}
+    statuses = [columns["strings"][s] for s in columns["status"]]
+    assert dict(zip(columns["id"], statuses)) == {r["id"]: r["status"] for r in api_events}  # the page's view too
+    ends = dict(zip(columns["id"], columns["end"]))
+    assert all(ends[event_id] is not None for event_id in open_ids)
+    assert dict(zip(columns["id"], columns["duration"])) == {r["id"]: r["duration_ms"] for r in api_events}
+    assert details == [by_id[event_id] for event_id in sorted(open_ids)]
     assert {r["id"] for r in api_events if r["status"] == "interrupted"} == open_ids
     assert {r["status"] for r in incremental} == {"interrupted"} and len(incremental) == len(open_ids)
 

@@ -478,3 +478,83 @@ def test_postgresql_runs_events_and_live_feed(postgres_url):
         assert any(e["data"]["status"] == "running" for e in envelopes)
         runs = httpx.get(server.url + "api/runs").json()
         assert [r["run_id"] for r in runs] == ["pg-live", "pg-first"] and runs[0]["status"] == "completed"
+
+
+# --- a run as columns, details on demand (issue 14: a 100,000-event run opens in <= 2 s) ------------------------
+def _epoch_ms(text):
+    from datetime import datetime, timezone
+
+    value = datetime.fromisoformat(text)
+    value = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return int(value.timestamp() * 1000)
+
+
+def test_columns_hold_what_the_rows_hold(client, viewer_db):
+    """/columns is /events cut to what a waterfall row shows: the same rows, order, parents, kinds, statuses,
+    agents, names, times (ms), durations and LLM usage."""
+    _, run_id = viewer_db
+    rows = client.get(f"/api/runs/{run_id}/events").json()
+    response = client.get(f"/api/runs/{run_id[:8]}/columns")
+    assert response.status_code == 200 and response.headers["x-run-id"] == run_id
+    cols = response.json()
+    strings, ids = cols["strings"], cols["id"]
+    assert cols["run"] == run_id and cols["count"] == len(rows) > 10
+    assert ids == [r["id"] for r in rows]
+    assert [ids[p] if isinstance(p, int) else p for p in cols["parent"]] == [r["parent_event_id"] for r in rows]
+    assert cols["order"] == [r["execution_order"] for r in rows]
+    assert cols["depth"] == [r["depth"] for r in rows]
+    assert [strings[k] for k in cols["kind"]] == [row_kind(r) for r in rows]
+    assert [strings[s] for s in cols["status"]] == [r["status"] for r in rows]
+    assert [None if a is None else strings[a] for a in cols["agent"]] == [r["agent_name"] for r in rows]
+    names = [f"message {r['inputs']['sender']} → {r['inputs']['recipient']}" if is_message(r)
+             else r["meta"]["span_name"] for r in rows]
+    assert [strings[n] for n in cols["name"]] == names
+    assert any(name.startswith("message ") for name in names) and len(set(strings)) == len(strings)
+    assert cols["base"] == _epoch_ms(rows[0]["started_at"])
+    assert [cols["base"] + s for s in cols["start"]] == [_epoch_ms(r["started_at"]) for r in rows]
+    assert [None if e is None else cols["base"] + e for e in cols["end"]] == [
+        _epoch_ms(r["completed_at"]) if r["completed_at"] else None for r in rows]
+    assert cols["duration"] == [r["duration_ms"] for r in rows]
+    llm = [(i, r["meta"]["gen_ai.usage.input_tokens"], r["meta"]["gen_ai.usage.output_tokens"])
+           for i, r in enumerate(rows) if r["event_type"] == "llm_call"]
+    assert llm and [(i, tokens_in, tokens_out) for i, tokens_in, tokens_out, _cost in cols["usage"]] == llm
+    assert cols["trace_id"] == rows[0]["trace_id"]
+    assert client.get("/api/runs/no-such-run/columns").status_code == 404
+
+
+def test_an_events_details_come_on_demand_with_its_messages(client, viewer_db):
+    """/api/events/{id}: the row with every column (as /events has it) and the messages sent during it."""
+    _, run_id = viewer_db
+    rows = client.get(f"/api/runs/{run_id}/events").json()
+    parents = [r["parent_event_id"] for r in rows if is_message(r)]
+    span = next(r for r in rows if r["id"] == max(set(parents), key=parents.count))
+    details = client.get(f"/api/events/{span['id']}").json()
+    assert details["event"] == span
+    sent = [r for r in rows if is_message(r) and r["parent_event_id"] == span["id"]]
+    assert details["messages"] == sent and details["message_count"] == len(sent) > 0
+    tool = next(r for r in rows if r["event_type"] == "tool_call")
+    assert client.get(f"/api/events/{tool['id']}").json() == {"event": tool, "messages": [], "message_count": 0}
+    missing = client.get("/api/events/no-such-event")
+    assert missing.status_code == 404 and "no-such-event" in missing.json()["error"]
+
+
+def test_columns_and_details_on_postgresql(postgres_url):
+    """The columns' SQL on PostgreSQL (->> for names, extract(epoch) for times) gives what the rows hold."""
+    from otel_cmbagent.table.columns import event_details, run_columns
+
+    write_synthetic(postgres_url, "pg-columns", steps=3)
+    engine = store.open_store(postgres_url)
+    rows = json.loads(json.dumps(store.run_events(engine, "pg-columns"), default=str))
+    cols = run_columns(engine, "pg-columns")
+    strings = cols["strings"]
+    assert cols["id"] == [r["id"] for r in rows] and len(rows) == 1 + 3 * 4
+    assert [strings[n] for n in cols["name"]] == [
+        f"message {r['inputs']['sender']} → {r['inputs']['recipient']}" if is_message(r) else r["meta"]["span_name"]
+        for r in rows]
+    assert [cols["base"] + s for s in cols["start"]] == [_epoch_ms(r["started_at"]) for r in rows]
+    assert [None if e is None else cols["base"] + e for e in cols["end"]] == [
+        _epoch_ms(r["completed_at"]) if r["completed_at"] else None for r in rows]
+    agent = next(r for r in rows if r["event_type"] == "agent_call" and not is_message(r))
+    details = event_details(engine, agent["id"])
+    assert details["event"]["id"] == agent["id"] and details["message_count"] == 1
+    assert details["messages"][0]["inputs"]["recipient"] == "worker"

@@ -421,3 +421,39 @@ def test_durations_are_the_clis(demo_db, page):
             event_id: fmt_duration(rows[event_id]["duration_ms"]) for event_id, _ in shown}
         summary = store.run_summary(engine, run_id)
         assert page.locator('[data-testid="run-duration"]').inner_text() == fmt_duration(summary["duration_ms"])
+
+
+def test_a_20000_event_run_opens_whole_and_details_come_on_click(tmp_path, page):
+    """A 20,001-row run opens from /columns: every event is in the page, the last span's bar is drawn at the
+    bottom of the waterfall, its tokens are in the header, and a click fetches the span's inputs (/api/events)."""
+    from big_run import write_big_run
+
+    db = tmp_path / "big.db"
+    total = write_big_run(db, "big-run", 4000)
+    engine = store.open_store(str(db))
+    rows = store.run_events(engine, "big-run")
+    assert len(rows) == total == 20_201
+    spans = [row for row in rows if not is_message(row)]
+    last = spans[-1]
+    tokens_in = sum(row["meta"]["gen_ai.usage.input_tokens"] for row in rows if row["event_type"] == "llm_call")
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    with ViewerServer(str(db)) as server:
+        page.goto(f"{server.url}#/run/big-run")
+        page.wait_for_selector('[data-testid="waterfall"][data-ready="true"]', timeout=60_000)
+        assert page.evaluate("() => [window.__viewer.eventCount(), window.__viewer.spanCount()]") == [
+            total, len(spans)]
+        assert page.locator("#wf-count").text_content() == f"{len(spans)} spans"
+        assert page.locator('[data-testid="run-events"]').inner_text() == f"{total:,}"
+        assert page.locator('[data-testid="run-tokens"]').inner_text().startswith(f"{tokens_in:,} / ")
+        assert any(url.endswith("/api/runs/big-run/columns") for url in requests)
+        assert not any(url.endswith("/events") for url in requests), "the whole run was fetched row by row"
+        page.evaluate("() => { const b = document.getElementById('wf-body'); b.scrollTop = b.scrollHeight; }")
+        bar = page.locator(f'[data-testid="bar"][data-event-id="{last["id"]}"]')
+        bar.wait_for()
+        assert bar.get_attribute("data-type") == "tool_call"
+        bar.click()
+        page.wait_for_selector(f'[data-testid="details"][data-event-id="{last["id"]}"][data-loaded="true"]')
+        assert '"unit": 3999' in page.locator('[data-testid="details-inputs"]').inner_text()
+        assert any(url.endswith(f"/api/events/{last['id']}") for url in requests)
+    assert not page.errors

@@ -22,7 +22,8 @@ unreachable server, unknown or ambiguous run) raises :class:`StoreError` with a 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from .reading import (
     execute,
     first_line,
     shape,
+    where_run_indexed,
 )
 from .schema import DEFAULT_DB, DEFAULT_TABLE, SQL_URL_ENV, default_db, kind_column, kinds_condition
 from .summaries import groups_statement, summaries
@@ -55,10 +57,12 @@ __all__ = [
     "SQL_URL_ENV",
     "StoreError",
     "TableShape",
+    "count_events",
     "db_url",
     "decode_row",
     "default_db",
     "event_tree",
+    "iter_run_events",
     "events_table",
     "kinds_condition",
     "list_runs",
@@ -145,6 +149,13 @@ def open_store(db: str | os.PathLike[str] | Engine | None = None, *, table: str 
     return engine
 
 
+# Summaries of runs that are no longer live, per engine, by (table, run, rows, first seen, last seen): a finished
+# run's summary changes only when its rows do, and the viewer lists runs every time one of them changes
+# (a 100,000-row run costs ~0.4 s of CPU to summarise).
+_FINISHED: weakref.WeakKeyDictionary[Engine, dict[tuple[Any, ...], dict[str, Any]]] = weakref.WeakKeyDictionary()
+_CACHED_RUNS = 10_000
+
+
 def list_runs(engine: Engine, limit: int | None = 50, *, table: str | sa.Table | None = None) -> list[dict[str, Any]]:
     """Runs, newest first (by start): ``run_id``, ``session_id``, ``name`` (the run span's name),
     ``started_at``, ``last_event_at``, ``duration_ms`` (so far, for a live run), ``status``
@@ -157,16 +168,32 @@ def list_runs(engine: Engine, limit: int | None = 50, *, table: str | sa.Table |
     statement = groups_statement(table_shape).order_by(sa.desc("first_seen"), sa.desc("run_key"))
     if limit is not None:
         statement = statement.limit(max(0, int(limit)))
-    return summaries(engine, table_shape, list(execute(engine, statement)))
+    groups = list(execute(engine, statement))
+    cache = _FINISHED.setdefault(engine, {})
+    keys = [(table_shape.table.name, *group) for group in groups]
+    fresh = [group for group, key in zip(groups, keys) if key not in cache]
+    computed = dict(zip((group[0] for group in fresh), summaries(engine, table_shape, fresh)))
+    for key, group in zip(keys, groups):
+        summary = computed.get(group[0])
+        if summary is not None and not summary["live"]:
+            cache[key] = summary
+    while len(cache) > _CACHED_RUNS:
+        del cache[next(iter(cache))]  # the oldest entry
+    return [dict(computed.get(group[0]) or cache[key]) for key, group in zip(keys, groups)]
 
 
-def run_summary(engine: Engine, run_id: str, *, table: str | sa.Table | None = None) -> dict[str, Any]:
-    """The :func:`list_runs` entry of one run plus ``by_type`` (rows per kind: event type, or ``message``)."""
+def run_summary(engine: Engine, run_id: str, *, table: str | sa.Table | None = None, by_type: bool = True,
+                figures: bool = True) -> dict[str, Any]:
+    """The :func:`list_runs` entry of one run plus ``by_type`` (rows per kind: event type, or ``message``).
+    ``by_type=False``/``figures=False`` leave out ``by_type`` / ``agents`` and the usage sums (each a scan of the
+    run's rows: the CLI's tree and timeline headers show none of them)."""
     table_shape = shape(engine, table)
     groups = list(execute(engine, groups_statement(table_shape).where(table_shape.where_run(run_id))))
     if not groups:
         raise RunNotFoundError(f"no run {run_id!r} in {describe(engine)}", run_id)
-    (summary,) = summaries(engine, table_shape, groups[:1])
+    (summary,) = summaries(engine, table_shape, groups[:1], figures=figures)
+    if not by_type:
+        return summary
     kind = kind_column(table_shape.table.c).label("kind")
     statement = (
         sa.select(kind, sa.func.count(), sa.func.min(table_shape.table.c.execution_order).label("first_order"))
@@ -239,6 +266,28 @@ def _as_set(value: str | Iterable[str] | None) -> set[str] | None:
     return out or None
 
 
+def _events_statement(engine: Engine, table_shape: TableShape, run_id: str, event_type: Any = None,
+                      agent: Any = None, exclude: Any = None) -> Any:
+    c = table_shape.table.c
+    statement = sa.select(table_shape.table).where(where_run_indexed(engine, table_shape, run_id))
+    types = _as_set(event_type)
+    if types:
+        statement = statement.where(kinds_condition(c, types))
+    excluded = _as_set(exclude)
+    if excluded:
+        statement = statement.where(sa.not_(kinds_condition(c, excluded)))
+    agents = _as_set(agent)
+    if agents:
+        statement = statement.where(c.agent_name.in_(sorted(agents)))
+    return statement
+
+
+def _paged(statement: Any, limit: int | None, offset: int) -> Any:
+    if limit is not None:
+        statement = statement.limit(max(0, int(limit)))
+    return statement.offset(max(0, int(offset))) if offset else statement
+
+
 def run_events(
     engine: Engine,
     run_id: str,
@@ -246,25 +295,46 @@ def run_events(
     agent: str | Iterable[str] | None = None,
     *,
     table: str | sa.Table | None = None,
+    exclude: str | Iterable[str] | None = None,
+    limit: int | None = None,
+    offset: int = 0,
 ) -> list[dict[str, Any]]:
     """The rows of a run ordered by ``execution_order``, as dicts with every column.
 
     JSON columns are decoded, times are timezone-aware UTC datetimes, ``meta`` is always under
     ``meta`` (also for a table whose column is ``metadata``), and ``trace_id``/``span_id`` are
     filled from ``meta`` when the table has no such columns. ``event_type``/``agent``: one value,
-    several, or a comma-separated string.
+    several, or a comma-separated string; ``exclude``: kinds left out. ``limit``/``offset``: one page of
+    them (a parent's order is below its children's, so the first page is a complete tree).
     """
     table_shape = shape(engine, table)
-    c = table_shape.table.c
-    statement = sa.select(table_shape.table).where(table_shape.where_run(run_id))
-    types = _as_set(event_type)
-    if types:
-        statement = statement.where(kinds_condition(c, types))
-    agents = _as_set(agent)
-    if agents:
-        statement = statement.where(c.agent_name.in_(sorted(agents)))
-    statement = statement.order_by(c.execution_order, c.timestamp, c.id)
+    statement = _paged(table_shape.ordered(_events_statement(engine, table_shape, run_id, event_type, agent, exclude)),
+                       limit, offset)
     return mark_interrupted(engine, [decode_row(row._mapping) for row in execute(engine, statement)], table=table)
+
+
+def count_events(engine: Engine, run_id: str, *, table: str | sa.Table | None = None, **filters: Any) -> int:
+    """How many rows :func:`run_events` returns without a limit (for "rows 1-500 of 100,000"); ``filters``:
+    its ``event_type``, ``agent``, ``exclude``."""
+    table_shape = shape(engine, table)
+    inner = _events_statement(engine, table_shape, run_id, **filters).with_only_columns(
+        table_shape.table.c.id).subquery()
+    return int(execute(engine, sa.select(sa.func.count()).select_from(inner))[0][0])
+
+
+def iter_run_events(engine: Engine, run_id: str, *, table: str | sa.Table | None = None, limit: int | None = None,
+                    offset: int = 0, batch: int = 1_000, **filters: Any) -> Iterator[dict[str, Any]]:
+    """:func:`run_events` as a stream: ``batch`` rows at a time from a server-side cursor (bounded memory for
+    a 100,000-row run; ``otel-cmbagent events --json``); ``filters``: its ``event_type``, ``agent``, ``exclude``."""
+    table_shape = shape(engine, table)
+    statement = _paged(table_shape.ordered(_events_statement(engine, table_shape, run_id, **filters)), limit, offset)
+    try:
+        with engine.connect() as connection:
+            result = connection.execution_options(stream_results=True, yield_per=batch).execute(statement)
+            for rows in result.partitions():
+                yield from mark_interrupted(engine, [decode_row(row._mapping) for row in rows], table=table)
+    except sa.exc.SQLAlchemyError as exc:
+        raise StoreError(f"cannot read {describe(engine)}: {first_line(exc)}") from None
 
 
 def event_tree(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

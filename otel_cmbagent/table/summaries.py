@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 from ..pipeline import semconv
 from .encoding import decode_json, decode_row, utc
 from .liveness import duration_ms, gone_runs
-from .reading import TableShape, execute
+from .reading import TableShape, execute, json_text
 from .schema import STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED, STATUS_RUNNING, STATUSES
 
 _USAGE = (("input_tokens", semconv.GEN_AI_USAGE_INPUT_TOKENS), ("output_tokens", semconv.GEN_AI_USAGE_OUTPUT_TOKENS),
@@ -83,16 +83,14 @@ def _usage(engine: Engine, shape: TableShape, keys: list[Any]) -> dict[str, dict
     usage = {k: {"input_tokens": 0, "output_tokens": 0, "cost": 0.0, "llm_calls": 0} for k in keys}
     if shape.meta is None:
         return usage
-    statement = sa.select(shape.key.label("run_key"), shape.meta.label("meta")).where(
+    values = [json_text(engine, shape.meta, attribute) for _name, attribute in _USAGE]  # read by the database
+    statement = sa.select(shape.key.label("run_key"), *values).where(
         shape.where_runs(keys), shape.table.c.event_type == semconv.EVENT_LLM_CALL)
-    for run_key, raw in execute(engine, statement):
-        values = decode_json(raw)
+    for run_key, *texts in execute(engine, statement):
         totals = usage[run_key]
         totals["llm_calls"] += 1
-        if not isinstance(values, dict):
-            continue
-        for name, attribute in _USAGE:
-            number = _number(values.get(attribute))
+        for (name, _attribute), text in zip(_USAGE, texts):
+            number = _number(text)
             if number is not None:
                 totals[name] += number
     return usage
@@ -146,12 +144,15 @@ def _summary(group: Any, root: dict[str, Any], seen: dict[str, int], gone: dict[
     }
 
 
-def summaries(engine: Engine, shape: TableShape, groups: list[Any]) -> list[dict[str, Any]]:
-    """Run summaries for ``(key, count, first, last)`` groups, in the given order."""
+def summaries(engine: Engine, shape: TableShape, groups: list[Any], *, figures: bool = True) -> list[dict[str, Any]]:
+    """Run summaries for ``(key, count, first, last)`` groups, in the given order; without ``figures`` no
+    ``agents`` and usage (two scans of a run's rows less: a terminal header needs neither)."""
     if not groups:
         return []
     keys = [group[0] for group in groups]
-    roots, agents, usage = _roots(engine, shape, keys), _agents(engine, shape, keys), _usage(engine, shape, keys)
+    roots = _roots(engine, shape, keys)
+    agents = _agents(engine, shape, keys) if figures else {}
+    usage = _usage(engine, shape, keys) if figures else {k: {} for k in keys}
     counts = _status_counts(engine, shape, keys)
     gone = gone_runs(engine, shape, [k for k in keys if STATUS_RUNNING in counts.get(k, {})])
     now = datetime.now(timezone.utc)

@@ -27,7 +27,7 @@ import click
 from rich.text import Text
 
 from ...table import store
-from ...table.schema import KINDS, is_message, unknown_kinds
+from ...table.schema import KINDS, MESSAGE_KIND, unknown_kinds
 from ...table.store import StoreError
 from ...version import __version__
 from . import demo_command, render
@@ -97,21 +97,60 @@ def runs(db: str | None, limit: int, as_json: bool) -> None:
         console.print(render.runs_table(for_terminal(found), f"runs in {printable(target)}", console.width))
 
 
+PAGE = 500  # rows the tree, the timeline and the events table show by default (a page; --limit 0: all)
+
+
+def page_options(func: Any) -> Any:
+    """``--limit``/``--offset``: a 100,000-row run prints its first page in under 2 s, in bounded memory."""
+    func = click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True,
+                        help="Skip this many rows (in execution order) first: the next page.")(func)
+    return click.option("--limit", "-n", type=click.IntRange(min=0), default=None,
+                        help=f"Show at most this many rows, 0 for all [default: {PAGE}; with --json: all].")(func)
+
+
+def _page_note(engine: Any, run_id: str, shown: int, limit: int, offset: int, total: int | None = None,
+               **filters: Any) -> Text | None:
+    """``rows 1-500 of 100,000 ...`` when the page is not the whole run (counted only then, unless known)."""
+    if limit == 0 or (shown < limit and not offset):
+        return None
+    if total is None:
+        total = store.count_events(engine, run_id, **filters)
+    if not offset and shown >= total:
+        return None
+    first = f"{offset + 1:,}–{offset + shown:,}" if shown else "none"
+    hint = f"next page: --offset {offset + shown}; " if offset + shown < total else ""
+    return Text(f"rows {first} of {total:,} ({hint}all: --limit 0)", style="dim")
+
+
+def _page_rows(engine: Any, run_id: str, limit: int, offset: int, **filters: Any) -> list[dict[str, Any]]:
+    return store.run_events(engine, run_id, limit=limit or None, offset=offset, **filters)
+
+
 @cli.command(context_settings=_CONTEXT)
 @click.argument("run_id")
 @db_option
 @click.option("--messages/--no-messages", default=True, show_default=True, help="Show message events.")
 @click.option("--max-depth", type=click.IntRange(min=1), default=None, help="Cut the tree below this depth.")
-def tree(run_id: str, db: str | None, messages: bool, max_depth: int | None) -> None:
+@page_options
+def tree(run_id: str, db: str | None, messages: bool, max_depth: int | None, limit: int | None, offset: int) -> None:
     """The nested event tree of a run: order, type, name, agent, duration, status.
 
-    Failed events are red, running ones are marked live. RUN_ID: an id, a unique prefix, or `last`.
+    Failed events are red, running ones are marked live. A run over 500 rows shows its first 500 (a
+    parent comes before its children, so they are a whole tree) and says how to page. RUN_ID: an id, a unique
+    prefix, or `last`.
     """
     engine, _target = _open(db)
     resolved = _resolve(engine, run_id)
-    summary = for_terminal(store.run_summary(engine, resolved))
-    roots = store.event_tree(for_terminal(store.run_events(engine, resolved)))
-    console.print(render.event_tree(summary, roots, messages=messages, max_depth=max_depth))
+    limit = PAGE if limit is None else limit
+    summary = for_terminal(store.run_summary(engine, resolved, by_type=False, figures=False))
+    filters = {} if messages else {"exclude": MESSAGE_KIND}
+    rows = _page_rows(engine, resolved, limit, offset, **filters)
+    console.print(render.event_tree(summary, store.event_tree(for_terminal(rows)), messages=messages,
+                                    max_depth=max_depth))
+    total = None if filters else summary["events"]  # the run's rows: the summary counted them already
+    note = _page_note(engine, resolved, len(rows), limit, offset, total, **filters)
+    if note is not None:
+        console.print(note)
 
 
 @cli.command(context_settings=_CONTEXT)
@@ -120,19 +159,26 @@ def tree(run_id: str, db: str | None, messages: bool, max_depth: int | None) -> 
 @click.option("--width", "-w", type=click.IntRange(min=10), default=None,
               help="Width of the bar area in characters [default: fit the terminal].")
 @click.option("--messages", is_flag=True, help="Also show messages, as ticks.")
-def timeline(run_id: str, db: str | None, width: int | None, messages: bool) -> None:
+@page_options
+def timeline(run_id: str, db: str | None, width: int | None, messages: bool, limit: int | None, offset: int) -> None:
     """A waterfall of a run: one line per span, indented by depth, bars on the run's time axis.
 
     Bars show each span's start offset and duration, coloured by event type; failed spans end in ✗,
     interrupted ones (their process was stopped or is gone) in ⏹, live (still running) spans in ▸.
+    A run over 500 rows shows its first 500 on their own time axis and says how to page.
     RUN_ID: an id, a unique prefix, or `last`.
     """
     engine, _target = _open(db)
     resolved = _resolve(engine, run_id)
-    console.print(render.run_header(for_terminal(store.run_summary(engine, resolved))))
-    rows = [row for row in for_terminal(store.run_events(engine, resolved)) if messages or not is_message(row)]
-    for line in timeline_lines(store.event_tree(rows), console, width):
+    limit = PAGE if limit is None else limit
+    console.print(render.run_header(for_terminal(store.run_summary(engine, resolved, by_type=False, figures=False))))
+    filters = {} if messages else {"exclude": MESSAGE_KIND}
+    rows = _page_rows(engine, resolved, limit, offset, **filters)
+    for line in timeline_lines(store.event_tree(for_terminal(rows)), console, width):
         console.print(line, soft_wrap=True)
+    note = _page_note(engine, resolved, len(rows), limit, offset, **filters)
+    if note is not None:
+        console.print(note)
 
 
 def _event_types(values: tuple[str, ...]) -> list[str] | None:
@@ -152,19 +198,26 @@ def _event_types(values: tuple[str, ...]) -> list[str] | None:
               help=f"Only these event types (repeat, or comma-separate): {', '.join(KINDS)}.")
 @click.option("--agent", "-a", "agents", multiple=True, metavar="NAME", help="Only events of these agents.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines: one row per line, every column, ISO times.")
-def events(run_id: str, db: str | None, event_types: tuple[str, ...], agents: tuple[str, ...], as_json: bool) -> None:
+@page_options
+def events(run_id: str, db: str | None, event_types: tuple[str, ...], agents: tuple[str, ...], as_json: bool,
+           limit: int | None, offset: int) -> None:
     """The rows of a run in execution order (a table, or JSON Lines for piping).
 
+    The table shows 500 rows at a time (--limit, --offset); --json streams every row (bounded memory).
     RUN_ID: an id, a unique prefix, or `last`.
     """
     kinds = _event_types(event_types)
     engine, _target = _open(db)
-    rows = store.run_events(engine, _resolve(engine, run_id), event_type=kinds, agent=agents or None)
+    resolved = _resolve(engine, run_id)
+    filters = {"event_type": kinds, "agent": agents or None}
     if as_json:
-        jsonl(rows)
+        jsonl(store.iter_run_events(engine, resolved, limit=limit or None, offset=offset, **filters))
         return
+    limit = PAGE if limit is None else limit
+    rows = _page_rows(engine, resolved, limit, offset, **filters)
     console.print(render.events_table(for_terminal(rows), console.width))
-    console.print(Text(f"{len(rows)} events", style="dim"))
+    note = _page_note(engine, resolved, len(rows), limit, offset, **filters)
+    console.print(note if note is not None else Text(f"{len(rows)} events", style="dim"))
 
 
 @cli.command(context_settings=_CONTEXT)

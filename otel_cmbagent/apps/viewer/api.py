@@ -4,6 +4,10 @@
 - ``/api/config``             ``{"jaeger_url", "poll_interval", "version", "db", "token_required"}``
 - ``/api/runs?limit=N``       runs, newest first (:func:`otel_cmbagent.table.store.list_runs`)
 - ``/api/runs/{run}``         one run's summary plus ``by_type``
+- ``/api/runs/{run}/columns`` what the waterfall draws, as columns (:func:`otel_cmbagent.table.columns.run_columns`:
+  ids, parents, order, depth, kind, status, agent, name, times, usage; a tenth of ``/events``' bytes)
+- ``/api/events/{id}``        one event with every column plus the messages sent during it (``{"event",
+  "messages", "message_count"}``; the page's details pane, on demand)
 - ``/api/runs/{run}/events``  the run's rows in ``execution_order`` (every column, JSON decoded, ISO times);
   ``?after=N`` only rows with ``execution_order > N``, plus (``&running=id1,id2``) the current rows of the given
   ids, i.e. what a client holding those rows as ``running`` needs to catch up; ``?type=``/``?agent=`` filter.
@@ -23,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ...server.guard import JSONResponse, error_response
-from ...table import store
+from ...table import columns, store
 from .page import Page
 from .source import Source
 
@@ -32,7 +36,7 @@ _logger = logging.getLogger("otel_cmbagent.viewer")
 MAX_RUNNING_IDS = 1_000
 _MAX_INT = 2**63 - 1  # the largest integer SQL (SQLite, PostgreSQL bigint) compares with
 _RUNS_PREFIX = "/api/runs/"
-_EVENTS_SUFFIX = "/events"
+_SUFFIXES = ("/events", "/columns")
 
 
 def _ints(value: str | None, name: str, default: int | None = None) -> int | None:
@@ -47,22 +51,25 @@ def _ints(value: str | None, name: str, default: int | None = None) -> int | Non
     return number
 
 
-def _run_reference(request: Request) -> tuple[str, bool]:
-    """``(run reference, events?)`` from ``/api/runs/{run}`` or ``/api/runs/{run}/events``.
+def _split_suffix(tail: str) -> tuple[str, str]:
+    for suffix in _SUFFIXES:
+        if tail.endswith(suffix):
+            return tail[: -len(suffix)], suffix
+    return tail, ""
+
+
+def _run_reference(request: Request) -> tuple[str, str]:
+    """``(run reference, "" | "/events" | "/columns")`` from ``/api/runs/{run}[/events|/columns]``.
 
     Read from the raw path, so a run id containing ``/`` works sent as ``%2F`` (``a%2Fb/events``) or plain
-    (``a/b/events``); a run id that itself ends in ``/events`` must be sent with ``%2F``.
+    (``a/b/events``); a run id that itself ends in ``/events`` or ``/columns`` must be sent with ``%2F``.
     """
     raw = request.scope.get("raw_path")
     if isinstance(raw, bytes):
         path = raw.decode("latin-1")
-        tail = path[path.find(_RUNS_PREFIX) + len(_RUNS_PREFIX):]
-        events = tail.endswith(_EVENTS_SUFFIX)
-        reference = unquote(tail[: -len(_EVENTS_SUFFIX)] if events else tail, encoding="utf-8", errors="replace")
-        return reference, events
-    reference = request.path_params["run_ref"]
-    events = reference.endswith(_EVENTS_SUFFIX)
-    return (reference[: -len(_EVENTS_SUFFIX)] if events else reference), events
+        reference, suffix = _split_suffix(path[path.find(_RUNS_PREFIX) + len(_RUNS_PREFIX):])
+        return unquote(reference, encoding="utf-8", errors="replace"), suffix
+    return _split_suffix(request.path_params["run_ref"])
 
 
 def _csv(values: Iterable[str]) -> list[str]:
@@ -108,14 +115,22 @@ class Api:
         return runs if isinstance(runs, Response) else JSONResponse(runs)
 
     async def api_run_or_events(self, request: Request) -> Response:
-        reference, events = _run_reference(request)
-        if events:
+        reference, suffix = _run_reference(request)
+        if suffix == "/events":
             return await self._events(request, reference)
         run_key = await self._read(store.resolve_run, reference)
         if isinstance(run_key, Response):
             return run_key
+        if suffix == "/columns":
+            found = await self._read(columns.run_columns, run_key)
+            return found if isinstance(found, Response) else JSONResponse(found, headers={"X-Run-Id": run_key})
         summary = await self._read(store.run_summary, run_key)
         return summary if isinstance(summary, Response) else JSONResponse(summary)
+
+    async def api_event(self, request: Request) -> Response:
+        """One event's every column and its messages (the details pane asks when a span is selected)."""
+        found = await self._read(columns.event_details, request.path_params["event_id"])
+        return found if isinstance(found, Response) else JSONResponse(found)
 
     async def _events(self, request: Request, reference: str) -> Response:
         params = request.query_params

@@ -96,6 +96,7 @@ def create_app(
             Route("/api/config", api.api_config, methods=["GET"]),
             Route("/api/runs", api.api_runs, methods=["GET"]),
             Route("/api/runs/{run_ref:path}", api.api_run_or_events, methods=["GET"]),
+            Route("/api/events/{event_id:path}", api.api_event, methods=["GET"]),
             WebSocketRoute(WS_PATH, hub.serve),
         ],
         middleware=[Middleware(Guard, token=token, allowed_hosts=allowed_hosts, on_refused=hub.count_refused)],

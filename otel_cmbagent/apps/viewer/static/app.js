@@ -3,7 +3,9 @@
  * Safety: every value that comes from the API or the websocket reaches the DOM as text (textContent,
  * text nodes, attribute values); nothing here assigns innerHTML/outerHTML or calls insertAdjacentHTML.
  *
- * Speed: rows of the waterfall are virtualised (only the rows in view exist in the DOM) and recycled;
+ * Speed: a run opens from /api/runs/{run}/columns (only what a row shows, as columns with interned strings);
+ * a span's inputs, outputs, attributes and messages are fetched when it is selected (/api/events/{id}). Rows
+ * of the waterfall are virtualised (only the rows in view exist in the DOM) and recycled;
  * websocket events are queued and applied once per animation frame; a new span is spliced into the
  * flattened tree (no re-sort, no full re-render); bars are positioned in CSS from per-bar variables and
  * three canvas-wide ones (--t0, --scale, --now), so rescaling the axis or growing running bars costs
@@ -104,7 +106,7 @@
   }
   // A finished event's duration: its row's duration_ms (what the CLI shows), else end - start.
   function evDuration(ev) {
-    return typeof ev.d.duration_ms === 'number' && ev.status !== 'running' ? ev.d.duration_ms : ev.e - ev.s;
+    return typeof ev.dur === 'number' && ev.status !== 'running' ? ev.dur : ev.e - ev.s;
   }
   function fmtAxis(ms, step) {
     if (step >= 60000) return fmtDur(ms);
@@ -358,10 +360,10 @@
     schedule();
     try {
       const requested = performance.now();
-      const rows = await api('/api/runs/' + encodeURIComponent(key) + '/events');
+      const columns = await api('/api/runs/' + encodeURIComponent(key) + '/columns');
       if (R !== run) return;
       const received = performance.now();
-      bulkLoad(rows || []);
+      bulkLoad(columns);
       run.loaded = true;
       STATS.runLoadedAt = performance.now();
       STATS.fetchMs = received - requested;          // request + server + download + JSON parse
@@ -409,8 +411,7 @@
     return meta.span_name || d.event_type || 'event';
   }
 
-  function setTimes(ev) {
-    const d = ev.d;
+  function setTimes(ev, d) {
     let start = parseTime(d.started_at || d.timestamp);
     if (!isFinite(start)) start = parseTime(d.timestamp);
     if (R.base === null && isFinite(start)) R.base = start;
@@ -437,30 +438,57 @@
 
   function countUsage(ev, sign) {
     if (ev.type !== 'llm_call' || ev.status === 'running') return;
-    const meta = ev.d.meta || {};
-    R.tokensIn += sign * (Number(meta['gen_ai.usage.input_tokens']) || 0);
-    R.tokensOut += sign * (Number(meta['gen_ai.usage.output_tokens']) || 0);
-    R.cost += sign * (Number(meta['gen_ai.usage.cost']) || 0);
+    R.tokensIn += sign * ev.tin;
+    R.tokensOut += sign * ev.tout;
+    R.cost += sign * ev.cost;
     R.llmCalls += sign;
+  }
+
+  /** A live row's fields (websocket, catch-up): what the columns endpoint sends for it. */
+  function fromRow(ev, d) {
+    const meta = d.meta && typeof d.meta === 'object' ? d.meta : {};
+    ev.status = d.status || 'completed';
+    ev.name = spanName(d);
+    ev.dur = typeof d.duration_ms === 'number' ? d.duration_ms : null;
+    ev.tin = Number(meta['gen_ai.usage.input_tokens']) || 0;
+    ev.tout = Number(meta['gen_ai.usage.output_tokens']) || 0;
+    ev.cost = Number(meta['gen_ai.usage.cost']) || 0;
+    if (!R.traceId && d.trace_id) R.traceId = d.trace_id;
+    setTimes(ev, d);
   }
 
   function bump(map, key, by) { if (key) map.set(key, (map.get(key) || 0) + by); }
 
-  function makeEv(d) {
-    const ev = {
-      id: d.id || d.event_id,
-      parentId: d.parent_event_id || null,
-      type: kindOf(d),
-      status: d.status || 'completed',
-      order: Number(d.execution_order) || 0,
-      agent: d.agent_name || '',
-      name: spanName(d),
-      d,
-      s: 0, e: null,
+  function newEv(id, parentId, type, order, agent) {
+    return {
+      id, parentId, type, order, agent, status: 'completed', name: '',
+      s: 0, e: null, dur: null, tin: 0, tout: 0, cost: 0,
       children: [], msgs: [], parent: null, level: 0,
       v: 1,
     };
-    setTimes(ev);
+  }
+
+  function makeEv(d) {
+    const ev = newEv(d.id || d.event_id, d.parent_event_id || null, kindOf(d), Number(d.execution_order) || 0,
+      d.agent_name || '');
+    fromRow(ev, d);
+    return ev;
+  }
+
+  /** A span of the columns response (see otel_cmbagent/table/columns.py). */
+  function columnEv(c, i) {
+    const S = c.strings;
+    const parent = c.parent[i];
+    const ev = newEv(c.id[i], parent === null ? null : typeof parent === 'number' ? c.id[parent] : parent,
+      S[c.kind[i]], c.order[i], c.agent[i] === null ? '' : S[c.agent[i]]);
+    ev.status = S[c.status[i]] || 'completed';
+    ev.name = S[c.name[i]];
+    ev.s = c.start[i];
+    ev.dur = c.duration[i];
+    const end = c.end[i];
+    if (ev.status === 'running') ev.e = null;
+    else if (end !== null) ev.e = Math.max(ev.s, end);
+    else ev.e = typeof ev.dur === 'number' ? ev.s + ev.dur : ev.s;
     return ev;
   }
 
@@ -485,12 +513,18 @@
     if (end > R.maxEnd) R.maxEnd = end;
   }
 
-  /** Initial load: rows arrive in execution order, so children lists come out sorted. */
-  function bulkLoad(rows) {
-    for (const d of rows) {
-      const id = d.id || d.event_id;
-      if (!id || R.events.has(id)) continue;
-      track(makeEv(d));
+  /** Initial load from columns: rows arrive in execution order, so children lists come out sorted. */
+  function bulkLoad(c) {
+    const n = c && c.count ? c.count : 0;
+    if (n) { R.base = c.base; R.traceId = c.trace_id || null; }
+    const evs = new Array(n);
+    for (let i = 0; i < n; i++) evs[i] = columnEv(c, i);
+    for (const [i, tokensIn, tokensOut, cost] of (n ? c.usage : [])) {
+      evs[i].tin = Number(tokensIn) || 0; evs[i].tout = Number(tokensOut) || 0; evs[i].cost = Number(cost) || 0;
+    }
+    for (const ev of evs) {
+      if (!ev.id || R.events.has(ev.id)) continue;
+      track(ev);
     }
     for (const ev of R.events.values()) attach(ev, false);
     rebuildFlat();
@@ -501,7 +535,7 @@
   function attach(ev, incremental) {
     const parent = ev.parentId ? R.events.get(ev.parentId) : null;
     if (ev.type === 'message') {
-      if (parent) { insertSorted(parent.msgs, ev); markRow(parent); }
+      if (parent) { insertSorted(parent.msgs, ev); parent.dv = (parent.dv || 0) + 1; markRow(parent); }
       else waitFor(ev);
       return;
     }
@@ -583,12 +617,10 @@
       if (ev.status !== 'running' || d.status === 'running') return;   // final rows do not change
       countUsage(ev, -1);
       const hadAgent = ev.agent;
-      ev.d = d;
-      ev.status = d.status || 'completed';
-      ev.name = spanName(d);
+      fromRow(ev, d);
       ev.agent = d.agent_name || hadAgent;
       if (ev.agent && ev.agent !== hadAgent) { bump(R.agentCounts, ev.agent, 1); R.legendDirty = true; }
-      setTimes(ev);
+      ev.dv = (ev.dv || 0) + 1;   // its details changed: fetched again when shown
       R.running.delete(id);
       countUsage(ev, 1);
       extendTime(ev);
@@ -1009,7 +1041,7 @@
     let duration;
     if (root && root.e !== null) duration = evDuration(root);
     else if (isFinite(R.minStart)) duration = (live ? nowRelative() : R.maxEnd) - R.minStart;
-    const traceId = (root && root.d.trace_id) || summary.trace_id;
+    const traceId = R.traceId || summary.trace_id;
     const agents = Array.from(R.agentCounts.keys());
     const failed = Number(summary.failed_events) || 0;
     const ids = 'run ' + R.key + (traceId && traceId !== R.key ? '  ·  trace ' + traceId : '') +
@@ -1046,6 +1078,32 @@
   // shown as fields, not in the inputs section
   const INPUT_FIELDS = ['tool_name', 'file_path', 'file_type', 'from_agent', 'to_agent', 'sender', 'recipient'];
 
+  // The selected event's row and messages, fetched when it is shown and again when it changes (ev.dv); one
+  // request at a time (a live span getting messages every frame is fetched again when the previous answer is in).
+  const details = { id: null, dv: -1, data: null, loading: null, failed: null };
+
+  function detailsOf(ev) {
+    const dv = ev.dv || 0;
+    const wanted = ev.id + '#' + dv;
+    if (details.id === ev.id && details.dv === dv) return details.data;
+    if (details.loading !== null && !details.loading.startsWith(ev.id + '#')) details.loading = null;  // another event
+    if (details.loading === null && details.failed !== wanted) {
+      details.loading = wanted;
+      const run = R;
+      api('/api/events/' + encodeURIComponent(ev.id)).then((data) => {
+        if (details.loading !== wanted) return;
+        details.loading = null;
+        details.id = ev.id; details.dv = dv; details.data = data;
+        if (R === run && R.selected === ev.id) { R.detailsDirty = true; schedule(); }   // newer: fetched next
+      }, () => {
+        if (details.loading !== wanted) return;
+        details.loading = null; details.failed = wanted;
+        if (R === run && R.selected === ev.id) { R.detailsDirty = true; schedule(); }
+      });
+    }
+    return details.id === ev.id ? details.data : null;   // the previous version until the new one arrives
+  }
+
   function renderDetails() {
     liveDuration = null;
     const ev = R && R.selected ? R.events.get(R.selected) : null;
@@ -1054,7 +1112,9 @@
     dom.details.dataset.eventId = ev.id;
     dom.details.dataset.type = ev.type;
     dom.details.dataset.status = ev.status;
-    const d = ev.d;
+    const fetched = detailsOf(ev);
+    dom.details.dataset.loaded = fetched ? 'true' : 'false';
+    const d = fetched && fetched.event ? fetched.event : {};
     const meta = d.meta && typeof d.meta === 'object' ? d.meta : {};
     const inputs = d.inputs && typeof d.inputs === 'object' ? d.inputs : (d.inputs != null ? { value: d.inputs } : {});
     const outputs = d.outputs && typeof d.outputs === 'object' ? d.outputs : (d.outputs != null ? { value: d.outputs } : {});
@@ -1102,6 +1162,11 @@
     if (meta['gen_ai.conversation.turns'] != null) field('Turns', String(meta['gen_ai.conversation.turns']));
 
     const body = [h('div', { class: 'section' }, h('dl', { class: 'fields' }, fields))];
+    if (!fetched) {
+      const failed = details.failed === ev.id + '#' + (ev.dv || 0);
+      body.push(h('div', { class: 'section muted', 'data-testid': 'details-loading' },
+        failed ? 'Cannot load this event’s inputs, outputs and attributes.' : 'Loading…'));
+    }
     if (d.error_message) {
       body.push(h('div', { class: 'section' }, h('div', { class: 'section-title' }, 'Error'),
         h('div', { class: 'error-box', 'data-testid': 'details-error' }, String(d.error_message))));
@@ -1119,7 +1184,7 @@
         h('div', { class: 'section-title' }, 'Outputs'),
         outputKeys.map((k) => kv(OUTPUT_LABELS[k] || k, outputs[k], k))));
     }
-    if (ev.msgs.length) body.push(messagesSection(ev));
+    if (fetched && fetched.messages && fetched.messages.length) body.push(messagesSection(fetched));
     if (ev.type === 'message' && ev.parentId && R.events.get(ev.parentId)) {
       const parent = R.events.get(ev.parentId);
       body.push(h('div', { class: 'section' }, h('div', { class: 'section-title' }, 'Sent during'),
@@ -1204,11 +1269,13 @@
     return pre(JSON.stringify(value, null, 2));
   }
 
-  function messagesSection(ev) {
-    const list = ev.msgs;
+  function messagesSection(fetched) {
+    const list = fetched.messages;
+    const total = Math.max(list.length, Number(fetched.message_count) || 0);
     const items = [];
-    for (const msg of list.slice(0, MAX_MESSAGES_LISTED)) {
-      const inputs = msg.d.inputs || {};
+    for (const row of list.slice(0, MAX_MESSAGES_LISTED)) {
+      const msg = { id: row.id, order: row.execution_order, agent: row.agent_name };
+      const inputs = row.inputs && typeof row.inputs === 'object' ? row.inputs : {};
       let text = '';
       if (inputs.content !== undefined) text = typeof inputs.content === 'string' ? inputs.content : isParts(inputs.content) ? partsText(inputs.content) : JSON.stringify(inputs.content, null, 2);
       if (inputs.tool_calls) text += (text ? '\n' : '') + JSON.stringify(inputs.tool_calls, null, 2);
@@ -1219,9 +1286,10 @@
       items.push(h('div', { class: 'msg' + (R.selected === msg.id ? ' selected' : ''), 'data-testid': 'details-message', 'data-event-id': msg.id },
         head, text ? pre(text.length > 4000 ? text.slice(0, 4000) + '…' : text) : null));
     }
-    if (list.length > MAX_MESSAGES_LISTED) items.push(h('div', { class: 'muted' }, (list.length - MAX_MESSAGES_LISTED) + ' more messages'));
+    const shown = Math.min(list.length, MAX_MESSAGES_LISTED);
+    if (total > shown) items.push(h('div', { class: 'muted' }, (total - shown) + ' more messages'));
     return h('div', { class: 'section', 'data-testid': 'details-messages' },
-      h('div', { class: 'section-title' }, 'Messages sent during this span (' + list.length + ')'), items);
+      h('div', { class: 'section-title' }, 'Messages sent during this span (' + total + ')'), items);
   }
 
   // --- websocket --------------------------------------------------------------------------------------
@@ -1242,7 +1310,7 @@
     socket.onopen = () => {
       backoff = 500;
       setConnection('open', 'live');
-      refreshRuns();
+      if (!R || R.loaded || R.missing) refreshRuns();   // else: once the run on screen has loaded
       if (R && R.loaded) catchUp();
     };
     socket.onmessage = (message) => {
@@ -1271,8 +1339,9 @@
   dom.dbName.textContent = CONFIG.db || '';
   dom.dbName.title = 'database: ' + (CONFIG.db || '');
   window.addEventListener('hashchange', () => { const key = routeKey(); if (key) selectRun(key); });
+  // A run in the address: its waterfall first (the server reads one thing at a time), then the run list.
   const initial = routeKey();
-  if (initial) selectRun(initial);
-  refreshRuns();
+  if (initial) selectRun(initial).finally(refreshRuns);
+  else refreshRuns();
   connect();
 })();
