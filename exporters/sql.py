@@ -4,7 +4,9 @@ Rows are written when a span starts (``status=running``) and completed when it
 ends, so a crashed or hung run is visible in the table. A background worker
 writes batches in one transaction with executemany upserts (SQLAlchemy Core);
 a failing database is retried with backoff, then the batch is spilled to a JSONL
-file that ``replay()`` writes back idempotently.
+file that ``replay()`` writes back idempotently. A burst the queue cannot hold goes to
+the overflow file (:mod:`.overflow`), which the writer reads back once it has caught up:
+nothing is dropped.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from sqlalchemy.engine import Engine
 
 from otel_cmbagent.pipeline.listeners import add_message_listener, remove_message_listener
 from otel_cmbagent.pipeline.values import log_internal_error
+from otel_cmbagent.table.encoding import row_from_json
 from otel_cmbagent.table.fit import json_text
 from otel_cmbagent.table.rows import message_row, snapshot, span_row
 from otel_cmbagent.table.schema import execution_events_table
 from otel_cmbagent.table.writers import WRITER_KEY, Heartbeat, this_writer
 
+from .overflow import OverflowFile
 from .spill import ReplayReport, append_rows, replay, replay_report
 from .sqlite_file import BLOCKED, RECONNECTED, SQLiteFileGuard
 from .table_writer import DatabaseFailed, TableWriter, database_failed, first_line, write_isolating
@@ -86,6 +90,11 @@ def default_spill_path(engine: Engine) -> Path:
     return Path.cwd() / "otel_cmbagent.spill.jsonl"
 
 
+def _drained_row(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A row read back from the overflow file, queued as a row."""
+    return (_ROW, row_from_json(row)) if "id" in row else (_RETRY, None)
+
+
 def _dispose_after_fork(engine_ref: weakref.ref[Engine]) -> None:
     engine = engine_ref()
     if engine is not None:
@@ -103,6 +112,9 @@ class SQLEventSink(SpanProcessor):
     whose ``workflow_runs``/``sessions`` row does not exist yet are held (one warning naming
     the table) and written once it does; at shutdown rows still held are spilled.
     cmbagent's ``files``/``messages``/``cost_records`` tables, when present, get their rows too.
+    A burst that fills the queue (``max_queue`` items) goes on, in order, into the overflow file
+    (``<spill stem>.overflow-<pid>.jsonl``), written to the table once the queue has drained; ``stats``
+    counts it (``overflowed``, ``drained``) apart from the failure spill (``rows_spilled``).
     ``heartbeat``: keep this process's row in ``otel_cmbagent_writers`` (see :mod:`.writers`); None = only
     when the sink creates its own table, or when that table already exists.
     """
@@ -154,6 +166,7 @@ class SQLEventSink(SpanProcessor):
         self._worker = BackgroundWorker(
             "otel-cmbagent-sql", self._handle, max_queue=max_queue, max_batch=max_batch, tick=self._beat,
             tick_interval=self._heartbeat.interval if self._heartbeat else float("inf"), quiesce_on_fork=True,
+            overflow=OverflowFile(self.spill_path, self._row_of, _drained_row),
         )
         add_message_listener(self._on_message)
         self._shut_down = False
@@ -203,7 +216,7 @@ class SQLEventSink(SpanProcessor):
     @property
     def stats(self) -> dict[str, int]:
         return {
-            **self._worker.stats.as_dict(),
+            **self._worker.stats.with_overflow(),
             "rows_written": self.rows_written,
             "rows_spilled": self.rows_spilled,
             "rows_rejected": self.rows_rejected,
@@ -273,13 +286,24 @@ class SQLEventSink(SpanProcessor):
             ended = ends.get(span_id)
             if ended is not None:
                 written.add(span_id)
-                rows.append(span_row(ended, ended=True, capture_content=self.capture_content))
+                rows.append(self._row_of((_END, ended)))
             else:
-                row = span_row(item, ended=False, capture_content=self.capture_content)
-                row["meta"][WRITER_KEY] = this_writer()  # readers tell a dead writer's rows from live ones
-                rows.append(row)
+                rows.append(self._row_of((kind, item)))
         if rows:
             self._write_batch(rows)
+
+    def _row_of(self, item: tuple[str, Any]) -> dict[str, Any]:
+        """The row of a queued item (on the worker; on the agent's thread for an item that overflows)."""
+        kind, value = item
+        if kind == _ROW:
+            return value
+        if kind == _RETRY:
+            return {_RETRY: True}  # not a row: read back as the marker it is
+        if kind == _END:
+            return span_row(value, ended=True, capture_content=self.capture_content)
+        row = span_row(value, ended=False, capture_content=self.capture_content)
+        row["meta"][WRITER_KEY] = this_writer()  # readers tell a dead writer's rows from live ones
+        return row
 
     def _beat(self) -> None:
         """The heartbeat (worker thread, every few seconds), unless the database is unusable or not set up."""
