@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import threading
 import time
 import weakref
 from collections.abc import Mapping
@@ -147,8 +146,7 @@ class SQLEventSink(SpanProcessor):
         self.retry_backoff = retry_backoff
         self._file = SQLiteFileGuard(self.engine, reconnect=not isinstance(target, Engine), spill_path=self.spill_path)
         self._writer = TableWriter(self.engine, self.table)
-        self._open_spans: set[int] = set()
-        self._open_lock = threading.Lock()
+        self._open_spans: set[int] = set()  # for message rows; set.add/discard are atomic: no lock per span
         self._degraded = False
         self.rows_written = 0
         self.rows_spilled = 0
@@ -174,8 +172,7 @@ class SQLEventSink(SpanProcessor):
     # --- SpanProcessor --------------------------------------------------------
     def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
         try:
-            with self._open_lock:
-                self._open_spans.add(span.get_span_context().span_id)
+            self._open_spans.add(span.get_span_context().span_id)
             if self.write_on_start:
                 # Only a frozen copy here: rows are built on the worker thread, off the agent's path.
                 self._worker.put((_START, snapshot(span)))
@@ -184,8 +181,7 @@ class SQLEventSink(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         try:
-            with self._open_lock:
-                self._open_spans.discard(span.get_span_context().span_id)
+            self._open_spans.discard(span.get_span_context().span_id)
             self._worker.put((_END, span))  # an ended span no longer changes
         except Exception as exc:  # noqa: BLE001
             log_internal_error("SQLEventSink.on_end", exc)

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from opentelemetry import context as otel_context
@@ -74,12 +74,18 @@ def _resume(worker_ref: weakref.ref[BackgroundWorker]) -> None:
 
 @dataclass
 class WorkerStats:
-    enqueued: int = 0
+    taken: int = 0  # items the worker took off the queue (or shutdown cleared from it)
     processed: int = 0
     dropped: int = 0
     failed: int = 0
     overflowed: int = 0  # items the full queue sent to the overflow file
     drained: int = 0  # of those, read back and handled
+    queue: collections.deque[Any] = field(default_factory=collections.deque, repr=False)
+
+    @property
+    def enqueued(self) -> int:
+        """Items ever queued: counted by the worker (``put`` takes no lock to count on the agent's thread)."""
+        return self.taken + len(self.queue)
 
     def as_dict(self) -> dict[str, int]:
         return {"enqueued": self.enqueued, "processed": self.processed, "dropped": self.dropped, "failed": self.failed}
@@ -149,6 +155,7 @@ class BackgroundWorker:
 
     def _init_state(self) -> None:
         self._queue: collections.deque[Any] = collections.deque()
+        self.stats.queue = self._queue
         self._condition = threading.Condition()
         self._shutdown = False
         self._busy = False
@@ -161,16 +168,27 @@ class BackgroundWorker:
 
     def put(self, item: Any) -> bool:
         """Queue ``item`` (or, the queue being full, append it to the overflow file); False (and counted as
-        dropped) if neither can take it or the worker is shut down."""
+        dropped) if neither can take it or the worker is shut down.
+
+        The agent's path takes no lock: ``deque.append`` is atomic, and the worker wakes every ``delay`` anyway
+        (a full batch wakes it at once). An item racing ``shutdown`` is counted as dropped there.
+        """
+        queue = self._queue
+        if not (self._overflowing or self._shutdown) and len(queue) < self.max_queue:
+            queue.append(item)
+            if len(queue) == self.max_batch:
+                with self._condition:
+                    self._condition.notify_all()
+            return True
+        return self._put_full(item)
+
+    def _put_full(self, item: Any) -> bool:
         with self._condition:
             closed = self._shutdown
             if closed:
                 taken = False
-            elif not self._overflowing and len(self._queue) < self.max_queue:
+            elif not self._overflowing and len(self._queue) < self.max_queue:  # drained meanwhile
                 self._queue.append(item)
-                self.stats.enqueued += 1
-                if len(self._queue) >= self.max_batch:
-                    self._condition.notify_all()
                 return True
             else:
                 taken = self._to_overflow(item)  # under the lock: the worker sees whole lines, in put order
@@ -229,6 +247,7 @@ class BackgroundWorker:
                     self._condition.wait(self.delay)
                 if self._queue:
                     batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+                    self.stats.taken += len(batch)
                 elif self._overflowing:
                     batch = None  # the queue is empty: the overflow file's turn
                 elif self._shutdown:
@@ -329,11 +348,18 @@ class BackgroundWorker:
             self._shutdown = True
             self._condition.notify_all()
         self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        if self._thread.is_alive():
+        if not self._thread.is_alive() and self._queue:  # put() raced the shutdown: never handled, counted
+            with self._condition:
+                late = len(self._queue)
+                self._queue.clear()
+                self.stats.taken += late
+                self.stats.dropped += late
+        elif self._thread.is_alive():
             with self._condition:
                 left = len(self._queue)
                 if abandon:
                     self._queue.clear()
+                    self.stats.taken += left
                     self.stats.dropped += left
                     self.abandoned += left
             if not abandon:
