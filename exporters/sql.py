@@ -29,7 +29,7 @@ from otel_cmbagent.pipeline.listeners import add_message_listener, remove_messag
 from otel_cmbagent.pipeline.values import log_internal_error
 from otel_cmbagent.table.encoding import row_from_json
 from otel_cmbagent.table.fit import json_text
-from otel_cmbagent.table.rows import message_row, snapshot, span_row
+from otel_cmbagent.table.rows import SpanAtStart, message_row, snapshot, span_row
 from otel_cmbagent.table.schema import execution_events_table
 from otel_cmbagent.table.writers import WRITER_KEY, Heartbeat, this_writer
 
@@ -43,7 +43,9 @@ __all__ = ["ReplayReport", "SQLEventSink", "execution_events_table", "make_engin
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
 
-_START, _END, _ROW, _RETRY = "start", "end", "row", "retry"
+# Queue items, told apart by type (no tuple per item: fewer objects for the garbage collector while a burst is
+# queued): a SpanAtStart (a start row), a ReadableSpan (its final row), a dict (a message row), or _RETRY.
+_RETRY = "retry"
 # Rows waiting for their run/session row are tried again this often (and on every flush).
 HELD_RECHECK_SECONDS = 1.0
 
@@ -90,8 +92,8 @@ def default_spill_path(engine: Engine) -> Path:
 
 
 def _drained_row(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """A row read back from the overflow file, queued as a row."""
-    return (_ROW, row_from_json(row)) if "id" in row else (_RETRY, None)
+    """A row read back from the overflow file, queued as a row (or the retry marker it was)."""
+    return row_from_json(row) if "id" in row else _RETRY
 
 
 def _dispose_after_fork(engine_ref: weakref.ref[Engine]) -> None:
@@ -175,25 +177,25 @@ class SQLEventSink(SpanProcessor):
             self._open_spans.add(span.get_span_context().span_id)
             if self.write_on_start:
                 # Only a frozen copy here: rows are built on the worker thread, off the agent's path.
-                self._worker.put((_START, snapshot(span)))
+                self._worker.put(snapshot(span))
         except Exception as exc:  # noqa: BLE001
             log_internal_error("SQLEventSink.on_start", exc)
 
     def on_end(self, span: ReadableSpan) -> None:
         try:
             self._open_spans.discard(span.get_span_context().span_id)
-            self._worker.put((_END, span))  # an ended span no longer changes
+            self._worker.put(span)  # an ended span no longer changes
         except Exception as exc:  # noqa: BLE001
             log_internal_error("SQLEventSink.on_end", exc)
 
     def _on_message(self, span: Any, attributes: Mapping[str, Any], timestamp_ns: int) -> None:
         if span.get_span_context().span_id in self._open_spans:
-            self._worker.put((_ROW, message_row(span, attributes, timestamp_ns, capture_content=self.capture_content)))
+            self._worker.put(message_row(span, attributes, timestamp_ns, capture_content=self.capture_content))
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         """Write everything queued (and retry held rows); False if some rows are still held or it timed out."""
         if self._held:
-            self._worker.put((_RETRY, None))
+            self._worker.put(_RETRY)
         return self._worker.flush(timeout_millis / 1000) and not self._held
 
     def shutdown(self) -> None:
@@ -202,7 +204,7 @@ class SQLEventSink(SpanProcessor):
         self._shut_down = True
         remove_message_listener(self._on_message)
         if self._held:
-            self._worker.put((_RETRY, None))
+            self._worker.put(_RETRY)
         self._worker.shutdown()
         if self._held:
             held, self._held = self._held, []
@@ -261,20 +263,20 @@ class SQLEventSink(SpanProcessor):
             return False
         return True
 
-    def _handle(self, items: list[tuple[str, Any]]) -> None:
+    def _handle(self, items: list[Any]) -> None:
         """Build the batch's rows on the worker thread.
 
         A span that starts and ends within one batch is written once, completed, at its
         start position (parents stay before children: foreign keys on parent_event_id hold).
         """
-        ends = {item.get_span_context().span_id: item for kind, item in items if kind == _END}
+        ends = {item.get_span_context().span_id: item for item in items if not isinstance(item, (dict, str, SpanAtStart))}
         written: set[int] = set()
-        rows: list[dict[str, Any]] = self._take_held(any(kind == _RETRY for kind, _ in items))
-        for kind, item in items:
-            if kind == _ROW:
+        rows: list[dict[str, Any]] = self._take_held(_RETRY in items)
+        for item in items:
+            if isinstance(item, dict):
                 rows.append(item)
                 continue
-            if kind == _RETRY:
+            if item is _RETRY:
                 continue
             span_id = item.get_span_context().span_id
             if span_id in written:
@@ -282,22 +284,20 @@ class SQLEventSink(SpanProcessor):
             ended = ends.get(span_id)
             if ended is not None:
                 written.add(span_id)
-                rows.append(self._row_of((_END, ended)))
-            else:
-                rows.append(self._row_of((kind, item)))
+                item = ended
+            rows.append(self._row_of(item))
         if rows:
             self._write_batch(rows)
 
-    def _row_of(self, item: tuple[str, Any]) -> dict[str, Any]:
+    def _row_of(self, item: Any) -> dict[str, Any]:
         """The row of a queued item (on the worker; on the agent's thread for an item that overflows)."""
-        kind, value = item
-        if kind == _ROW:
-            return value
-        if kind == _RETRY:
+        if isinstance(item, dict):
+            return item
+        if item is _RETRY:
             return {_RETRY: True}  # not a row: read back as the marker it is
-        if kind == _END:
-            return span_row(value, ended=True, capture_content=self.capture_content)
-        row = span_row(value, ended=False, capture_content=self.capture_content)
+        if not isinstance(item, SpanAtStart):
+            return span_row(item, ended=True, capture_content=self.capture_content)
+        row = span_row(item, ended=False, capture_content=self.capture_content)
         row["meta"][WRITER_KEY] = this_writer()  # readers tell a dead writer's rows from live ones
         return row
 

@@ -12,7 +12,6 @@ import json
 import logging
 import re
 
-import pytest
 import sqlalchemy as sa
 
 import otel_cmbagent as oc
@@ -20,13 +19,6 @@ from otel_cmbagent.exporters.sql import SQLEventSink, replay
 from sinks_util import scripted_run, table_rows
 
 BURST = 600  # spans: 1,200 queue items into a queue of 64
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'burst.db'}"
-    return request.getfixturevalue("postgres_url")
 
 
 @contextlib.contextmanager
@@ -50,9 +42,9 @@ def burst_run(tracing: oc.Tracing, count: int) -> str:
     return run.run_id
 
 
-def test_a_burst_that_fills_the_queue_ends_with_every_row_in_the_table(database_url, tmp_path, scripted_llm, caplog):
+def test_a_burst_that_fills_the_queue_ends_with_every_row_in_the_table(sqlite_or_postgres_url, tmp_path, scripted_llm, caplog):
     tracing = oc.setup_tracing(sql_url=None, otlp=False, set_global=False, handle_sigterm=False)
-    sink = SQLEventSink(database_url, max_queue=64, max_batch=16, spill_path=tmp_path / "failed.spill.jsonl")
+    sink = SQLEventSink(sqlite_or_postgres_url, max_queue=64, max_batch=16, spill_path=tmp_path / "failed.spill.jsonl")
     tracing.tracer_provider.add_span_processor(sink)
     try:
         with caplog.at_level(logging.WARNING, logger="otel_cmbagent"), write_lock(sink.engine, sink.table):
@@ -66,6 +58,8 @@ def test_a_burst_that_fills_the_queue_ends_with_every_row_in_the_table(database_
         tracing.shutdown()
         sink.shutdown()
     by_run = {run_id: [r for r in rows if r["run_id"] == run_id] for run_id in (burst_id, chat_id, burst_id_2)}
+    assert stats["dropped"] == stats["failed"] == stats["rows_spilled"] == 0, (stats, {k: len(v) for k, v in
+                                                                                 by_run.items()})
     assert len(by_run[burst_id]) == len(by_run[burst_id_2]) == BURST + 1  # every span, plus the run span
     chat_kinds = {(r["event_type"], r["event_subtype"]) for r in by_run[chat_id]}
     assert {("agent_call", "message"), ("llm_call", "complete"), ("tool_call", "execute")} <= chat_kinds
@@ -75,7 +69,6 @@ def test_a_burst_that_fills_the_queue_ends_with_every_row_in_the_table(database_
         assert sorted(r["execution_order"] for r in run_rows) == list(range(1, len(run_rows) + 1))
         ids = {r["id"] for r in run_rows}
         assert all(r["parent_event_id"] in ids for r in run_rows if r["parent_event_id"] is not None)
-    assert stats["dropped"] == stats["failed"] == stats["rows_spilled"] == 0, stats
     assert stats["overflowed"] > BURST and stats["drained"] == stats["overflowed"], stats
     assert stats["enqueued"] + stats["overflowed"] == stats["processed"], stats
     assert not list(tmp_path.glob("*.overflow-*.jsonl"))  # read to its end: removed
