@@ -170,6 +170,32 @@ def _span_stats(exporter: InMemorySpanExporter | None) -> dict:
             "dropped_events": sum(s.dropped_events for s in spans)}
 
 
+def _child_provider(mode: str, exporter: InMemorySpanExporter | None, endpoint: str) -> TracerProvider:
+    """The tracer provider of a mode, with its processors, AG2 instrumented by ours or by AG2's own."""
+    # The span event limit setup_tracing() uses (the SDK default of 128 drops old messages of long chats).
+    tp = TracerProvider(span_limits=SpanLimits(max_events=DEFAULT_MAX_EVENTS_PER_SPAN))
+    if mode == "ours+sinks":
+        os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = endpoint
+        return oc.setup_tracing(sql_url=f"sqlite:///{tempfile.mkdtemp()}/events.db", otlp=True, capture_content=True,
+                                set_global=False, handle_sigterm=False).tracer_provider
+    if mode == "ours":
+        tp.add_span_processor(oc.SequencingSpanProcessor())
+        tp.add_span_processor(SimpleSpanProcessor(exporter))
+        oc.instrument(tracer_provider=tp, capture_content=True)
+    elif mode.startswith("ag2"):
+        from autogen.opentelemetry import instrument_llm_wrapper
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        from otel_cmbagent.exporters.otlp import make_otlp_exporter
+
+        if mode == "ag2+otlp":
+            tp.add_span_processor(BatchSpanProcessor(make_otlp_exporter("http/protobuf", endpoint)))
+        else:
+            tp.add_span_processor(SimpleSpanProcessor(exporter))
+        instrument_llm_wrapper(tracer_provider=tp, capture_messages=True)
+    return tp
+
+
 def run_child(mode: str, workloads: list[str], endpoint: str = "") -> dict:
     """Run each workload once (after a warm-up) in ``mode``; returns {workload: {seconds, bytes, ...}}."""
     from autogen import AssistantAgent, ConversableAgent, GroupChat, GroupChatManager
@@ -177,29 +203,9 @@ def run_child(mode: str, workloads: list[str], endpoint: str = "") -> dict:
 
     logging.getLogger("autogen.oai.client").setLevel(logging.ERROR)
     exporter = InMemorySpanExporter() if mode in ("ours", "ag2") else None
-    # The span event limit setup_tracing() uses (the SDK default of 128 drops old messages of long chats).
-    tp = TracerProvider(span_limits=SpanLimits(max_events=DEFAULT_MAX_EVENTS_PER_SPAN))
-    if mode == "ours+sinks":
-        os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = endpoint
-        tp = oc.setup_tracing(sql_url=f"sqlite:///{tempfile.mkdtemp()}/events.db", otlp=True, capture_content=True,
-                              set_global=False, handle_sigterm=False).tracer_provider
-    elif mode == "ag2+otlp":
-        from autogen.opentelemetry import instrument_agent, instrument_llm_wrapper
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-        from otel_cmbagent.exporters.otlp import make_otlp_exporter
-
-        tp.add_span_processor(BatchSpanProcessor(make_otlp_exporter("http/protobuf", endpoint)))
-        instrument_llm_wrapper(tracer_provider=tp, capture_messages=True)
-    elif mode == "ours":
-        tp.add_span_processor(oc.SequencingSpanProcessor())
-        tp.add_span_processor(SimpleSpanProcessor(exporter))
-        oc.instrument(tracer_provider=tp, capture_content=True)
-    elif mode == "ag2":
-        from autogen.opentelemetry import instrument_agent, instrument_llm_wrapper
-
-        tp.add_span_processor(SimpleSpanProcessor(exporter))
-        instrument_llm_wrapper(tracer_provider=tp, capture_messages=True)
+    tp = _child_provider(mode, exporter, endpoint)
+    if mode.startswith("ag2"):
+        from autogen.opentelemetry import instrument_agent
 
     def prepare(agents: list) -> list:
         if mode.startswith("ag2"):
