@@ -86,7 +86,8 @@ test: system-deps $(AG2)/.ready $(FORK)/.ready $(PHOENIX)/.ready
 	exit $$status
 
 bench: $(AG2)/.ready
-	$(AG2)/bin/python benchmarks/bench_overhead.py
+	$(AG2)/bin/python benchmarks/bench_overhead.py --sinks
+	$(AG2)/bin/python benchmarks/bench_hot_path.py
 	$(AG2)/bin/python benchmarks/bench_sinks.py
 	$(AG2)/bin/python benchmarks/bench_viewer.py
 	$(AG2)/bin/python benchmarks/bench_cli.py

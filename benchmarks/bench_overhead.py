@@ -19,6 +19,10 @@ Every ratio is against a baseline measured in the same run; timings are printed,
    interleaved round by round (5 rounds, 3 for the longest chat); each cell keeps its best. Note the
    uninstrumented time itself grows faster than linearly with turns (the openai SDK
    re-transforms the whole history on every call), which flattens any per-turn overhead.
+   With ``--sinks`` two more modes run in the same rounds: "ours+sinks" = ``setup_tracing(sql_url=<SQLite file>,
+   otlp=True, capture_content=True)`` (SQL rows written live, OTLP/HTTP to a loopback receiver in another process)
+   and "AG2+OTLP" = AG2's own tracing with the SDK's ``BatchSpanProcessor(OTLPSpanExporter)`` to the same receiver:
+   each tracing's full pipeline, the agent's wall time (the sinks write on their threads meanwhile).
 3. Span data size per run (json.dumps of every span attribute value and span event
    attribute value), ours vs AG2-native, and its growth from the shortest to the longest chat.
 """
@@ -46,6 +50,7 @@ from otel_cmbagent.tracing import DEFAULT_MAX_EVENTS_PER_SPAN
 
 SPAN_TARGET_US = 3.0
 MODES = ("plain", "ours", "ag2")
+SINK_MODES = ("ours+sinks", "ag2+otlp")
 
 
 # --- 1. per-span processor cost ------------------------------------------------------------
@@ -138,6 +143,19 @@ def bench_spans(total: int, repeats: int) -> None:
           " its reach-in into span._attributes._dict; 'Δ cpu saved' what the reach-in saves per span\n")
 
 
+@contextlib.contextmanager
+def _receiver(wanted: bool):
+    """An OTLP/HTTP receiver in a child process for the --sinks modes (the one bench_sinks uses); "" if not wanted."""
+    if not wanted:
+        yield ""
+        return
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_sinks import child_receiver
+
+    with child_receiver("http") as (endpoint, _poll):
+        yield endpoint
+
+
 # --- 2/3. AG2 chats, one child process per mode per round ---------------------------------
 def _attr_bytes(attributes) -> int:
     return sum(len(json.dumps(v, default=str)) for v in (attributes or {}).values())
@@ -152,27 +170,45 @@ def _span_stats(exporter: InMemorySpanExporter | None) -> dict:
             "dropped_events": sum(s.dropped_events for s in spans)}
 
 
-def run_child(mode: str, workloads: list[str]) -> dict:
+def _child_provider(mode: str, exporter: InMemorySpanExporter | None, endpoint: str) -> TracerProvider:
+    """The tracer provider of a mode, with its processors, AG2 instrumented by ours or by AG2's own."""
+    # The span event limit setup_tracing() uses (the SDK default of 128 drops old messages of long chats).
+    tp = TracerProvider(span_limits=SpanLimits(max_events=DEFAULT_MAX_EVENTS_PER_SPAN))
+    if mode == "ours+sinks":
+        os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = endpoint
+        return oc.setup_tracing(sql_url=f"sqlite:///{tempfile.mkdtemp()}/events.db", otlp=True, capture_content=True,
+                                set_global=False, handle_sigterm=False).tracer_provider
+    if mode == "ours":
+        tp.add_span_processor(oc.SequencingSpanProcessor())
+        tp.add_span_processor(SimpleSpanProcessor(exporter))
+        oc.instrument(tracer_provider=tp, capture_content=True)
+    elif mode.startswith("ag2"):
+        from autogen.opentelemetry import instrument_llm_wrapper
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        from otel_cmbagent.exporters.otlp import make_otlp_exporter
+
+        if mode == "ag2+otlp":
+            tp.add_span_processor(BatchSpanProcessor(make_otlp_exporter("http/protobuf", endpoint)))
+        else:
+            tp.add_span_processor(SimpleSpanProcessor(exporter))
+        instrument_llm_wrapper(tracer_provider=tp, capture_messages=True)
+    return tp
+
+
+def run_child(mode: str, workloads: list[str], endpoint: str = "") -> dict:
     """Run each workload once (after a warm-up) in ``mode``; returns {workload: {seconds, bytes, ...}}."""
     from autogen import AssistantAgent, ConversableAgent, GroupChat, GroupChatManager
     from otel_cmbagent.testing.scripted_llm import ScriptedLLM, text
 
     logging.getLogger("autogen.oai.client").setLevel(logging.ERROR)
-    exporter = InMemorySpanExporter() if mode != "plain" else None
-    # The span event limit setup_tracing() uses (the SDK default of 128 drops old messages of long chats).
-    tp = TracerProvider(span_limits=SpanLimits(max_events=DEFAULT_MAX_EVENTS_PER_SPAN))
-    if mode == "ours":
-        tp.add_span_processor(oc.SequencingSpanProcessor())
-        tp.add_span_processor(SimpleSpanProcessor(exporter))
-        oc.instrument(tracer_provider=tp, capture_content=True)
-    elif mode == "ag2":
-        from autogen.opentelemetry import instrument_agent, instrument_llm_wrapper
-
-        tp.add_span_processor(SimpleSpanProcessor(exporter))
-        instrument_llm_wrapper(tracer_provider=tp, capture_messages=True)
+    exporter = InMemorySpanExporter() if mode in ("ours", "ag2") else None
+    tp = _child_provider(mode, exporter, endpoint)
+    if mode.startswith("ag2"):
+        from autogen.opentelemetry import instrument_agent
 
     def prepare(agents: list) -> list:
-        if mode == "ag2":
+        if mode.startswith("ag2"):
             for agent in agents:
                 instrument_agent(agent, tracer_provider=tp)
         return agents
@@ -195,7 +231,7 @@ def run_child(mode: str, workloads: list[str]) -> dict:
         cfg = server.llm_config(price=[0, 0])
         for workload in ["chat2", "group4"] + workloads:  # the first two warm up lazy imports and clients
             chat = build(workload, cfg)
-            scope = oc.run(name=workload) if mode == "ours" else contextlib.nullcontext()
+            scope = oc.run(name=workload) if mode.startswith("ours") else contextlib.nullcontext()
             gc.collect()
             start, cpu_start = time.perf_counter(), time.process_time()
             with scope:
@@ -204,27 +240,30 @@ def run_child(mode: str, workloads: list[str]) -> dict:
             results[workload] = {"seconds": seconds, "cpu": cpu, **_span_stats(exporter)}
             if exporter is not None:
                 exporter.clear()
-    if mode == "ours":
+    if mode.startswith("ours"):
         oc.uninstrument()
     return {w: results[w] for w in workloads}
 
 
-def _spawn(mode: str, workloads: list[str]) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--workloads", ",".join(workloads)]
+def _spawn(mode: str, workloads: list[str], endpoint: str = "") -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--workloads", ",".join(workloads),
+           "--endpoint", endpoint]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"child {mode} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_chats(turns: tuple[int, ...], group_rounds: int, rounds: int) -> None:
+def bench_chats(turns: tuple[int, ...], group_rounds: int, rounds: int, endpoint: str = "") -> None:
     workloads = [f"chat{t}" for t in turns] + [f"group{group_rounds}"]
     best: dict[tuple[str, str, str], float] = {}  # (clock, mode, workload) -> best seconds
     sizes: dict[tuple[str, str], dict] = {}
     long_rounds = min(rounds, 3)  # the longest chat dominates the run time: at most 3 rounds
+    modes = MODES + (SINK_MODES if endpoint else ())
     for i in range(rounds):  # modes interleaved round by round, so drift hits all of them alike
-        for mode in MODES:
-            for workload, r in _spawn(mode, workloads if i < long_rounds else workloads[:2] + workloads[3:]).items():
+        for mode in modes:
+            for workload, r in _spawn(mode, workloads if i < long_rounds else workloads[:2] + workloads[3:],
+                                      endpoint).items():
                 for clock in ("seconds", "cpu"):
                     best[clock, mode, workload] = min(best.get((clock, mode, workload), float("inf")), r[clock])
                 sizes[mode, workload] = r
@@ -253,6 +292,8 @@ def bench_chats(turns: tuple[int, ...], group_rounds: int, rounds: int) -> None:
           f"{'met' if ratio['ours', mid] <= 1.3 else 'MISSED'};"
           f"  ours ≤ ×1.2 on the group chat: {ratio['ours', group]:.3f} "
           f"{'met' if ratio['ours', group] <= 1.2 else 'MISSED'}\n")
+    if endpoint:
+        _print_sink_modes(best, workloads, label)
 
     print("3. Span data per run: bytes of json.dumps(value) over span + event attributes (spans/events/dropped)")
     print(f"  {'workload':<26}{'ours bytes':>12}{'ours s/e/drop':>16}{'AG2 bytes':>12}{'AG2 s/e/drop':>15}{'AG2/ours':>10}")
@@ -270,26 +311,45 @@ def bench_chats(turns: tuple[int, ...], group_rounds: int, rounds: int) -> None:
           f"ours ×{growth['ours']:.2f}, AG2-native ×{growth['ag2']:.2f}")
 
 
+def _print_sink_modes(best: dict, workloads: list[str], label: dict) -> None:
+    print("2b. The same chats with each tracing's full pipeline (× over uninstrumented, same rounds): ours+sinks ="
+          " setup_tracing(SQL + OTLP), AG2+OTLP = AG2's own tracing + BatchSpanProcessor(OTLP); one receiver")
+    print(f"  {'workload':<26}{'uninstr. s':>11}{'ours+sinks s':>13}{'×':>7}{'AG2+OTLP s':>12}{'×':>7}"
+          f"{'cpu× ours':>11}{'cpu× AG2':>10}{'ours ≤ AG2?':>13}")
+    for w in workloads:
+        plain, ours, ag2 = (best["seconds", m, w] for m in ("plain", *SINK_MODES))
+        cpu_ours, cpu_ag2 = (best["cpu", m, w] / best["cpu", "plain", w] for m in SINK_MODES)
+        print(f"  {label[w]:<26}{plain:>11.3f}{ours:>13.3f}{ours / plain:>7.3f}{ag2:>12.3f}{ag2 / plain:>7.3f}"
+              f"{cpu_ours:>11.3f}{cpu_ag2:>10.3f}{'yes' if ours <= ag2 else 'NO':>13}")
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, one repeat")
     parser.add_argument("--repeats", type=int, default=None,
                         help="repeats of part 1 and rounds of part 2 (default 5, --quick 1)")
-    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--sinks", action="store_true",
+                        help="also ours with SQL+OTLP and AG2's own with OTLP (part 2b; a receiver child process)")
+    parser.add_argument("--chats-only", action="store_true", help="part 2 (and 3) only")
+    parser.add_argument("--child", choices=MODES + SINK_MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--endpoint", default="", help=argparse.SUPPRESS)
     parser.add_argument("--workloads", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         real_stdout, sys.stdout = sys.stdout, open(os.devnull, "w")  # AG2 prints even with silent=True
-        real_stdout.write(json.dumps(run_child(args.child, args.workloads.split(","))) + "\n")
+        real_stdout.write(json.dumps(run_child(args.child, args.workloads.split(","), args.endpoint)) + "\n")
         return
     repeats = rounds = args.repeats or (1 if args.quick else 5)
     started = time.perf_counter()
     print(f"otel-cmbagent overhead benchmark (python {sys.version.split()[0]}, {os.cpu_count()} CPUs)\n")
-    bench_spans(total=2_000 if args.quick else 20_000, repeats=repeats)
-    if args.quick:
-        bench_chats(turns=(4, 8, 16), group_rounds=12, rounds=rounds)
-    else:
-        bench_chats(turns=(25, 50, 100), group_rounds=60, rounds=rounds)
+    if not args.chats_only:
+        bench_spans(total=2_000 if args.quick else 20_000, repeats=repeats)
+    with _receiver(args.sinks) as endpoint:
+        if args.quick:
+            bench_chats(turns=(4, 8, 16), group_rounds=12, rounds=rounds, endpoint=endpoint)
+        else:
+            bench_chats(turns=(25, 50, 100), group_rounds=60, rounds=rounds, endpoint=endpoint)
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
 
 

@@ -17,6 +17,10 @@ Ratios are against baselines measured in the same run; timings are printed, neve
    exporter, then ``force_flush``: ``otlp_span_processor`` (our default queue) vs the SDK's default sizes
    (queue 2048, batch 512; drops counted). The receiver decodes every span into dicts: it runs in a
    child process (its CPU time is reported), off this process's GIL.
+3. SQL burst (issue 14): ``setup_tracing(sql_url=...)`` with its defaults (queue 100,000 items), then 100,000
+   spans of one run as fast as the tracer allows (200,002 queue items), ``force_flush()``: rows in the table,
+   and the sink's ``stats`` (dropped must be 0; what the queue could not hold went to the overflow file and
+   was written back: overflowed = drained). SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -194,6 +198,43 @@ def run_sql(n: int, n_legacy: int, durable: bool) -> None:
             pg.stop()
 
 
+# --- 3. SQL burst ---------------------------------------------------------------------------------
+def bench_burst(label: str, url: str, n: int) -> None:
+    tracing = oc.setup_tracing(sql_url=url, otlp=False, instrument=False, set_global=False, handle_sigterm=False)
+    oc_context._TracerSource.provider = tracing.tracer_provider
+    gc.collect()
+    start = time.perf_counter()
+    created = emit(tracing.tracer_provider, n)
+    flushed = tracing.sql.force_flush(600_000)
+    elapsed = time.perf_counter() - start
+    stats = tracing.sql.stats
+    tracing.shutdown()
+    rows = count(tracing.sql.engine, tracing.sql.table)
+    print(f"    {label:<34}{n:>9,}{created:>9.2f}{elapsed:>10.2f}{rows:>9,}{stats['dropped']:>9,}"
+          f"{stats['overflowed']:>11,}{stats['drained']:>9,}{stats['rows_spilled']:>8,}  {'ok' if flushed else 'TIMEOUT'}"
+          f"{'' if rows == n + 1 and not stats['dropped'] else '  ROWS MISSING'}")
+
+
+def run_sql_burst(n: int) -> None:
+    print(f"\n3. SQL burst: {n:,} spans of one run (+1 run span) as fast as the tracer allows, setup_tracing(sql_url=...)"
+          " defaults, then force_flush()")
+    print(f"    {'database':<34}{'spans':>9}{'create s':>9}{'elapsed s':>10}{'rows':>9}{'dropped':>9}{'overflowed':>11}"
+          f"{'drained':>9}{'spilled':>8}")
+    with tempfile.TemporaryDirectory() as tmp:
+        bench_burst("SQLite (temp file)", f"sqlite:///{tmp}/burst.sqlite", n)
+        try:
+            pg = PostgresServer().start()
+        except RuntimeError as exc:
+            print(f"    PostgreSQL: skipped ({exc})")
+            return
+        try:
+            bench_burst("PostgreSQL (loopback)", pg.url, n)
+        finally:
+            pg.stop()
+    print("    rows = rows in the table after force_flush (every span's row: spans + 1); overflowed = queue items the"
+          " full queue sent to the overflow file; drained = of those, written back")
+
+
 # --- 2. OTLP burst ------------------------------------------------------------------------------
 def receiver_child(kind: str) -> None:
     """Child process: serve a receiver; answer each stdin line with 'spans received, CPU seconds'."""
@@ -263,6 +304,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 2,000 spans, 200 legacy rows, 10,000 burst")
     parser.add_argument("--grpc", action="store_true", help="OTLP burst over gRPC instead of HTTP/protobuf")
     parser.add_argument("--durable", action="store_true", help="SQLite synchronous=FULL, PostgreSQL fsync on")
+    parser.add_argument("--burst-only", action="store_true", help="only part 3, the SQL burst")
     parser.add_argument("--receiver-child", choices=("http", "grpc"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receiver_child:
@@ -273,9 +315,13 @@ def main() -> None:
     logging.getLogger("otel_cmbagent").setLevel(logging.ERROR)
     n, n_legacy, n_burst = (2_000, 200, 10_000) if args.quick else (20_000, 2_000, 100_000)
     started = time.perf_counter()
+    if args.burst_only:
+        run_sql_burst(n_burst)
+        return
     print(f"otel-cmbagent sink throughput (python {sys.version.split()[0]}, SQLAlchemy {sa.__version__})\n")
     run_sql(n, n_legacy, args.durable)
     run_burst(n_burst, "grpc" if args.grpc else "http/protobuf")
+    run_sql_burst(n_burst)
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
 
 

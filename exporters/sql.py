@@ -4,7 +4,9 @@ Rows are written when a span starts (``status=running``) and completed when it
 ends, so a crashed or hung run is visible in the table. A background worker
 writes batches in one transaction with executemany upserts (SQLAlchemy Core);
 a failing database is retried with backoff, then the batch is spilled to a JSONL
-file that ``replay()`` writes back idempotently.
+file that ``replay()`` writes back idempotently. A burst the queue cannot hold goes to
+the overflow file (:mod:`.overflow`), which the writer reads back once it has caught up:
+nothing is dropped.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import threading
 import time
 import weakref
 from collections.abc import Mapping
@@ -26,11 +27,13 @@ from sqlalchemy.engine import Engine
 
 from otel_cmbagent.pipeline.listeners import add_message_listener, remove_message_listener
 from otel_cmbagent.pipeline.values import log_internal_error
+from otel_cmbagent.table.encoding import row_from_json
 from otel_cmbagent.table.fit import json_text
-from otel_cmbagent.table.rows import message_row, snapshot, span_row
+from otel_cmbagent.table.rows import SpanAtStart, message_row, snapshot, span_row
 from otel_cmbagent.table.schema import execution_events_table
 from otel_cmbagent.table.writers import WRITER_KEY, Heartbeat, this_writer
 
+from .overflow import OverflowFile
 from .spill import ReplayReport, append_rows, replay, replay_report
 from .sqlite_file import BLOCKED, RECONNECTED, SQLiteFileGuard
 from .table_writer import DatabaseFailed, TableWriter, database_failed, first_line, write_isolating
@@ -40,7 +43,9 @@ __all__ = ["ReplayReport", "SQLEventSink", "execution_events_table", "make_engin
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
 
-_START, _END, _ROW, _RETRY = "start", "end", "row", "retry"
+# Queue items, told apart by type (no tuple per item: fewer objects for the garbage collector while a burst is
+# queued): a SpanAtStart (a start row), a ReadableSpan (its final row), a dict (a message row), or _RETRY.
+_RETRY = "retry"
 # Rows waiting for their run/session row are tried again this often (and on every flush).
 HELD_RECHECK_SECONDS = 1.0
 
@@ -86,6 +91,11 @@ def default_spill_path(engine: Engine) -> Path:
     return Path.cwd() / "otel_cmbagent.spill.jsonl"
 
 
+def _drained_row(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A row read back from the overflow file, queued as a row (or the retry marker it was)."""
+    return row_from_json(row) if "id" in row else _RETRY
+
+
 def _dispose_after_fork(engine_ref: weakref.ref[Engine]) -> None:
     engine = engine_ref()
     if engine is not None:
@@ -103,6 +113,9 @@ class SQLEventSink(SpanProcessor):
     whose ``workflow_runs``/``sessions`` row does not exist yet are held (one warning naming
     the table) and written once it does; at shutdown rows still held are spilled.
     cmbagent's ``files``/``messages``/``cost_records`` tables, when present, get their rows too.
+    A burst that fills the queue (``max_queue`` items) goes on, in order, into the overflow file
+    (``<spill stem>.overflow-<pid>.jsonl``), written to the table once the queue has drained; ``stats``
+    counts it (``overflowed``, ``drained``) apart from the failure spill (``rows_spilled``).
     ``heartbeat``: keep this process's row in ``otel_cmbagent_writers`` (see :mod:`.writers`); None = only
     when the sink creates its own table, or when that table already exists.
     """
@@ -135,8 +148,7 @@ class SQLEventSink(SpanProcessor):
         self.retry_backoff = retry_backoff
         self._file = SQLiteFileGuard(self.engine, reconnect=not isinstance(target, Engine), spill_path=self.spill_path)
         self._writer = TableWriter(self.engine, self.table)
-        self._open_spans: set[int] = set()
-        self._open_lock = threading.Lock()
+        self._open_spans: set[int] = set()  # for message rows; set.add/discard are atomic: no lock per span
         self._degraded = False
         self.rows_written = 0
         self.rows_spilled = 0
@@ -154,6 +166,7 @@ class SQLEventSink(SpanProcessor):
         self._worker = BackgroundWorker(
             "otel-cmbagent-sql", self._handle, max_queue=max_queue, max_batch=max_batch, tick=self._beat,
             tick_interval=self._heartbeat.interval if self._heartbeat else float("inf"), quiesce_on_fork=True,
+            overflow=OverflowFile(self.spill_path, self._row_of, _drained_row),
         )
         add_message_listener(self._on_message)
         self._shut_down = False
@@ -161,30 +174,28 @@ class SQLEventSink(SpanProcessor):
     # --- SpanProcessor --------------------------------------------------------
     def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
         try:
-            with self._open_lock:
-                self._open_spans.add(span.get_span_context().span_id)
+            self._open_spans.add(span.get_span_context().span_id)
             if self.write_on_start:
                 # Only a frozen copy here: rows are built on the worker thread, off the agent's path.
-                self._worker.put((_START, snapshot(span)))
+                self._worker.put(snapshot(span))
         except Exception as exc:  # noqa: BLE001
             log_internal_error("SQLEventSink.on_start", exc)
 
     def on_end(self, span: ReadableSpan) -> None:
         try:
-            with self._open_lock:
-                self._open_spans.discard(span.get_span_context().span_id)
-            self._worker.put((_END, span))  # an ended span no longer changes
+            self._open_spans.discard(span.get_span_context().span_id)
+            self._worker.put(span)  # an ended span no longer changes
         except Exception as exc:  # noqa: BLE001
             log_internal_error("SQLEventSink.on_end", exc)
 
     def _on_message(self, span: Any, attributes: Mapping[str, Any], timestamp_ns: int) -> None:
         if span.get_span_context().span_id in self._open_spans:
-            self._worker.put((_ROW, message_row(span, attributes, timestamp_ns, capture_content=self.capture_content)))
+            self._worker.put(message_row(span, attributes, timestamp_ns, capture_content=self.capture_content))
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         """Write everything queued (and retry held rows); False if some rows are still held or it timed out."""
         if self._held:
-            self._worker.put((_RETRY, None))
+            self._worker.put(_RETRY)
         return self._worker.flush(timeout_millis / 1000) and not self._held
 
     def shutdown(self) -> None:
@@ -193,7 +204,7 @@ class SQLEventSink(SpanProcessor):
         self._shut_down = True
         remove_message_listener(self._on_message)
         if self._held:
-            self._worker.put((_RETRY, None))
+            self._worker.put(_RETRY)
         self._worker.shutdown()
         if self._held:
             held, self._held = self._held, []
@@ -203,7 +214,7 @@ class SQLEventSink(SpanProcessor):
     @property
     def stats(self) -> dict[str, int]:
         return {
-            **self._worker.stats.as_dict(),
+            **self._worker.stats.with_overflow(),
             "rows_written": self.rows_written,
             "rows_spilled": self.rows_spilled,
             "rows_rejected": self.rows_rejected,
@@ -252,20 +263,20 @@ class SQLEventSink(SpanProcessor):
             return False
         return True
 
-    def _handle(self, items: list[tuple[str, Any]]) -> None:
+    def _handle(self, items: list[Any]) -> None:
         """Build the batch's rows on the worker thread.
 
         A span that starts and ends within one batch is written once, completed, at its
         start position (parents stay before children: foreign keys on parent_event_id hold).
         """
-        ends = {item.get_span_context().span_id: item for kind, item in items if kind == _END}
+        ends = {item.get_span_context().span_id: item for item in items if not isinstance(item, (dict, str, SpanAtStart))}
         written: set[int] = set()
-        rows: list[dict[str, Any]] = self._take_held(any(kind == _RETRY for kind, _ in items))
-        for kind, item in items:
-            if kind == _ROW:
+        rows: list[dict[str, Any]] = self._take_held(_RETRY in items)
+        for item in items:
+            if isinstance(item, dict):
                 rows.append(item)
                 continue
-            if kind == _RETRY:
+            if item is _RETRY:
                 continue
             span_id = item.get_span_context().span_id
             if span_id in written:
@@ -273,13 +284,22 @@ class SQLEventSink(SpanProcessor):
             ended = ends.get(span_id)
             if ended is not None:
                 written.add(span_id)
-                rows.append(span_row(ended, ended=True, capture_content=self.capture_content))
-            else:
-                row = span_row(item, ended=False, capture_content=self.capture_content)
-                row["meta"][WRITER_KEY] = this_writer()  # readers tell a dead writer's rows from live ones
-                rows.append(row)
+                item = ended
+            rows.append(self._row_of(item))
         if rows:
             self._write_batch(rows)
+
+    def _row_of(self, item: Any) -> dict[str, Any]:
+        """The row of a queued item (on the worker; on the agent's thread for an item that overflows)."""
+        if isinstance(item, dict):
+            return item
+        if item is _RETRY:
+            return {_RETRY: True}  # not a row: read back as the marker it is
+        if not isinstance(item, SpanAtStart):
+            return span_row(item, ended=True, capture_content=self.capture_content)
+        row = span_row(item, ended=False, capture_content=self.capture_content)
+        row["meta"][WRITER_KEY] = this_writer()  # readers tell a dead writer's rows from live ones
+        return row
 
     def _beat(self) -> None:
         """The heartbeat (worker thread, every few seconds), unless the database is unusable or not set up."""

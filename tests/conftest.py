@@ -74,6 +74,14 @@ def postgres_server():
     server.stop()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sqlite_or_postgres_url(request, tmp_path) -> str:
+    """The test runs twice: on a SQLite file, and on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'events.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
 @pytest.fixture
 def postgres_url(postgres_server) -> str:
     """A fresh database per test on the session cluster (restarted first if a fault test stopped it)."""

