@@ -95,7 +95,7 @@ def _write_attributes(span: Span, identity: dict[str, Any] | None, order: int, d
     raw = getattr(bounded, "_dict", None)
     maxlen = getattr(bounded, "maxlen", None)
     if isinstance(raw, dict) and not getattr(bounded, "_immutable", True) and (
-        maxlen is None or len(raw) + 6 <= maxlen
+        maxlen is None or len(raw) + len(identity or ()) + 2 <= maxlen
     ):
         if identity:
             raw.update(identity)
