@@ -48,6 +48,14 @@ _PROVIDERS = {
 }
 
 
+def _history_with(agent: Any, sender: Any) -> Any:
+    """What ``generate_reply(sender=...)`` reads when given no messages (AG2: ``chat_messages[sender]``)."""
+    try:
+        return getattr(agent, "chat_messages", {}).get(sender)
+    except Exception:  # noqa: BLE001 - an agent without the mapping: no input recorded
+        return None
+
+
 def provider_name(api_type: Any) -> str:
     return _PROVIDERS.get(api_type, str(api_type))
 
@@ -72,6 +80,8 @@ class AgentWrappers:
         }
         if sender is not None:
             attributes[semconv.MESSAGE_SENDER] = agent_name(sender)
+        if messages is None and sender is not None:  # a group chat's turn: the agent reads its own history
+            messages = _history_with(agent, sender)
         if isinstance(messages, list):
             attributes[semconv.LLM_MESSAGE_COUNT] = len(messages)
             if messages and self.runtime.config.capture_content:  # the newest only: linear in the chat's length

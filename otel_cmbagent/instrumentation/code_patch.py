@@ -12,7 +12,7 @@ from opentelemetry import trace
 
 from ..pipeline import semconv
 from ..pipeline.errors import mark_failed
-from ..pipeline.openinference import add_start_keys, input_attributes, mark_ok, set_output
+from ..pipeline.openinference import add_start_keys, input_attributes, mark_ok, output_attributes, set_output
 from ..pipeline.values import log_internal_error, safe_text, to_json
 from .spans import Runtime, SpanStart, agent_name, argument
 
@@ -167,18 +167,22 @@ class CodeWrappers:
                 continue
             relative = os.path.relpath(path, work_dir)
             stamp = min(max(mtime_ns, started_ns), now_ns)
-            oi_input = input_attributes(relative, semconv.MIME_TEXT) if self.runtime.config.capture_content else {}
+            change = "modified" if previous is not None else "created"
+            oi_values: dict[str, Any] = {}
+            if self.runtime.config.capture_content:
+                oi_values = {**input_attributes(relative, semconv.MIME_TEXT),
+                             **output_attributes(f"{change}, {size} bytes", semconv.MIME_TEXT)}
             span = self.runtime.tracer.start_span(
                 f"file {relative}",
                 start_time=stamp,
                 attributes=add_start_keys({
-                    **oi_input,
+                    **oi_values,
                     semconv.GEN_AI_OPERATION_NAME: semconv.OP_FILE,
                     semconv.EVENT_TYPE: semconv.EVENT_FILE_GEN,
                     semconv.FILE_PATH: str(Path(path).resolve()),
                     semconv.FILE_SIZE: size,
                     semconv.FILE_TYPE: file_type(path),
-                    semconv.FILE_CHANGE: "modified" if previous is not None else "created",
+                    semconv.FILE_CHANGE: change,
                     semconv.GEN_AI_AGENT_NAME: (getattr(code_span, "attributes", None) or {}).get(
                         semconv.GEN_AI_AGENT_NAME, "unknown"
                     ),
