@@ -1,8 +1,9 @@
 # Two commands do everything on a fresh machine:
 #   make demo      - set up a virtualenv and run the demo (embedded scripted LLM, SQLite file, no API key)
-#   make test      - set up both AG2 lines (ag2 0.14.0 and cmbagent-autogen 0.0.91.post11) and run the whole suite on
-#                    each, then the install tests (the built wheel into fresh virtualenvs, resolution next to cmbagent)
-#                    once: ~15 min and ~2 GB (three virtualenvs, Chromium, PostgreSQL, Phoenix); installs Debian's
+#   make test      - set up both classic AG2 lines (ag2 0.14.0 and cmbagent-autogen 0.0.91.post11) and run the whole
+#                    suite on each, the AG2 1.x tests on ag2 1.2.1, then the install tests (the built wheel into fresh
+#                    virtualenvs, resolution next to cmbagent) once: ~15 min and ~2 GB (four virtualenvs, Chromium,
+#                    PostgreSQL, Phoenix); installs Debian's
 #                    postgresql and chromium when missing (root or sudo). The CI command.
 #   make test-fast - day to day: the ag2 line only, without PostgreSQL, Chromium, Phoenix, the install tests and the
 #                    slowest subprocess tests (markers postgres/browser/phoenix/install/slow); no system packages
