@@ -149,10 +149,15 @@ class RunIdentity:
             semconv.SESSION_ID: self.session_id,
             semconv.NODE_ID: self.node_id,
             semconv.STEP_ID: self.step_id,
-            # OpenInference's session: Phoenix files a trace under the first session.id it sees.
-            semconv.OI_SESSION_ID: self.session_id,
         }
         return {key: value for key, value in values.items() if value is not None}
+
+    @functools.cached_property
+    def span_attributes(self) -> dict[str, str]:
+        """The identity plus OpenInference's ``session.id`` (Phoenix files a trace under the first one it sees)."""
+        if self.session_id is None:
+            return self.attributes
+        return {**self.attributes, semconv.OI_SESSION_ID: self.session_id}
 
 
 def current_identity(ctx: otel_context.Context | None = None) -> RunIdentity | None:

@@ -127,7 +127,7 @@ class SequencingSpanProcessor(SpanProcessor):
                 depth = 0
             else:
                 depth = _depth_below(trace.get_current_span(ctx), span)
-            _write_attributes(span, identity.attributes if identity is not None else None, order, depth)
+            _write_attributes(span, identity.span_attributes if identity is not None else None, order, depth)
         except Exception as exc:  # noqa: BLE001
             log_internal_error("SequencingSpanProcessor.on_start", exc)
 
