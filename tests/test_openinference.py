@@ -53,7 +53,7 @@ def test_no_input_or_output_without_content(instrument_no_content, memory_export
         assert not {semconv.INPUT_VALUE, semconv.OUTPUT_VALUE, semconv.INPUT_MIME_TYPE} & set(span.attributes)
 
 
-def test_group_chat_turns_and_handoffs_have_inputs(instrument_with_content, memory_exporter, scripted_llm):
+def test_group_chat_turns_and_handoffs_have_inputs(instrument_with_content, memory_exporter, scripted_llm, chats_cwd):
     """A group chat turn gets no messages argument: its input is the newest message from its history."""
     scripted_llm.push(text("plan: one step"), text("done TERMINATE"))
     config = scripted_llm.llm_config()
