@@ -1,4 +1,4 @@
-"""The OpenInference keys next to the GenAI ones (what Phoenix reads; tests/test_phoenix_e2e.py checks Phoenix itself)."""
+"""The OpenInference keys next to the GenAI ones (what Phoenix reads; test_phoenix_e2e.py checks Phoenix itself)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def test_no_input_or_output_without_content(instrument_no_content, memory_export
         assert not {semconv.INPUT_VALUE, semconv.OUTPUT_VALUE, semconv.INPUT_MIME_TYPE} & set(span.attributes)
 
 
-def test_group_chat_turns_and_handoffs_have_inputs(instrument_with_content, memory_exporter, scripted_llm, chats_cwd):
+def test_group_chat_turns_and_handoffs_have_inputs(
+        instrument_with_content, memory_exporter, scripted_llm, chats_cwd):
     """A group chat turn gets no messages argument: its input is the newest message from its history."""
     scripted_llm.push(text("plan: one step"), text("done TERMINATE"))
     config = scripted_llm.llm_config()
