@@ -6,6 +6,7 @@
         user.initiate_chat(assistant, message="...")
 """
 
+from .instrumentation import ag2x
 from .instrumentation.instrumentor import AG2Instrumentor, instrument, uninstrument
 from .pipeline.config import InstrumentationConfig
 from .pipeline.context import RunIdentity, current_identity, propagate_context, run, step
@@ -25,6 +26,7 @@ __all__ = [
     "SequencingSpanProcessor",
     "Tracing",
     "__version__",
+    "ag2x",
     "carry",
     "current_identity",
     "instrument",

@@ -16,6 +16,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 
+from .instrumentation import ag2x
 from .instrumentation.instrumentor import AG2Instrumentor
 from .pipeline.config import InstrumentationConfig
 from .pipeline.open_spans import OpenSpans
@@ -155,6 +156,8 @@ def setup_tracing(
     resource = _resource(service_name)
     provider = TracerProvider(resource=resource, span_limits=_span_limits())
     provider.add_span_processor(SequencingSpanProcessor())
+    if ag2x.installed():  # AG2 1.x's spans get our event types before any sink sees them
+        provider.add_span_processor(ag2x.AG2xSpanProcessor())
     tracing = Tracing(tracer_provider=provider, open_spans=OpenSpans())
     provider.add_span_processor(tracing.open_spans)
     try:

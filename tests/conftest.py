@@ -18,6 +18,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import otel_cmbagent as oc
 
+# AG2 1.x's tests run only where AG2 1.x is installed (make test-ag2x); the classic lines leave the module out.
+collect_ignore = [] if oc.ag2x.installed() else ["test_ag2x.py"]
+
 # A recognisable fake key: it must never appear in any span, attribute or event.
 FAKE_KEY = "sk-test-FAKEKEY-0123456789abcdefXYZ"
 

@@ -129,7 +129,11 @@ def main() -> None:
     instrumentor = oc.instrument(tracer_provider=provider)  # must never raise into the host
     report["instrument_log"] = list(lines.lines)
     report["instrumented"] = instrumentor.is_instrumented_by_opentelemetry
-    if report["instrumented"]:
+    report["patched"] = sorted(f"{owner.__name__}.{name}" for owner, name, _ in instrumentor.patched_attributes)
+    if report["instrumented"] and not report["patched"]:  # AG2 1.x: no patches, thread propagation on
+        report["pool_parent"] = pool_span_parent(tracer, exporter)
+        oc.uninstrument()
+    elif report["instrumented"]:
         patched = instrumentor.patched_attributes
         report["patched"] = sorted(f"{owner.__name__}.{name}" for owner, name, _ in patched)
         report["pool_parent"] = pool_span_parent(tracer, exporter)

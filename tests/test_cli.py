@@ -221,7 +221,10 @@ def check_exported(spans, rows):
         started = started.replace(tzinfo=timezone.utc)
         assert span["start_time_unix_nano"] == int(started.timestamp() * 1_000_000) * 1_000
         assert span["end_time_unix_nano"] >= span["start_time_unix_nano"]
-        assert span["status_code"] == ("ERROR" if row["status"] == "failed" else "UNSET")
+        assert span["status_code"] == {"failed": "ERROR", "completed": "OK"}.get(row["status"], "UNSET")
+        # the OpenInference keys the rows do not store come back (Phoenix reads them)
+        assert span["attributes"]["openinference.span.kind"] in {"CHAIN", "AGENT", "LLM", "TOOL"}
+        assert span["attributes"]["session.id"] == row["session_id"]
         assert "cmbagent.incomplete" not in span["attributes"]
         if row["event_type"] == "llm_call":
             assert span["kind"] == "CLIENT"

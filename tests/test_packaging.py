@@ -168,9 +168,15 @@ def test_contrib_extra_with_the_threading_package_cooperates_with_zero_code(inst
 
 
 def test_ag2_1x_gets_one_line_from_instrument_and_from_the_demo(installs):
-    """ag2 >= 1.0 has no `autogen` module: one line saying what to install, from instrument() and the CLI."""
+    """ag2 >= 1.0 has no `autogen` module: instrument() says AG2 1.x's middleware is used (one line) and turns on
+    thread propagation; the demo (classic AG2) says what to install."""
     result = _result(installs, "ag2-1.2.1")
-    _one_line_about_autogen(result["probe"], "ag2 1.2.1 has no `autogen` module", 'pip install "ag2[openai]<0.15"')
+    report = result["probe"]
+    (line,) = report["instrument_log"]  # exactly one line, and instrument() did not raise
+    assert line.startswith("WARNING otel_cmbagent.instrumentation.instrumentor: otel-cmbagent: AG2 1.x is installed")
+    assert "classic AG2 patches are not applied" in line and "TelemetryMiddleware" in line
+    assert report["instrumented"] and report["patched"] == []  # no patches; threads carry the context:
+    assert report["pool_parent"] == "parent" and report["threads_restored"]
     cli = Path(result["python"]).with_name("otel-cmbagent")
     done = subprocess.run([cli, "demo", "--db", "demo.db", "--no-live"], cwd=result["work"], capture_output=True,
                           text=True, timeout=120)

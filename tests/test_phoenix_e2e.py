@@ -68,7 +68,22 @@ def _content_keys(attributes: dict) -> set[str]:
     return {k for k in attributes if any(k == c or k.startswith(c + ".") for c in CONTENT_ATTRIBUTES)}
 
 
-def _traced_run(monkeypatch, scripted_llm, *, protocol: str, endpoint: str, project: str | None):
+def _phoenix_output(span: dict) -> dict:
+    """What Phoenix derives by itself for an LLM span without output.value: the response id and model as JSON."""
+    value = span["attributes"].get("output.value")
+    return json.loads(value) if value is not None else {}
+
+
+def _content_keys_we_sent(span: dict) -> set[str]:
+    """Content keys in what Phoenix returns, less the output Phoenix builds itself from an LLM span's response id."""
+    keys = _content_keys(span["attributes"])
+    if span["span_kind"] == "LLM" and set(_phoenix_output(span)) <= {"id", "model"}:
+        keys -= {"output.value", "output.mime_type"}
+    return keys
+
+
+def _traced_run(monkeypatch, scripted_llm, *, protocol: str, endpoint: str, project: str | None,
+                capture_content: bool | None = None):
     for name in _OVERRIDES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
@@ -77,7 +92,8 @@ def _traced_run(monkeypatch, scripted_llm, *, protocol: str, endpoint: str, proj
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
     if project is not None:  # Phoenix files spans under the resource attribute openinference.project.name
         monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", f"openinference.project.name={project}")
-    tracing = oc.setup_tracing(sql_url=None, otlp=True, set_global=False, handle_sigterm=False)
+    tracing = oc.setup_tracing(sql_url=None, otlp=True, set_global=False, handle_sigterm=False,
+                               capture_content=capture_content)
     memory = InMemorySpanExporter()  # what the same provider produced, to compare with what Phoenix stored
     tracing.tracer_provider.add_span_processor(SimpleSpanProcessor(memory))
     try:
@@ -150,6 +166,7 @@ def test_scripted_run_lands_in_phoenix(phoenix, scripted_llm, monkeypatch, proto
     for span_id, span in by_id.items():
         sent = _json_values(want[span_id].attributes)
         stripped = {k: v for k, v in sent.items() if k not in _content_keys(sent)}
+        assert span["span_kind"] == stripped.pop("openinference.span.kind"), span["name"]  # Phoenix moves it
         received = span["attributes"]
         assert {k: received.get(k) for k in stripped} == stripped, span["name"]
         added = {k for k in received if k not in stripped}
@@ -157,7 +174,7 @@ def test_scripted_run_lands_in_phoenix(phoenix, scripted_llm, monkeypatch, proto
 
     # no content and no secret anywhere in what Phoenix returns
     for span in got:
-        assert not _content_keys(span["attributes"]), (span["name"], _content_keys(span["attributes"]))
+        assert not _content_keys_we_sent(span), (span["name"], _content_keys_we_sent(span))
         for event in span["events"]:
             assert not _content_keys(event["attributes"]), (span["name"], event)
     assert "gen_ai.tool.call.arguments" not in tool["attributes"]
@@ -169,3 +186,57 @@ def test_scripted_run_lands_in_phoenix(phoenix, scripted_llm, monkeypatch, proto
     if project is not None:  # filed under the project named by the resource, not under "default"
         assert not [s for s in phoenix.spans("default") if s["context"]["trace_id"] in trace_ids]
 
+
+
+# openinference.span.kind by span (Phoenix shows a span without one it knows as "unknown")
+_KINDS = {"invoke_workflow": "CHAIN", "conversation": "AGENT", "invoke_agent": "AGENT", "chat": "LLM",
+          "execute_tool": "TOOL"}
+
+
+@pytest.mark.parametrize("content", [True, False], ids=["content-on", "content-off"])
+def test_phoenix_reads_our_spans_first_class(phoenix, scripted_llm, monkeypatch, content):
+    """Through Phoenix's API: a kind on every span, inputs and outputs (with content), finish reasons,
+    the run's session, status OK, tokens and cost; with content off no input or output of ours."""
+    project = f"first-class-{'on' if content else 'off'}"
+    tracing, run, expected = _traced_run(monkeypatch, scripted_llm, protocol="http/protobuf",
+                                         endpoint=phoenix.base_url, project=project, capture_content=content)
+    got = phoenix.wait_for_spans(len(expected), project=project, timeout=60)
+    assert len(got) == len(expected)
+    for span in got:
+        assert span["span_kind"] == _KINDS[span["name"].split()[0]], span["name"]
+        assert span["status_code"] == "OK", span["name"]
+        assert span["attributes"]["session.id"] == run.session_id, span["name"]
+    by_kind = {kind: [s for s in got if s["span_kind"] == kind] for kind in ("CHAIN", "AGENT", "LLM", "TOOL")}
+    llm_spans = by_kind["LLM"]
+    assert len(llm_spans) == 3
+    sent_llm = {format(s.context.span_id, "016x"): s for s in expected if s.name.startswith("chat")}
+    for span in llm_spans:  # tokens as Phoenix counts them, and our cost, equal what the provider recorded
+        sent = sent_llm[span["context"]["span_id"]].attributes
+        attributes = span["attributes"]
+        assert attributes["llm.token_count.prompt"] == sent["gen_ai.usage.input_tokens"] > 0
+        assert attributes["llm.token_count.completion"] == sent["gen_ai.usage.output_tokens"] > 0
+        assert attributes["gen_ai.usage.cost"] == sent["gen_ai.usage.cost"]
+    if content:
+        for span in got:
+            assert span["attributes"].get("input.value"), span["name"]
+            assert "output.value" in span["attributes"], span["name"]
+        (root,) = by_kind["CHAIN"]
+        assert root["attributes"]["input.value"].startswith("add 20 and 22")  # the run's first message
+        assert root["attributes"]["output.value"] == "TERMINATE"  # its last top-level reply
+        (tool,) = by_kind["TOOL"]
+        assert json.loads(tool["attributes"]["input.value"])["a"] == 20 and tool["attributes"]["output.value"] == "42"
+        replies = [s["attributes"]["output.value"] for s in llm_spans]
+        assert "TERMINATE" in replies and not any(set(_phoenix_output(s)) == {"id", "model"} for s in llm_spans
+                                                  if s["attributes"]["output.value"].startswith("{"))
+        # every output message carries a finish_reason, so Phoenix keeps them (LLM and agent spans)
+        for span in llm_spans + [s for s in by_kind["AGENT"] if s["name"].startswith("invoke_agent")]:
+            assert span["attributes"].get("llm.output_messages.0.message.finish_reason"), span["name"]
+    else:
+        for span in got:
+            assert "input.value" not in span["attributes"], span["name"]
+            assert not _content_keys_we_sent(span), span["name"]
+            if span["span_kind"] != "LLM":
+                assert "output.value" not in span["attributes"], span["name"]
+        everything = json.dumps(got)
+        for text in CONTENT_TEXTS + ("TERMINATE", "42 "):
+            assert text not in everything, text

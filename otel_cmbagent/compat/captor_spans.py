@@ -17,6 +17,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import Span
 
 from ..pipeline import semconv
+from ..pipeline.openinference import add_start_keys
 from ..pipeline.context import _IDENTITY_KEY, RunIdentity, sequence_for_run
 from ..pipeline.errors import mark_failed
 from ..pipeline.values import log_internal_error
@@ -84,12 +85,12 @@ class CaptorSpans:
         self._root = self._tracer.start_span(
             "invoke_workflow cmbagent",
             context=otel_context.set_value(_IDENTITY_KEY, identity, otel_context.Context()),
-            attributes={
+            attributes=add_start_keys({
                 semconv.GEN_AI_OPERATION_NAME: semconv.OP_INVOKE_WORKFLOW,
                 semconv.EVENT_TYPE: semconv.EVENT_RUN,
                 semconv.RUN_ID: self.run_id,
                 semconv.SESSION_ID: self.session_id,
-            },
+            }),
         )
 
     def _rescope(self) -> None:
@@ -108,7 +109,7 @@ class CaptorSpans:
     def _start(self, name: str, event_type: str, attributes: dict[str, Any]) -> Span:
         attributes[semconv.EVENT_TYPE] = event_type
         self._counts[event_type] += 1
-        return self._tracer.start_span(name, context=self._scoped_context(), attributes=attributes)
+        return self._tracer.start_span(name, context=self._scoped_context(), attributes=add_start_keys(attributes))
 
     def _emit(self, name: str, event_type: str, attributes: dict[str, Any], *, duration_ms: Any = None,
               error: str | None = None, error_type: str | None = None) -> str:

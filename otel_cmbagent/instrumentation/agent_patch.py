@@ -9,9 +9,10 @@ from opentelemetry import trace
 
 from ..pipeline import semconv
 from ..pipeline.context import current_conversation_id
+from ..pipeline import openinference as oi
 from ..pipeline.errors import mark_failed
 from ..pipeline.values import safe_text, to_json
-from .messages import to_otel_message
+from .messages import message_value, otel_text, to_otel_message
 from .spans import Runtime, SpanStart, add_ordered_event, agent_name, argument
 
 
@@ -47,6 +48,14 @@ _PROVIDERS = {
 }
 
 
+def _history_with(agent: Any, sender: Any) -> Any:
+    """What ``generate_reply(sender=...)`` reads when given no messages (AG2: ``chat_messages[sender]``)."""
+    try:
+        return getattr(agent, "chat_messages", {}).get(sender)
+    except Exception:  # noqa: BLE001 - an agent without the mapping: no input recorded
+        return None
+
+
 def provider_name(api_type: Any) -> str:
     return _PROVIDERS.get(api_type, str(api_type))
 
@@ -71,8 +80,12 @@ class AgentWrappers:
         }
         if sender is not None:
             attributes[semconv.MESSAGE_SENDER] = agent_name(sender)
+        if messages is None and sender is not None:  # a group chat's turn: the agent reads its own history
+            messages = _history_with(agent, sender)
         if isinstance(messages, list):
             attributes[semconv.LLM_MESSAGE_COUNT] = len(messages)
+            if messages and self.runtime.config.capture_content:  # the newest only: linear in the chat's length
+                attributes.update(oi.input_attributes(message_value(messages[-1], self.limit)))
         conversation_id = current_conversation_id()
         if conversation_id:
             attributes[semconv.GEN_AI_CONVERSATION_ID] = conversation_id
@@ -80,10 +93,12 @@ class AgentWrappers:
 
     def finish_generate_reply(self, span: trace.Span, agent: Any, args: tuple, kwargs: dict, reply: Any) -> None:
         if reply is not None and self.runtime.config.capture_content:
-            span.set_attribute(
-                semconv.GEN_AI_OUTPUT_MESSAGES,
-                to_json([to_otel_message(reply, self.limit, "assistant")], self.limit),
-            )
+            message = to_otel_message(reply, self.limit, "assistant")
+            message["finish_reason"] = "stop"  # Phoenix drops output messages without one
+            output = to_json([message], self.limit)
+            span.set_attribute(semconv.GEN_AI_OUTPUT_MESSAGES, output)
+            text = otel_text(message)
+            oi.set_output(span, text if text is not None else output)
 
     # --- execute_tool -------------------------------------------------------
     def start_execute_function(self, agent: Any, args: tuple, kwargs: dict) -> SpanStart:
@@ -107,7 +122,8 @@ class AgentWrappers:
                 parsed = json.loads(raw) if isinstance(raw, str) else raw
             except ValueError:
                 parsed = raw
-            attributes[semconv.GEN_AI_TOOL_CALL_ARGUMENTS] = to_json(parsed, self.limit)
+            arguments = attributes[semconv.GEN_AI_TOOL_CALL_ARGUMENTS] = to_json(parsed, self.limit)
+            attributes.update(oi.input_attributes(arguments, semconv.MIME_JSON))
         return SpanStart(f"execute_tool {tool}", attributes)
 
     def finish_execute_function(self, span: trace.Span, agent: Any, args: tuple, kwargs: dict, result: Any) -> None:
@@ -117,7 +133,9 @@ class AgentWrappers:
         content = payload.get("content") if isinstance(payload, dict) else payload
         span.set_attribute(semconv.TOOL_SUCCESS, bool(success))
         if self.runtime.config.capture_content:
-            span.set_attribute(semconv.GEN_AI_TOOL_CALL_RESULT, safe_text(content, self.limit))
+            text = safe_text(content, self.limit)
+            span.set_attribute(semconv.GEN_AI_TOOL_CALL_RESULT, text)
+            oi.set_output(span, text)
         if not success:
             mark_failed(span, "tool_error", str(content) if self.runtime.config.capture_content else "tool call failed")
 
@@ -131,12 +149,15 @@ class AgentWrappers:
             semconv.GEN_AI_AGENT_NAME: name,
         }
         if self.runtime.config.capture_content:
-            attributes[semconv.HUMAN_INPUT_PROMPT] = safe_text(argument(args, kwargs, 0, "prompt", ""), self.limit)
+            prompt = attributes[semconv.HUMAN_INPUT_PROMPT] = safe_text(argument(args, kwargs, 0, "prompt", ""), self.limit)
+            attributes.update(oi.input_attributes(prompt, semconv.MIME_TEXT))
         return SpanStart(f"human_input {name}", attributes)
 
     def finish_human_input(self, span: trace.Span, agent: Any, args: tuple, kwargs: dict, reply: Any) -> None:
         if self.runtime.config.capture_content:
-            span.set_attribute(semconv.HUMAN_INPUT_RESPONSE, safe_text(reply, self.limit))
+            response = safe_text(reply, self.limit)
+            span.set_attribute(semconv.HUMAN_INPUT_RESPONSE, response)
+            oi.set_output(span, response, semconv.MIME_TEXT)
 
     # --- messages (span events, not spans) ----------------------------------
     def record_send(self, agent: Any, args: tuple, kwargs: dict) -> None:

@@ -12,6 +12,7 @@ from opentelemetry import trace
 
 from ..pipeline import semconv
 from ..pipeline.errors import mark_failed
+from ..pipeline.openinference import add_start_keys, input_attributes, mark_ok, output_attributes, set_output
 from ..pipeline.values import log_internal_error, safe_text, to_json
 from .spans import Runtime, SpanStart, agent_name, argument
 
@@ -100,7 +101,8 @@ class CodeWrappers:
         if work_dir:
             attributes[semconv.CODE_WORK_DIR] = str(work_dir)
         if self.runtime.config.capture_content:
-            attributes[semconv.CODE_BLOCKS] = to_json([{"language": l, "code": c} for l, c in blocks], self.limit)
+            code = attributes[semconv.CODE_BLOCKS] = to_json([{"language": l, "code": c} for l, c in blocks], self.limit)
+            attributes.update(input_attributes(code, semconv.MIME_JSON))
         values: tuple[tuple[str, Any], ...] = ()
         if self.runtime.config.track_files and work_dir:
             before = snapshot(str(work_dir), self.runtime.config.max_tracked_files)
@@ -133,7 +135,9 @@ class CodeWrappers:
         if isinstance(exit_code, int):
             span.set_attribute(semconv.CODE_EXIT_CODE, exit_code)
         if self.runtime.config.capture_content and output is not None:
-            span.set_attribute(semconv.CODE_OUTPUT, safe_text(output, self.limit))
+            text = safe_text(output, self.limit)
+            span.set_attribute(semconv.CODE_OUTPUT, text)
+            set_output(span, f"exit code {exit_code}\n{text}", semconv.MIME_TEXT)
         if isinstance(exit_code, int) and exit_code != 0:
             mark_failed(
                 span,
@@ -163,19 +167,26 @@ class CodeWrappers:
                 continue
             relative = os.path.relpath(path, work_dir)
             stamp = min(max(mtime_ns, started_ns), now_ns)
+            change = "modified" if previous is not None else "created"
+            oi_values: dict[str, Any] = {}
+            if self.runtime.config.capture_content:
+                oi_values = {**input_attributes(relative, semconv.MIME_TEXT),
+                             **output_attributes(f"{change}, {size} bytes", semconv.MIME_TEXT)}
             span = self.runtime.tracer.start_span(
                 f"file {relative}",
                 start_time=stamp,
-                attributes={
+                attributes=add_start_keys({
+                    **oi_values,
                     semconv.GEN_AI_OPERATION_NAME: semconv.OP_FILE,
                     semconv.EVENT_TYPE: semconv.EVENT_FILE_GEN,
                     semconv.FILE_PATH: str(Path(path).resolve()),
                     semconv.FILE_SIZE: size,
                     semconv.FILE_TYPE: file_type(path),
-                    semconv.FILE_CHANGE: "modified" if previous is not None else "created",
+                    semconv.FILE_CHANGE: change,
                     semconv.GEN_AI_AGENT_NAME: (getattr(code_span, "attributes", None) or {}).get(
                         semconv.GEN_AI_AGENT_NAME, "unknown"
                     ),
-                },
+                }),
             )
+            mark_ok(span)
             span.end(end_time=stamp)

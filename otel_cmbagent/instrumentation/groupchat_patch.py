@@ -6,7 +6,9 @@ from typing import Any
 
 from opentelemetry import trace
 
+from ..pipeline import openinference as oi
 from ..pipeline import semconv
+from ..pipeline.values import to_json
 from .spans import Runtime, SpanStart, agent_name, argument
 
 
@@ -28,6 +30,10 @@ class GroupChatWrappers:
         }
         if selector is not None:
             attributes[semconv.GEN_AI_AGENT_NAME] = agent_name(selector)
+        if self.runtime.config.capture_content:
+            candidates = [agent_name(a) for a in getattr(groupchat, "agents", None) or ()]
+            choice = {"from": source, "method": attributes[semconv.HANDOFF_METHOD], "candidates": candidates}
+            attributes.update(oi.input_attributes(to_json(choice, self.runtime.config.max_value_length)))
         return SpanStart(f"handoff {source}", attributes)
 
     def finish_select_speaker(self, span: trace.Span, groupchat: Any, args: tuple, kwargs: dict, speaker: Any) -> None:
@@ -38,3 +44,5 @@ class GroupChatWrappers:
         span.set_attribute(semconv.HANDOFF_TO, target)
         span.set_attribute(semconv.SPEAKER_SELECTED, target)
         span.update_name(f"handoff {source} -> {target}")
+        if self.runtime.config.capture_content:
+            oi.set_output(span, target, semconv.MIME_TEXT)

@@ -17,6 +17,7 @@ from ..pipeline.config import InstrumentationConfig
 from ..pipeline.context import _TracerSource
 from ..pipeline.values import log_internal_error, register_secrets_from_config, register_secrets_from_environment
 from ..version import __version__
+from . import ag2x
 from .agent_patch import AgentWrappers
 from .code_patch import CodeWrappers
 from .contrib import BaseInstrumentor
@@ -74,7 +75,12 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
         """Patch AG2; without the classic ``autogen`` module, log one line saying what to install and do nothing."""
         problem = None if self.is_instrumented_by_opentelemetry else classic_api_problem()
         if problem is not None and not kwargs.get("raise_exception_on_conflict"):
-            _logger.error("otel-cmbagent: %s", problem)
+            if ag2x.installed():
+                _logger.warning("otel-cmbagent: %s", ag2x.USING_TELEMETRY_MIDDLEWARE)
+                self._instrument_without_patches(**kwargs)
+                self._is_instrumented_by_opentelemetry = True
+            else:
+                _logger.error("otel-cmbagent: %s", problem)
             return None
         return super().instrument(**kwargs)
 
@@ -83,6 +89,15 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
         return self._runtime
 
     def _instrument(self, **kwargs: Any) -> None:
+        with self._lock:
+            runtime = self._instrument_without_patches(**kwargs)
+            self._patch_agents(runtime)
+            for module in EXECUTOR_MODULES:
+                wrapt.register_post_import_hook(self._patch_executor_module, module)
+
+    def _instrument_without_patches(self, **kwargs: Any) -> Runtime:
+        """Everything but AG2's patches: the provider ``run``/``step`` use, the sequencer, secrets, threads and
+        processes (all an AG2 1.x run needs: its own middleware makes the spans)."""
         with self._lock:
             tracer_provider = kwargs.get("tracer_provider")
             config = InstrumentationConfig.resolve(
@@ -98,13 +113,11 @@ class AG2Instrumentor(BaseInstrumentor):  # type: ignore[misc]
                 ensure_sequencer(tracer_provider or trace.get_tracer_provider())
             register_secrets_from_environment()
             self._active = True
-            self._patch_agents(runtime)
-            for module in EXECUTOR_MODULES:
-                wrapt.register_post_import_hook(self._patch_executor_module, module)
             if kwargs.get("instrument_threading", True):
                 self._instrument_threading()
             if kwargs.get("instrument_processes", True):
                 self._instrument_processes()
+            return runtime
 
     def _uninstrument(self, **kwargs: Any) -> None:
         with self._lock:
@@ -256,6 +269,8 @@ def ensure_sequencer(provider: Any) -> bool:
         if any(isinstance(p, SequencingSpanProcessor) for p in processors):
             return False
         provider.add_span_processor(SequencingSpanProcessor())
+        if ag2x.installed():  # before the exporters a zero-code set-up adds later
+            provider.add_span_processor(ag2x.AG2xSpanProcessor())
         _sequenced.add(provider)
         _logger.debug("otel-cmbagent: added a SequencingSpanProcessor to %r", provider)
         return True

@@ -8,11 +8,12 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from ..pipeline import openinference as oi
 from ..pipeline import semconv
 from ..pipeline.context import usage_chain
 from ..pipeline.values import register_secrets_from_config, to_json
 from .agent_patch import provider_name
-from .messages import messages_json, to_otel_message
+from .messages import messages_json, otel_text, to_otel_message
 from .spans import Runtime, SpanStart, agent_name
 
 _NOT_CONFIG = frozenset({"messages", "agent", "context", "tools", "functions", "cache", "response_format"})
@@ -74,7 +75,8 @@ class LLMWrappers:
                 # Only the newest message: the history was recorded once, as message
                 # events, when it was sent. Re-serialising it here is what makes
                 # other tracers grow quadratically with conversation length.
-                attributes[semconv.GEN_AI_INPUT_MESSAGES] = messages_json(messages[-1:], self.limit)
+                newest = attributes[semconv.GEN_AI_INPUT_MESSAGES] = messages_json(messages[-1:], self.limit)
+                attributes.update(oi.input_attributes(newest, semconv.MIME_JSON))  # the same text, not re-built
                 attributes[semconv.LLM_HISTORY_OMITTED] = len(messages) - 1
         return SpanStart(f"chat {model}" if model else "chat", attributes, SpanKind.CLIENT)
 
@@ -101,15 +103,20 @@ class LLMWrappers:
         if reasons:
             span.set_attribute(semconv.GEN_AI_RESPONSE_FINISH_REASONS, reasons)
         if self.runtime.config.capture_content and choices:
-            outputs = []
-            for choice in choices:
-                message = getattr(choice, "message", None)
-                as_dict = _message_dict(message)
-                otel = to_otel_message(as_dict, self.limit, "assistant")
-                if getattr(choice, "finish_reason", None):
-                    otel["finish_reason"] = choice.finish_reason
-                outputs.append(otel)
-            span.set_attribute(semconv.GEN_AI_OUTPUT_MESSAGES, to_json(outputs, self.limit))
+            self._record_outputs(span, choices)
+
+    def _record_outputs(self, span: trace.Span, choices: list[Any]) -> None:
+        """The reply as ``gen_ai.output.messages`` (every item with a finish_reason) and as ``output.value``."""
+        outputs = []
+        for choice in choices:
+            otel = to_otel_message(_message_dict(getattr(choice, "message", None)), self.limit, "assistant")
+            reason = getattr(choice, "finish_reason", None)
+            otel["finish_reason"] = reason if isinstance(reason, str) and reason else "stop"
+            outputs.append(otel)
+        output = to_json(outputs, self.limit)
+        span.set_attribute(semconv.GEN_AI_OUTPUT_MESSAGES, output)
+        text = otel_text(outputs[0]) if len(outputs) == 1 else None
+        oi.set_output(span, text if text is not None else output)  # the reply, not Phoenix's {"id", "model"}
 
 
 def _int(value: Any) -> int:

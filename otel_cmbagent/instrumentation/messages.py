@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..pipeline.values import jsonable, to_json
+from ..pipeline.values import clean_text, jsonable, to_json
 
 
 def _arguments(raw: Any, limit: int) -> Any:
@@ -66,3 +66,21 @@ def to_otel_message(message: Any, limit: int, default_role: str = "user") -> dic
 
 def messages_json(messages: list[Any], limit: int, default_role: str = "user") -> str:
     return to_json([to_otel_message(m, limit, default_role) for m in messages], limit)
+
+
+def otel_text(otel_message: dict[str, Any]) -> str | None:
+    """The text of a one-text-part GenAI message (already cleaned by :func:`to_otel_message`), else None."""
+    parts = otel_message.get("parts")
+    if isinstance(parts, list) and len(parts) == 1 and isinstance(parts[0], dict) and parts[0].get("type") == "text":
+        content = parts[0].get("content")
+        return content if isinstance(content, str) else None
+    return None
+
+
+def message_value(message: Any, limit: int, default_role: str = "user") -> str:
+    """One message as an ``input.value``/``output.value``: its text when it is plain text, else its GenAI JSON."""
+    if isinstance(message, str):
+        return clean_text(message, limit)
+    otel = to_otel_message(message, limit, default_role)
+    text = otel_text(otel)
+    return text if text is not None else to_json(otel, limit)

@@ -22,6 +22,7 @@ from ..pipeline import semconv
 from ..pipeline.config import InstrumentationConfig
 from ..pipeline.errors import record_exception
 from ..pipeline.listeners import notify_message
+from ..pipeline.openinference import add_start_keys, mark_ok
 from ..pipeline.processor import next_event_order
 from ..pipeline.values import log_internal_error
 from .contrib import is_instrumentation_enabled
@@ -57,7 +58,7 @@ def _open(runtime: Runtime, start: StartFn, instance: Any, args: tuple, kwargs: 
         spec = start(instance, args, kwargs)
         if spec is None:
             return None
-        span = runtime.tracer.start_span(spec.name, kind=spec.kind, attributes=spec.attributes)
+        span = runtime.tracer.start_span(spec.name, kind=spec.kind, attributes=add_start_keys(spec.attributes))
         ctx = trace.set_span_in_context(span)
         for key, value in spec.context_values:
             ctx = otel_context.set_value(key, value, ctx)
@@ -79,8 +80,10 @@ def _close(
     try:
         if exc is not None:
             record_exception(opened.span, exc)
-        elif finish is not None:
-            finish(opened.span, instance, args, kwargs, result)
+        else:
+            if finish is not None:
+                finish(opened.span, instance, args, kwargs, result)
+            mark_ok(opened.span)
     except Exception as error:  # noqa: BLE001
         log_internal_error(f"end of {getattr(finish, '__name__', 'span')}", error)
     try:

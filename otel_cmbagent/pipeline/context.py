@@ -25,11 +25,13 @@ from ..version import __version__
 from . import semconv
 from .config import DEFAULT_MAX_VALUE_LENGTH
 from .errors import record_exception
+from .openinference import add_start_keys, mark_ok
 from .values import clean_text, log_internal_error, safe_str, safe_text
 
 _IDENTITY_KEY = otel_context.create_key("cmbagent.identity")
 _USAGE_KEY = otel_context.create_key("cmbagent.usage")
 _CONVERSATION_KEY = otel_context.create_key("cmbagent.conversation_id")
+_SCOPES_KEY = otel_context.create_key("cmbagent.scope_spans")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -150,6 +152,13 @@ class RunIdentity:
         }
         return {key: value for key, value in values.items() if value is not None}
 
+    @functools.cached_property
+    def span_attributes(self) -> dict[str, str]:
+        """The identity plus OpenInference's ``session.id`` (Phoenix files a trace under the first one it sees)."""
+        if self.session_id is None:
+            return self.attributes
+        return {**self.attributes, semconv.OI_SESSION_ID: self.session_id}
+
 
 def current_identity(ctx: otel_context.Context | None = None) -> RunIdentity | None:
     return otel_context.get_value(_IDENTITY_KEY, ctx)  # type: ignore[return-value]
@@ -193,6 +202,13 @@ def with_new_usage(values: tuple[tuple[str, Any], ...] = ()) -> tuple[UsageTotal
 
 def current_conversation_id() -> str | None:
     return otel_context.get_value(_CONVERSATION_KEY)  # type: ignore[return-value]
+
+
+def top_level_scopes() -> tuple[trace.Span, ...]:
+    """The run/step spans around the current span when it is one of them (a top-level conversation's
+    enclosing scopes, outermost first), else ``()``: what a run root's input/output are taken from."""
+    scopes: tuple[trace.Span, ...] = otel_context.get_value(_SCOPES_KEY) or ()  # type: ignore[assignment]
+    return scopes if scopes and scopes[-1] is trace.get_current_span() else ()
 
 
 def conversation_values(conversation_id: str) -> tuple[tuple[str, Any], ...]:
@@ -265,13 +281,17 @@ class _Scope:
         ctx = otel_context.set_value(_IDENTITY_KEY, identity)
         if self.usage is not None:
             ctx = otel_context.set_value(_USAGE_KEY, (self.usage, *usage_chain()), ctx)
-        self.span = _TracerSource.tracer().start_span(name, context=ctx, attributes=attributes)
-        self._token = otel_context.attach(trace.set_span_in_context(self.span, ctx))
+        self.span = _TracerSource.tracer().start_span(name, context=ctx, attributes=add_start_keys(attributes))
+        scopes = (*(otel_context.get_value(_SCOPES_KEY) or ()), self.span)  # type: ignore[misc]
+        ctx = otel_context.set_value(_SCOPES_KEY, scopes, trace.set_span_in_context(self.span, ctx))
+        self._token = otel_context.attach(ctx)
 
     def _finish(self, exc: BaseException | None) -> None:
         try:
             if exc is not None:
                 record_exception(self.span, exc)
+            else:
+                mark_ok(self.span)
             if self.usage is not None:
                 self.span.set_attributes(self.usage.as_attributes())
             self.span.end()

@@ -100,7 +100,7 @@ def _write_attributes(span: Span, identity: dict[str, Any] | None, order: int, d
     raw = getattr(bounded, "_dict", None)
     maxlen = getattr(bounded, "maxlen", None)
     if isinstance(raw, dict) and not getattr(bounded, "_immutable", True) and (
-        maxlen is None or len(raw) + 6 <= maxlen
+        maxlen is None or len(raw) + len(identity or ()) + 2 <= maxlen
     ):
         if identity:
             raw.update(identity)
@@ -132,7 +132,7 @@ class SequencingSpanProcessor(SpanProcessor):
                 depth = 0
             else:
                 depth = _depth_below(trace.get_current_span(ctx), span)
-            _write_attributes(span, identity.attributes if identity is not None else None, order, depth)
+            _write_attributes(span, identity.span_attributes if identity is not None else None, order, depth)
         except Exception as exc:  # noqa: BLE001
             log_internal_error("SequencingSpanProcessor.on_start", exc)
 

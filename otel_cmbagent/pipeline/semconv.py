@@ -56,11 +56,31 @@ GEN_AI_CONVERSATION_MAX_TURNS = "gen_ai.conversation.max_turns"
 GEN_AI_CONVERSATION_TURNS = "gen_ai.conversation.turns"
 GEN_AI_CONVERSATION_RESUMED = "gen_ai.conversation.resumed"
 AG2_SPAN_TYPE = "ag2.span.type"
+# AG2 1.x's tracer (the instrumentation scope of its TelemetryMiddleware's and hub's spans)
+AG2X_SCOPE = "opentelemetry.instrumentation.ag2"
 CODE_EXIT_CODE = "ag2.code_execution.exit_code"
 CODE_OUTPUT = "ag2.code_execution.output"
 HUMAN_INPUT_PROMPT = "ag2.human_input.prompt"
 HUMAN_INPUT_RESPONSE = "ag2.human_input.response"
 SPEAKER_SELECTED = "ag2.speaker_selection.selected"
+
+# --- OpenInference (Arize Phoenix and other OpenInference-aware backends) --------------
+# Phoenix converts gen_ai.* itself, but only knows chat/execute_tool/invoke_agent (anything else is an
+# "unknown" span), builds a span's input/output columns from input.value/output.value only, and files a
+# trace under the first session.id it sees. Keys a span sends explicitly win over its conversion.
+OPENINFERENCE_SPAN_KIND = "openinference.span.kind"
+INPUT_VALUE = "input.value"
+INPUT_MIME_TYPE = "input.mime_type"
+OUTPUT_VALUE = "output.value"
+OUTPUT_MIME_TYPE = "output.mime_type"
+OI_AGENT_NAME = "agent.name"
+OI_SESSION_ID = "session.id"
+MIME_TEXT = "text/plain"
+MIME_JSON = "application/json"
+# The OpenInference keys: carried on spans for trace backends, not stored in the rows (which have their own).
+OPENINFERENCE_KEYS: frozenset[str] = frozenset(
+    {OPENINFERENCE_SPAN_KIND, INPUT_VALUE, INPUT_MIME_TYPE, OUTPUT_VALUE, OUTPUT_MIME_TYPE, OI_AGENT_NAME, OI_SESSION_ID}
+)
 
 # --- cmbagent identity and ordering (exact names; the SQL sink maps them) ----
 RUN_ID = "cmbagent.run_id"
@@ -151,6 +171,10 @@ CONTENT_ATTRIBUTES: frozenset[str] = frozenset(
         HUMAN_INPUT_RESPONSE,
         MESSAGE_CONTENT,
         CONTEXT,
+        INPUT_VALUE,
+        INPUT_MIME_TYPE,
+        OUTPUT_VALUE,
+        OUTPUT_MIME_TYPE,
     }
 )
 

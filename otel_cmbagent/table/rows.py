@@ -69,6 +69,8 @@ NAMESPACE = uuid.UUID("6f1d3a52-64a1-4cf4-9a3c-8a8c1b0e7c11")  # row ids are UUI
 # event_subtype of an ended span (default "complete"); these keep theirs when failed too
 _SUBTYPES = {semconv.EVENT_TOOL_CALL: "execute", semconv.EVENT_HANDOFF: "transfer", semconv.EVENT_FILE_GEN: "create"}
 _NUMERIC_META = ("tokens", "cost_usd")
+# never meta keys: the identity columns, and the OpenInference keys (for trace backends; rows have their own)
+_NOT_META = IDENTITY | semconv.OPENINFERENCE_KEYS
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -150,7 +152,7 @@ def _derive(kind: str, attributes: Mapping[str, Any], inputs: dict, meta: dict) 
 def _sections(kind: str, attributes: Mapping[str, Any], capture_content: bool) -> tuple[dict, dict, dict]:
     fields = fields_of(kind)
     sections: dict[str, dict[str, Any]] = {"inputs": {}, "outputs": {}, "meta": {}}
-    consumed = set(IDENTITY)
+    consumed = set(_NOT_META)
     agent_attribute = AGENT_ATTRIBUTE.get(kind, semconv.GEN_AI_AGENT_NAME)
     consumed.add(agent_attribute)
     for field in fields:
@@ -171,6 +173,19 @@ def _sections(kind: str, attributes: Mapping[str, Any], capture_content: bool) -
     return inputs, outputs, meta
 
 
+def _scope_name(span: Any) -> str | None:
+    return getattr(getattr(span, "instrumentation_scope", None), "name", None)
+
+
+def _newest_only(inputs: dict, meta: dict) -> None:
+    """AG2 1.x puts the whole history in every chat span (quadratic): its row keeps the newest message,
+    as ours do (the earlier ones are in the earlier rows), and says how many it left out."""
+    messages = inputs.get("messages")
+    if isinstance(messages, list) and len(messages) > 1:
+        inputs["messages"] = messages[-1:]
+        meta[semconv.LLM_HISTORY_OMITTED] = len(messages) - 1
+
+
 def _subtype(kind: str, status: str, attributes: Mapping[str, Any]) -> str:
     if status in (STATUS_RUNNING, STATUS_INTERRUPTED):
         return SUBTYPE_START if status == STATUS_RUNNING else STATUS_INTERRUPTED
@@ -187,6 +202,8 @@ def span_row(span: ReadableSpan, *, ended: bool, capture_content: bool = True) -
     context = span.get_span_context()
     kind = str(attributes.get(semconv.EVENT_TYPE) or "info")
     inputs, outputs, meta = _sections(kind, attributes, capture_content)
+    if kind == semconv.EVENT_LLM_CALL and _scope_name(span) == semconv.AG2X_SCOPE:
+        _newest_only(inputs, meta)
     interrupted = ended and semconv.INTERRUPTED in attributes
     failed = ended and not interrupted and span.status.status_code is StatusCode.ERROR
     status = STATUS_FAILED if failed else (STATUS_COMPLETED if ended else STATUS_RUNNING)

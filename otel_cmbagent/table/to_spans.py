@@ -20,10 +20,11 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from ..pipeline import semconv
+from ..pipeline.openinference import add_start_keys
 from ..version import __version__
 from .encoding import json_default
 from .fields import IDENTITY_COLUMNS, row_attributes
-from .schema import STATUS_FAILED, STATUS_RUNNING, is_message
+from .schema import STATUS_COMPLETED, STATUS_FAILED, STATUS_RUNNING, is_message
 
 _INT64 = (-(2**63), 2**63 - 1)
 _FLAGS = TraceFlags(TraceFlags.SAMPLED)
@@ -119,6 +120,9 @@ class _Rebuild:
             if converted is not None:
                 attributes[attribute] = converted
         self.add_sections(row, attributes)
+        add_start_keys(attributes)  # the OpenInference kind and agent name (rows do not store them)
+        if semconv.SESSION_ID in attributes:
+            attributes[semconv.OI_SESSION_ID] = attributes[semconv.SESSION_ID]
         start, end = self._times(row, attributes)
         parent = self.parent_of(row)
         meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
@@ -149,7 +153,7 @@ class _Rebuild:
 
 def _status(row: Mapping[str, Any], attributes: dict[str, Any]) -> Status:
     if row.get("status") != STATUS_FAILED:
-        return Status(StatusCode.UNSET)
+        return Status(StatusCode.OK if row.get("status") == STATUS_COMPLETED else StatusCode.UNSET)
     message = row.get("error_message")
     if message and semconv.ERROR_MESSAGE not in attributes:
         attributes[semconv.ERROR_MESSAGE] = str(message)
