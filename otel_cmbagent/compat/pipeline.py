@@ -18,6 +18,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 
 from ..instrumentation.instrumentor import ensure_sequencer
+from ..instrumentation.processes import register_run_sinks
 from ..pipeline import semconv
 from ..pipeline.processor import SequencingSpanProcessor
 from ..pipeline.values import log_internal_error
@@ -37,10 +38,13 @@ class CaptorRouter(SpanProcessor):
         self.captors: dict[str, EventCaptureManager] = {}
         self.lock = threading.Lock()
 
-    def _sinks(self, span: ReadableSpan) -> tuple[SpanProcessor, ...]:
-        run_id = (span.attributes or {}).get(semconv.RUN_ID)
+    def sinks_of_run(self, run_id: Any) -> tuple[SpanProcessor, ...]:
+        """The sinks of the captor of ``run_id`` (none when no captor has that run)."""
         captor = self.captors.get(run_id) if isinstance(run_id, str) else None
         return captor._sinks if captor is not None else ()
+
+    def _sinks(self, span: ReadableSpan) -> tuple[SpanProcessor, ...]:
+        return self.sinks_of_run((span.attributes or {}).get(semconv.RUN_ID))
 
     def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
         for sink in self._sinks(span):
@@ -61,6 +65,7 @@ class CaptorRouter(SpanProcessor):
 
 
 router = CaptorRouter()
+register_run_sinks(router.sinks_of_run)  # process-pool workers of a captor's run write where it writes
 _provider_lock = threading.Lock()
 _provider: TracerProvider | None = None
 

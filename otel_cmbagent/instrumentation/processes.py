@@ -17,13 +17,12 @@ import functools
 import logging
 import multiprocessing.util
 import os
-import sys
 import threading
 import weakref
 from concurrent import futures
 from dataclasses import dataclass, field
 from multiprocessing import process as mp_process
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -213,11 +212,23 @@ def _current_setup(span: Any) -> WorkerSetup | None:
     return None
 
 
+# Where a run's own sinks are found besides setup_tracing's: compat's captor router registers its lookup here, so
+# this layer needs neither an import of the layer above it nor that layer's module path.
+_run_sink_lookups: list[Callable[[str], Iterable[Any]]] = []
+
+
+def register_run_sinks(lookup: Callable[[str], Iterable[Any]]) -> None:
+    """``lookup(run_id)`` gives the sinks a run writes to of its own (once per lookup)."""
+    if lookup not in _run_sink_lookups:
+        _run_sink_lookups.append(lookup)
+
+
 def _captor_sql_sinks(run_id: str | None) -> list[Any]:
     """The SQL sinks of a compat captor's run (cmbagent's ``EventCaptureManager`` writing its own tables)."""
-    pipeline = sys.modules.get("otel_cmbagent.compat.pipeline")
-    captor = pipeline.router.captors.get(run_id) if pipeline is not None and run_id is not None else None
-    return [sink for sink in getattr(captor, "_sinks", ()) if hasattr(sink, "engine") and hasattr(sink, "table")]
+    if run_id is None:
+        return []
+    sinks = [sink for lookup in _run_sink_lookups for sink in lookup(run_id)]
+    return [sink for sink in sinks if hasattr(sink, "engine") and hasattr(sink, "table")]
 
 
 def _with_captor_sink(setup: WorkerSetup | None, captor_sinks: list[Any]) -> WorkerSetup | None:
