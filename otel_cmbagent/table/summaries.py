@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ..pipeline import semconv
-from .encoding import decode_json, decode_row, utc
+from .encoding import decode_row, utc
 from .liveness import duration_ms, gone_runs
 from .reading import TableShape, execute, json_text
 from .schema import STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED, STATUS_RUNNING, STATUSES
