@@ -16,7 +16,7 @@ read on demand, one event at a time (:func:`event_details`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -35,84 +35,103 @@ _USAGE_KEYS = (semconv.GEN_AI_USAGE_INPUT_TOKENS, semconv.GEN_AI_USAGE_OUTPUT_TO
 def _epoch_ms(engine: Engine, column: Any) -> Any:
     """A time column as whole epoch milliseconds, truncated as the page's ``Date.parse`` truncates, computed by
     the database: parsing 200,000 datetimes in Python costs more than the rest of a 100,000-row request."""
-    if engine.dialect.name == "sqlite":  # SQLAlchemy's text, "YYYY-MM-DD HH:MM:SS.ffffff" (julianday() rounds)
-        seconds = sa.cast(sa.func.strftime("%s", sa.func.substr(column, 1, 19)), sa.BigInteger)
+    if engine.dialect.name == "sqlite":  # SQLAlchemy's text, "YYYY-MM-DD HH:MM:SS.ffffff"
+        # whole seconds from julianday() rounded (exact for whole seconds, and faster than strftime('%s')), then
+        # the milliseconds as written (julianday() of the full value would round them)
+        days = sa.func.julianday(sa.func.substr(column, 1, 19)) - _UNIX_EPOCH_JULIAN_DAY
+        seconds = sa.cast(sa.func.round(days * 86400), sa.BigInteger)
         return seconds * 1000 + sa.cast(sa.func.substr(column, 21, 3), sa.Integer)
     return sa.cast(sa.func.floor(sa.extract("epoch", column) * 1000), sa.BigInteger)
 
 
-def _statement(engine: Engine, table_shape: TableShape, run_key: str) -> Any:
+_UNIX_EPOCH_JULIAN_DAY = 2440587.5
+
+
+def _text(value: Any) -> Any:
+    """``value`` as SQL text ('' as NULL), so ``||`` and ``coalesce`` compose it."""
+    return sa.func.nullif(sa.type_coerce(value, sa.String), "")
+
+
+def _name(engine: Engine, table_shape: TableShape, message: Any) -> Any:
+    """What the page labels a row with, composed by the database: ``message sender → recipient`` (the agent
+    when there is no recipient), else the span's name (else the event type, else "event")."""
     c, meta = table_shape.table.c, table_shape.meta
     inputs = c.inputs if "inputs" in c else None
+    sender = _text(json_text(engine, inputs, "sender"))
+    recipient = _text(json_text(engine, inputs, "recipient"))
+    to = sa.func.coalesce(sa.literal(" → ", sa.String) + sa.func.coalesce(recipient, _text(c.agent_name)), "")
+    labelled = sa.literal("message ", sa.String) + sa.func.coalesce(sender, "?") + to
+    named = sa.func.coalesce(_text(json_text(engine, meta, "span_name")), _text(c.event_type), "event")
+    return sa.cast(sa.case((message, labelled), else_=named), sa.String)
+
+
+def _statement(engine: Engine, table_shape: TableShape, run_key: str) -> Any:
+    """One row per event, every value ready to send: kind, status and name as the page shows them."""
+    c, meta = table_shape.table.c, table_shape.meta
     message = sa.and_(c.event_type == MESSAGE_EVENT_TYPE, c.event_subtype == SUBTYPE_MESSAGE)
     llm = c.event_type == semconv.EVENT_LLM_CALL
+    status = sa.func.coalesce(_text(c.status), STATUS_COMPLETED) if table_shape.has_status \
+        else sa.literal(STATUS_COMPLETED)
     columns = [
-        c.id, c.parent_event_id, c.execution_order, c.depth, c.event_type, c.event_subtype,
-        c.status if table_shape.has_status else sa.literal(STATUS_COMPLETED), c.agent_name,
-        _epoch_ms(engine, sa.func.coalesce(c.started_at, c.timestamp)), _epoch_ms(engine, c.completed_at), c.duration_ms,
-        json_text(engine, meta, "span_name", sa.not_(message)),
-        json_text(engine, inputs, "sender", message), json_text(engine, inputs, "recipient", message),
+        c.id, c.parent_event_id, sa.func.coalesce(c.execution_order, 0), sa.func.coalesce(c.depth, 0),
+        sa.case((message, MESSAGE_KIND), else_=sa.func.coalesce(_text(c.event_type), "info")), status,
+        _text(c.agent_name), _epoch_ms(engine, sa.func.coalesce(c.started_at, c.timestamp)),
+        _epoch_ms(engine, c.completed_at), c.duration_ms, _name(engine, table_shape, message),
         *(json_text(engine, meta, key, llm) for key in _USAGE_KEYS),
-        c.trace_id if table_shape.has_links else json_text(engine, meta, "trace_id", c.execution_order <= 1),
     ]
     return table_shape.ordered(sa.select(*columns).where(where_run_indexed(engine, table_shape, run_key)))
 
 
-def _number(text: Any) -> float | int:
+def _trace_id(engine: Engine, table_shape: TableShape, run_key: str) -> Any:
+    """The first row's trace id (one indexed row, not a column of them all)."""
+    c = table_shape.table.c
+    value = c.trace_id if table_shape.has_links else json_text(engine, table_shape.meta, "trace_id")
+    where = sa.and_(where_run_indexed(engine, table_shape, run_key), value.is_not(None), value != "")
+    return table_shape.ordered(sa.select(value).where(where)).limit(1)
+
+
+def _number(value: Any) -> float | int:
+    """A usage value as a number (SQLite hands back numbers, PostgreSQL text; anything else is 0)."""
+    if type(value) is int:
+        return value
     try:
-        number = float(text)
+        number = float(value)
     except (TypeError, ValueError):
         return 0
     return int(number) if number.is_integer() else number
 
 
-def _interned(values: Iterable[Any], strings: dict[Any, int | None]) -> list[int | None]:
-    """Each value as its index in ``strings`` (insertion-ordered; ``None`` stays ``None``)."""
-    return [strings.setdefault(value, len(strings) - 1) for value in values]
+def _interned(values: Sequence[Any], strings: dict[Any, int | None]) -> list[int | None]:
+    """Each value as its index in ``strings`` (insertion-ordered; ``None`` stays ``None``); looked up in C."""
+    for value in dict.fromkeys(values):
+        if value not in strings:
+            strings[value] = len(strings) - 1
+    return list(map(strings.__getitem__, values))
 
 
 def _offsets(values: Iterable[int | None], base: int) -> list[int | None]:
     return [None if value is None else value - base for value in values]
 
 
-def _names(event_types: tuple, message: list[bool], span_names: tuple, senders: tuple, recipients: tuple,
-           agents: tuple) -> list[str]:
-    """What the page labels a row with: ``message sender → recipient``, else the span's name."""
-    out = []
-    for is_message, event_type, span_name, sender, recipient, agent in zip(
-            message, event_types, span_names, senders, recipients, agents):
-        if is_message:
-            to = recipient or agent
-            out.append(f"message {sender or '?'}" + (f" → {to}" if to else ""))
-        else:
-            out.append(str(span_name or event_type or "event"))
-    return out
-
-
 def _build(run_key: str, rows: list[tuple[Any, ...]]) -> dict[str, Any]:
-    """The response from the rows, column by column (transposed in C; no object per row)."""
+    """The response from the rows, column by column (transposed and mostly mapped in C; no object per row)."""
     strings: dict[Any, int | None] = {None: None}
     out: dict[str, Any] = {"run": run_key, "base": None, "count": len(rows), "strings": [], "trace_id": None}
     if not rows:
         return {**out, **{name: [] for name in _COLUMN_NAMES}}
-    (ids, parents, orders, depths, event_types, subtypes, statuses, agents, starts, ends, durations, span_names,
-     senders, recipients, tokens_in, tokens_out, costs, trace_ids) = zip(*rows)
-    message = [t == MESSAGE_EVENT_TYPE and s == SUBTYPE_MESSAGE for t, s in zip(event_types, subtypes)]
-    kinds = [MESSAGE_KIND if m else (t or "info") for m, t in zip(message, event_types)]
+    (ids, parents, orders, depths, kinds, statuses, agents, starts, ends, durations, names,
+     tokens_in, tokens_out, costs) = zip(*rows)
     base = next((ms for ms in starts if ms is not None), 0)
-    index = {row_id: i for i, row_id in reversed(list(enumerate(ids)))}
-    status_texts = [status or STATUS_COMPLETED for status in statuses]
+    index = dict(zip(reversed(ids), range(len(ids) - 1, -1, -1)))  # the first row of an id, as before
+    llm = [i for i, (kind, status) in enumerate(zip(kinds, statuses))
+           if kind == semconv.EVENT_LLM_CALL and status != STATUS_RUNNING]
     out.update(
-        base=base, id=list(ids), parent=[index.get(parent, parent) for parent in parents],
-        order=[order or 0 for order in orders], depth=[depth or 0 for depth in depths],
-        kind=_interned(kinds, strings), status=_interned(status_texts, strings),
-        agent=_interned((agent or None for agent in agents), strings),
-        name=_interned(_names(event_types, message, span_names, senders, recipients, agents), strings),
+        base=base, id=list(ids), parent=list(map(index.get, parents, parents)), order=list(orders),
+        depth=list(depths), kind=_interned(kinds, strings), status=_interned(statuses, strings),
+        agent=_interned(agents, strings), name=_interned(names, strings),
         start=[0 if start is None else start - base for start in starts], end=_offsets(ends, base),
         duration=list(durations),
-        usage=[[i, _number(tokens_in[i]), _number(tokens_out[i]), _number(costs[i])]
-               for i, kind in enumerate(kinds) if kind == semconv.EVENT_LLM_CALL and status_texts[i] != STATUS_RUNNING],
-        trace_id=next((trace_id for trace_id in trace_ids if trace_id), None),
+        usage=[[i, _number(tokens_in[i]), _number(tokens_out[i]), _number(costs[i])] for i in llm],
     )
     out["strings"] = list(strings)[1:]
     return out
@@ -125,7 +144,7 @@ _COLUMN_NAMES = ("id", "parent", "order", "depth", "kind", "status", "agent", "n
 def _all_rows(engine: Engine, statement: Any) -> list[tuple[Any, ...]]:
     try:
         with engine.connect() as connection:
-            return [tuple(row) for row in connection.execute(statement)]
+            return connection.execute(statement).tuples().all()
     except sa.exc.SQLAlchemyError as exc:
         raise StoreError(f"cannot read {describe(engine)}: {first_line(exc)}") from None
 
@@ -135,7 +154,10 @@ def run_columns(engine: Engine, run_key: str, *, table: str | sa.Table | None = 
     ``running`` whose writer is gone come out ``interrupted``, as in ``store.run_events``."""
     table_shape = shape(engine, table)
     out = _build(run_key, _all_rows(engine, _statement(engine, table_shape, run_key)))
-    running = [i for i, status in enumerate(out["status"]) if out["strings"][status] == STATUS_RUNNING]
+    if out["count"]:
+        out["trace_id"] = next(iter(_all_rows(engine, _trace_id(engine, table_shape, run_key))), (None,))[0]
+    running_index = out["strings"].index(STATUS_RUNNING) if STATUS_RUNNING in out["strings"] else -1
+    running = [i for i, status in enumerate(out["status"]) if status == running_index]
     if running:
         _mark_interrupted(engine, table_shape, out, running)
     return out
