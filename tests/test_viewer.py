@@ -490,34 +490,34 @@ def _epoch_ms(text):
 
 
 def test_columns_hold_what_the_rows_hold(client, viewer_db):
-    """/columns is /events cut to what a waterfall row shows: the same rows, order, parents, kinds, statuses,
-    agents, names, times (ms), durations and LLM usage."""
+    """/columns is /events cut to what a waterfall row shows: the same rows, order, parents (by order), kinds,
+    statuses, agents, names, times (ms), durations and LLM usage (by order)."""
     _, run_id = viewer_db
     rows = client.get(f"/api/runs/{run_id}/events").json()
     response = client.get(f"/api/runs/{run_id[:8]}/columns")
     assert response.status_code == 200 and response.headers["x-run-id"] == run_id
     cols = response.json()
-    strings, ids = cols["strings"], cols["id"]
+    ids = cols["id"]
     assert cols["run"] == run_id and cols["count"] == len(rows) > 10
     assert ids == [r["id"] for r in rows]
-    assert [ids[p] if isinstance(p, int) else p for p in cols["parent"]] == [r["parent_event_id"] for r in rows]
-    assert cols["order"] == [r["execution_order"] for r in rows]
+    at = {order: i for i, order in enumerate(cols["order"])}
+    assert [ids[at[p]] if isinstance(p, int) else p for p in cols["parent"]] == [r["parent_event_id"] for r in rows]
+    assert cols["order"] == [r["execution_order"] for r in rows] and len(at) == len(rows)
     assert cols["depth"] == [r["depth"] for r in rows]
-    assert [strings[k] for k in cols["kind"]] == [row_kind(r) for r in rows]
-    assert [strings[s] for s in cols["status"]] == [r["status"] for r in rows]
-    assert [None if a is None else strings[a] for a in cols["agent"]] == [r["agent_name"] for r in rows]
+    assert cols["kind"] == [row_kind(r) for r in rows]
+    assert cols["status"] == [r["status"] for r in rows]
+    assert cols["agent"] == [r["agent_name"] for r in rows]
     names = [f"message {r['inputs']['sender']} → {r['inputs']['recipient']}" if is_message(r)
              else r["meta"]["span_name"] for r in rows]
-    assert [strings[n] for n in cols["name"]] == names
-    assert any(name.startswith("message ") for name in names) and len(set(strings)) == len(strings)
+    assert cols["name"] == names and any(name.startswith("message ") for name in names)
     assert cols["base"] == _epoch_ms(rows[0]["started_at"])
     assert [cols["base"] + s for s in cols["start"]] == [_epoch_ms(r["started_at"]) for r in rows]
     assert [None if e is None else cols["base"] + e for e in cols["end"]] == [
         _epoch_ms(r["completed_at"]) if r["completed_at"] else None for r in rows]
     assert cols["duration"] == [r["duration_ms"] for r in rows]
-    llm = [(i, r["meta"]["gen_ai.usage.input_tokens"], r["meta"]["gen_ai.usage.output_tokens"])
-           for i, r in enumerate(rows) if r["event_type"] == "llm_call"]
-    assert llm and [(i, tokens_in, tokens_out) for i, tokens_in, tokens_out, _cost in cols["usage"]] == llm
+    llm = [(r["execution_order"], r["meta"]["gen_ai.usage.input_tokens"], r["meta"]["gen_ai.usage.output_tokens"])
+           for r in rows if r["event_type"] == "llm_call"]
+    assert llm and [(order, tokens_in, tokens_out) for order, tokens_in, tokens_out, _cost in cols["usage"]] == llm
     assert cols["trace_id"] == rows[0]["trace_id"]
     assert client.get("/api/runs/no-such-run/columns").status_code == 404
 
@@ -546,9 +546,12 @@ def test_columns_and_details_on_postgresql(postgres_url):
     engine = store.open_store(postgres_url)
     rows = json.loads(json.dumps(store.run_events(engine, "pg-columns"), default=str))
     cols = run_columns(engine, "pg-columns")
-    strings = cols["strings"]
     assert cols["id"] == [r["id"] for r in rows] and len(rows) == 1 + 3 * 4
-    assert [strings[n] for n in cols["name"]] == [
+    at = {order: i for i, order in enumerate(cols["order"])}
+    assert [cols["id"][at[p]] if isinstance(p, int) else p for p in cols["parent"]] == [
+        r["parent_event_id"] for r in rows]
+    assert cols["kind"] == [row_kind(r) for r in rows] and cols["status"] == [r["status"] for r in rows]
+    assert cols["name"] == [
         f"message {r['inputs']['sender']} → {r['inputs']['recipient']}" if is_message(r) else r["meta"]["span_name"]
         for r in rows]
     assert [cols["base"] + s for s in cols["start"]] == [_epoch_ms(r["started_at"]) for r in rows]
@@ -558,3 +561,27 @@ def test_columns_and_details_on_postgresql(postgres_url):
     details = event_details(engine, agent["id"])
     assert details["event"]["id"] == agent["id"] and details["message_count"] == 1
     assert details["messages"][0]["inputs"]["recipient"] == "worker"
+
+
+def test_columns_usage_and_parents_on_postgresql(postgres_url, scripted_llm):
+    """An AG2 run into PostgreSQL: /columns' JSON made by json_agg holds the rows' parents (by order), names and
+    LLM usage as numbers (jsonb ->), as the rows hold them."""
+    from otel_cmbagent.table.columns import run_columns
+
+    tracing = oc.setup_tracing(sql_url=postgres_url, otlp=False, set_global=False, handle_sigterm=False)
+    try:
+        run = xss_run(scripted_llm)
+    finally:
+        tracing.shutdown()
+    engine = store.open_store(postgres_url)
+    rows = store.run_events(engine, run.run_id)
+    cols = run_columns(engine, run.run_id)
+    at = {order: i for i, order in enumerate(cols["order"])}
+    assert cols["id"] == [r["id"] for r in rows] and cols["order"] == [r["execution_order"] for r in rows]
+    assert [cols["id"][at[p]] if isinstance(p, int) else p for p in cols["parent"]] == [
+        r["parent_event_id"] for r in rows]
+    assert cols["agent"] == [r["agent_name"] for r in rows] and cols["kind"] == [row_kind(r) for r in rows]
+    llm = [[r["execution_order"], r["meta"]["gen_ai.usage.input_tokens"], r["meta"]["gen_ai.usage.output_tokens"]]
+           for r in rows if r["event_type"] == "llm_call"]
+    assert llm and [usage[:3] for usage in cols["usage"]] == llm
+    assert cols["trace_id"] == rows[0]["trace_id"] and cols["base"] is not None

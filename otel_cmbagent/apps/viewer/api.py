@@ -4,8 +4,8 @@
 - ``/api/config``             ``{"jaeger_url", "poll_interval", "version", "db", "token_required"}``
 - ``/api/runs?limit=N``       runs, newest first (:func:`otel_cmbagent.table.store.list_runs`)
 - ``/api/runs/{run}``         one run's summary plus ``by_type``
-- ``/api/runs/{run}/columns`` what the waterfall draws, as columns (:func:`otel_cmbagent.table.columns.run_columns`:
-  ids, parents, order, depth, kind, status, agent, name, times, usage; a tenth of ``/events``' bytes)
+- ``/api/runs/{run}/columns`` what the waterfall draws, as columns (:func:`otel_cmbagent.table.columns.run_columns_json`:
+  ids, parents (by order), order, depth, kind, status, agent, name, times, usage; JSON made by the database)
 - ``/api/events/{id}``        one event with every column plus the messages sent during it (``{"event",
   "messages", "message_count"}``; the page's details pane, on demand)
 - ``/api/runs/{run}/events``  the run's rows in ``execution_order`` (every column, JSON decoded, ISO times);
@@ -122,8 +122,9 @@ class Api:
         if isinstance(run_key, Response):
             return run_key
         if suffix == "/columns":
-            found = await self._read(columns.run_columns, run_key)
-            return found if isinstance(found, Response) else JSONResponse(found, headers={"X-Run-Id": run_key})
+            found = await self._read(columns.run_columns_json, run_key)  # JSON text made by the database
+            return found if isinstance(found, Response) else Response(
+                found.encode("utf-8"), media_type="application/json", headers={"X-Run-Id": run_key})
         summary = await self._read(store.run_summary, run_key)
         return summary if isinstance(summary, Response) else JSONResponse(summary)
 

@@ -3,7 +3,7 @@
  * Safety: every value that comes from the API or the websocket reaches the DOM as text (textContent,
  * text nodes, attribute values); nothing here assigns innerHTML/outerHTML or calls insertAdjacentHTML.
  *
- * Speed: a run opens from /api/runs/{run}/columns (only what a row shows, as columns with interned strings);
+ * Speed: a run opens from /api/runs/{run}/columns (only what a row shows, as columns, JSON made by the database;
  * a span's inputs, outputs, attributes and messages are fetched when it is selected (/api/events/{id}). Rows
  * of the waterfall are virtualised (only the rows in view exist in the DOM) and recycled;
  * websocket events are queued and applied once per animation frame; a new span is spliced into the
@@ -475,14 +475,14 @@
     return ev;
   }
 
-  /** A span of the columns response (see otel_cmbagent/table/columns.py). */
-  function columnEv(c, i) {
-    const S = c.strings;
+  /** A span of the columns response (see otel_cmbagent/table/columns.py); `at` maps an order to its row. */
+  function columnEv(c, i, at) {
     const parent = c.parent[i];
-    const ev = newEv(c.id[i], parent === null ? null : typeof parent === 'number' ? c.id[parent] : parent,
-      S[c.kind[i]], c.order[i], c.agent[i] === null ? '' : S[c.agent[i]]);
-    ev.status = S[c.status[i]] || 'completed';
-    ev.name = S[c.name[i]];
+    const parentRow = typeof parent === 'number' ? at.get(parent) : undefined;
+    const ev = newEv(c.id[i], parent === null ? null : parentRow !== undefined ? c.id[parentRow] : String(parent),
+      c.kind[i], c.order[i], c.agent[i] || '');
+    ev.status = c.status[i] || 'completed';
+    ev.name = c.name[i];
     ev.s = c.start[i];
     ev.dur = c.duration[i];
     const end = c.end[i];
@@ -517,10 +517,13 @@
   function bulkLoad(c) {
     const n = c && c.count ? c.count : 0;
     if (n) { R.base = c.base; R.traceId = c.trace_id || null; }
+    const at = new Map();   // execution order -> row (parents and usage name orders; the first row of an order)
+    for (let i = n - 1; i >= 0; i--) at.set(c.order[i], i);
     const evs = new Array(n);
-    for (let i = 0; i < n; i++) evs[i] = columnEv(c, i);
-    for (const [i, tokensIn, tokensOut, cost] of (n ? c.usage : [])) {
-      evs[i].tin = Number(tokensIn) || 0; evs[i].tout = Number(tokensOut) || 0; evs[i].cost = Number(cost) || 0;
+    for (let i = 0; i < n; i++) evs[i] = columnEv(c, i, at);
+    for (const [order, tokensIn, tokensOut, cost] of (n ? c.usage : [])) {
+      const ev = evs[at.get(order)];
+      if (ev) { ev.tin = Number(tokensIn) || 0; ev.tout = Number(tokensOut) || 0; ev.cost = Number(cost) || 0; }
     }
     for (const ev of evs) {
       if (!ev.id || R.events.has(ev.id)) continue;
