@@ -8,17 +8,19 @@ per row (that cost more than the query). A span's other fields (inputs, outputs,
 one event at a time (:func:`event_details`).
 
     {"run": run_key, "base": epoch ms of the first row, "count": n, "trace_id": the first row's trace id,
-     "id": [...], "parent": [the parent's execution_order | parent id outside the run | null], "order": [...],
+     "id": [...], "parent": [parent_event_id | null], "order": [...],
      "depth": [...], "kind": [...], "status": [...], "agent": [... | null], "name": ["message a → b", span name],
      "start": [ms after base], "end": [ms after base | null], "duration": [duration_ms | null],
      "usage": [[execution_order, input tokens, output tokens, cost], ...] (finished llm_call rows only)}
 
-Rows are addressed by ``execution_order`` (gapless and unique in a run): parents and usage name the order.
+Usage names its row by ``execution_order`` (gapless and unique in a run); parents are ids, as the page's live
+rows have them.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -27,7 +29,7 @@ from sqlalchemy.engine import Engine
 from ..pipeline import semconv
 from .encoding import decode_row
 from .liveness import mark_interrupted
-from .reading import RunNotFoundError, StoreError, TableShape, describe, first_line, json_text, shape, where_run_indexed
+from .reading import RunNotFoundError, StoreError, TableShape, describe, first_line, json_text, shape, keyed_by_run_id
 from .schema import MESSAGE_EVENT_TYPE, MESSAGE_KIND, STATUS_COMPLETED, STATUS_RUNNING, SUBTYPE_MESSAGE
 
 MAX_DETAIL_MESSAGES = 300  # messages sent during a span returned with its details (the page lists as many)
@@ -81,17 +83,17 @@ def _name(engine: Engine, table_shape: TableShape, c: Any, message: Any) -> Any:
     return sa.cast(sa.case((message, labelled), else_=named), sa.String)
 
 
-def _run_filter(engine: Engine, table_shape: TableShape, run_key: str) -> Any:
-    """``(rows of the run, the same condition for another alias of the table)``."""
-    indexed = where_run_indexed(engine, table_shape, run_key)
-    by_run_id = str(indexed.compile()) == str((table_shape.table.c.run_id == run_key).compile())
-    return lambda alias: alias.c.run_id == run_key if by_run_id else TableShape(alias).where_run(run_key)
+def _run_filter(engine: Engine, table_shape: TableShape, run_key: str) -> Callable[[Any], Any]:
+    """The condition for the run's rows, for any alias of the table (``run_id = ?`` where it applies: indexed)."""
+    if keyed_by_run_id(engine, table_shape, run_key):
+        return lambda alias: alias.c.run_id == run_key
+    return lambda alias: TableShape(alias).where_run(run_key)
 
 
-def _rows(engine: Engine, table_shape: TableShape, in_run: Any, base: Any) -> Any:
+def _rows(engine: Engine, table_shape: TableShape, in_run: Callable[[Any], Any], base: Any) -> Any:
     """The run's rows in order, every value as the page shows it (a subquery the aggregates read; on PostgreSQL
     with its position, which ``json_agg`` orders by)."""
-    e, p = table_shape.table.alias("e"), table_shape.table.alias("p")
+    e = table_shape.table.alias("e")
     message = sa.and_(e.c.event_type == MESSAGE_EVENT_TYPE, e.c.event_subtype == SUBTYPE_MESSAGE)
     status = sa.func.coalesce(_text(e.c.status), STATUS_COMPLETED) if table_shape.has_status \
         else sa.literal(STATUS_COMPLETED)
@@ -102,15 +104,14 @@ def _rows(engine: Engine, table_shape: TableShape, in_run: Any, base: Any) -> An
     position = [sa.func.row_number().over(order_by=order_by).label("position")] \
         if engine.dialect.name == "postgresql" else []
     statement = sa.select(
-        e.c.id.label("id"), p.c.execution_order.label("parent_order"),
-        sa.case((p.c.id.is_(None), e.c.parent_event_id)).label("parent_id"),
+        e.c.id.label("id"), e.c.parent_event_id.label("parent"),
         sa.func.coalesce(e.c.execution_order, 0).label("order"), sa.func.coalesce(e.c.depth, 0).label("depth"),
         sa.case((message, MESSAGE_KIND), else_=sa.func.coalesce(_text(e.c.event_type), "info")).label("kind"),
         status.label("status"), _text(e.c.agent_name).label("agent"), _name(engine, table_shape, e.c, message).label("name"),
         sa.func.coalesce(_start_ms(engine, e.c) - base, 0).label("start"),
         (_epoch_ms(engine, e.c.completed_at) - base).label("end"), e.c.duration_ms.label("duration"),
         usage.label("usage"), *position,
-    ).select_from(e.outerjoin(p, sa.and_(p.c.id == e.c.parent_event_id, in_run(p)))).where(in_run(e))
+    ).where(in_run(e))
     return statement.order_by(*order_by).subquery("rows")
 
 
@@ -142,17 +143,8 @@ def _statement(engine: Engine, table_shape: TableShape, run_key: str) -> Any:
     in_run = _run_filter(engine, table_shape, run_key)
     base = _first_row(table_shape, in_run, "base", lambda c: _start_ms(engine, c))
     rows = _rows(engine, table_shape, in_run, base)
-    values = {name: rows.c[name] for name in COLUMN_NAMES if name != "parent"}
-    if engine.dialect.name == "postgresql":  # one JSON type for numbers and text
-        from sqlalchemy.dialects.postgresql import JSONB
-
-        to_json = lambda value: sa.func.to_jsonb(value, type_=JSONB)  # noqa: E731
-        values["parent"] = sa.case((rows.c.parent_order.is_not(None), to_json(rows.c.parent_order)),
-                                   else_=to_json(rows.c.parent_id))
-        usage = rows.c.usage
-    else:
-        values["parent"] = sa.func.coalesce(rows.c.parent_order, rows.c.parent_id)
-        usage = sa.func.json(rows.c.usage)  # a subquery's value lost its JSON subtype: parsed again, not quoted
+    # SQLite: a subquery's value lost its JSON subtype, so the usage arrays are parsed again (else quoted)
+    usage = rows.c.usage if engine.dialect.name == "postgresql" else sa.func.json(rows.c.usage)
     trace = (lambda c: c.trace_id) if table_shape.has_links else \
         (lambda c: json_text(engine, c[table_shape.meta.name], "trace_id"))
     trace_id = _first_row(table_shape, in_run, "trace", trace, lambda c: sa.func.coalesce(trace(c), "") != "")
@@ -160,7 +152,7 @@ def _statement(engine: Engine, table_shape: TableShape, run_key: str) -> Any:
         sa.func.count(), base, trace_id,
         _aggregate(engine, rows, rows.c.id, rows.c.status == STATUS_RUNNING),
         _aggregate(engine, rows, usage, rows.c.usage.is_not(None)),
-        *(_aggregate(engine, rows, values[name]) for name in COLUMN_NAMES),
+        *(_aggregate(engine, rows, rows.c[name]) for name in COLUMN_NAMES),
     )
 
 

@@ -134,13 +134,18 @@ def json_text(engine: Engine, column: Any, key: str, when: Any = None) -> Any:
     return value if when is None else sa.case((when, value), else_=sa.null())
 
 
+def keyed_by_run_id(engine: Engine, table_shape: TableShape, run_id: str) -> bool:
+    """Whether the run's rows are the rows with ``run_id = run_id`` (else it is a trace outside any run)."""
+    c = table_shape.table.c
+    return not table_shape.has_links or bool(execute(engine, sa.select(c.id).where(c.run_id == run_id).limit(1)))
+
+
 def where_run_indexed(engine: Engine, table_shape: TableShape, run_id: str) -> Any:
     """:meth:`TableShape.where_run` as ``run_id = ?`` when the run has such rows: the (run_id, execution_order)
     index then yields them in order, where the OR with the trace id makes the database sort them all first."""
-    c = table_shape.table.c
-    if table_shape.has_links and not execute(engine, sa.select(c.id).where(c.run_id == run_id).limit(1)):
-        return table_shape.where_run(run_id)
-    return c.run_id == run_id
+    if keyed_by_run_id(engine, table_shape, run_id):
+        return table_shape.table.c.run_id == run_id
+    return table_shape.where_run(run_id)
 
 
 def run_key_of(row: Any) -> Any:

@@ -475,12 +475,9 @@
     return ev;
   }
 
-  /** A span of the columns response (see otel_cmbagent/table/columns.py); `at` maps an order to its row. */
-  function columnEv(c, i, at) {
-    const parent = c.parent[i];
-    const parentRow = typeof parent === 'number' ? at.get(parent) : undefined;
-    const ev = newEv(c.id[i], parent === null ? null : parentRow !== undefined ? c.id[parentRow] : String(parent),
-      c.kind[i], c.order[i], c.agent[i] || '');
+  /** A span of the columns response (see otel_cmbagent/table/columns.py). */
+  function columnEv(c, i) {
+    const ev = newEv(c.id[i], c.parent[i] || null, c.kind[i], c.order[i], c.agent[i] || '');
     ev.status = c.status[i] || 'completed';
     ev.name = c.name[i];
     ev.s = c.start[i];
@@ -517,12 +514,11 @@
   function bulkLoad(c) {
     const n = c && c.count ? c.count : 0;
     if (n) { R.base = c.base; R.traceId = c.trace_id || null; }
-    const at = new Map();   // execution order -> row (parents and usage name orders; the first row of an order)
-    for (let i = n - 1; i >= 0; i--) at.set(c.order[i], i);
     const evs = new Array(n);
-    for (let i = 0; i < n; i++) evs[i] = columnEv(c, i, at);
+    const at = new Map();   // execution order -> span (usage names its row by order; the first of an order)
+    for (let i = n - 1; i >= 0; i--) { evs[i] = columnEv(c, i); at.set(evs[i].order, evs[i]); }
     for (const [order, tokensIn, tokensOut, cost] of (n ? c.usage : [])) {
-      const ev = evs[at.get(order)];
+      const ev = at.get(order);
       if (ev) { ev.tin = Number(tokensIn) || 0; ev.tout = Number(tokensOut) || 0; ev.cost = Number(cost) || 0; }
     }
     for (const ev of evs) {
