@@ -457,3 +457,27 @@ def test_a_20000_event_run_opens_whole_and_details_come_on_click(tmp_path, page)
         assert '"unit": 3999' in page.locator('[data-testid="details-inputs"]').inner_text()
         assert any(url.endswith(f"/api/events/{last['id']}") for url in requests)
     assert not page.errors
+
+
+def test_usage_lands_on_its_row_when_orders_have_a_gap(tmp_path, page):
+    """/columns names an LLM call's usage by execution order: with a row missing (orders no longer 1..n, e.g. a
+    row dropped by a full queue) every call's tokens still reach the header, none lands on a neighbour."""
+    import sqlite3
+
+    from big_run import write_big_run
+
+    db = tmp_path / "gap.db"
+    write_big_run(db, "gap-run", 40)
+    with sqlite3.connect(db) as connection:  # the first message row goes: every later order is off by one
+        connection.execute("DELETE FROM execution_events WHERE execution_order = "
+                           "(SELECT min(execution_order) FROM execution_events WHERE event_subtype = 'message')")
+    engine = store.open_store(str(db))
+    rows = store.run_events(engine, "gap-run")
+    llm = [row for row in rows if row["event_type"] == "llm_call"]
+    tokens_in = sum(row["meta"]["gen_ai.usage.input_tokens"] for row in llm)
+    with ViewerServer(str(db)) as server:
+        page.goto(f"{server.url}#/run/gap-run")
+        page.wait_for_selector('[data-testid="waterfall"][data-ready="true"]', timeout=60_000)
+        assert page.evaluate("() => window.__viewer.eventCount()") == len(rows)
+        assert page.locator('[data-testid="run-tokens"]').inner_text().startswith(f"{tokens_in:,} / ")
+    assert not page.errors

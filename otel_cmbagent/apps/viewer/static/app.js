@@ -314,7 +314,7 @@
       flat: [],                // spans in tree order (depth first, siblings by execution order)
       display: [],             // flat after filters / collapsed subtrees
       waiting: new Map(),      // parent id -> evs that arrived before their parent
-      orders: new Set(),
+      orders: new Set(),       // orders seen above contig (after a gap)
       contig: 0,               // every order 1..contig has been seen
       running: new Set(),
       minStart: Infinity, maxEnd: -Infinity,
@@ -459,12 +459,18 @@
 
   function bump(map, key, by) { if (key) map.set(key, (map.get(key) || 0) + by); }
 
+  const NONE = Object.freeze([]);   // the children / messages of a span that has none (most have none)
+  function listOf(ev, key) {
+    if (ev[key] === NONE) ev[key] = [];
+    return ev[key];
+  }
+
   function newEv(id, parentId, type, order, agent) {
     return {
       id, parentId, type, order, agent, status: 'completed', name: '',
       s: 0, e: null, dur: null, tin: 0, tout: 0, cost: 0,
-      children: [], msgs: [], parent: null, level: 0,
-      v: 1,
+      children: NONE, msgs: NONE, parent: null, level: 0,   // own lists once something is added
+      v: 1, dv: 0,                // row version (redraw), details version (fetch again)
     };
   }
 
@@ -491,8 +497,9 @@
 
   function track(ev) {
     R.events.set(ev.id, ev);
-    R.orders.add(ev.order);
-    while (R.orders.has(R.contig + 1)) R.contig++;
+    if (ev.order === R.contig + 1) R.contig++;   // the usual case: orders come in sequence
+    else if (ev.order > R.contig) R.orders.add(ev.order);
+    while (R.orders.size && R.orders.delete(R.contig + 1)) R.contig++;
     bump(R.typeCounts, ev.type, 1);
     if (ev.agent) {
       if (!R.agentCounts.has(ev.agent)) R.legendDirty = true;
@@ -515,10 +522,14 @@
     const n = c && c.count ? c.count : 0;
     if (n) { R.base = c.base; R.traceId = c.trace_id || null; }
     const evs = new Array(n);
-    const at = new Map();   // execution order -> span (usage names its row by order; the first of an order)
-    for (let i = n - 1; i >= 0; i--) { evs[i] = columnEv(c, i); at.set(evs[i].order, evs[i]); }
+    for (let i = 0; i < n; i++) evs[i] = columnEv(c, i);
+    let at = null;   // execution order -> span, made only if the orders are not 1..n (usage names rows by order)
     for (const [order, tokensIn, tokensOut, cost] of (n ? c.usage : [])) {
-      const ev = at.get(order);
+      let ev = evs[order - 1];
+      if (!ev || ev.order !== order) {
+        if (at === null) { at = new Map(); for (let i = n - 1; i >= 0; i--) at.set(evs[i].order, evs[i]); }
+        ev = at.get(order);
+      }
       if (ev) { ev.tin = Number(tokensIn) || 0; ev.tout = Number(tokensOut) || 0; ev.cost = Number(cost) || 0; }
     }
     for (const ev of evs) {
@@ -534,7 +545,7 @@
   function attach(ev, incremental) {
     const parent = ev.parentId ? R.events.get(ev.parentId) : null;
     if (ev.type === 'message') {
-      if (parent) { insertSorted(parent.msgs, ev); parent.dv = (parent.dv || 0) + 1; markRow(parent); }
+      if (parent) { insertSorted(listOf(parent, 'msgs'), ev); parent.dv++; if (incremental) markRow(parent); }
       else waitFor(ev);
       return;
     }
@@ -543,11 +554,11 @@
       if (early) {   // children (or messages) that came before this span: adopt them, rebuild the order
         R.waiting.delete(ev.id);
         for (const child of early) {
-          if (child.type === 'message') { insertSorted(ev.msgs, child); continue; }
+          if (child.type === 'message') { insertSorted(listOf(ev, 'msgs'), child); continue; }
           const i = R.roots.indexOf(child);
           if (i >= 0) R.roots.splice(i, 1);
           child.parent = ev;
-          insertSorted(ev.children, child);
+          insertSorted(listOf(ev, 'children'), child);
           R.needRebuild = true;
         }
       }
@@ -556,8 +567,8 @@
     if (parent && parent.type !== 'message') {
       ev.parent = parent;
       ev.level = parent.level + 1;
-      siblings = parent.children;
-      markRow(parent);   // its caret may appear
+      siblings = listOf(parent, 'children');
+      if (incremental) markRow(parent);   // its caret may appear (a first load draws every row anyway)
     } else {
       if (ev.parentId && !parent) waitFor(ev);
       ev.level = 0;
@@ -619,7 +630,7 @@
       fromRow(ev, d);
       ev.agent = d.agent_name || hadAgent;
       if (ev.agent && ev.agent !== hadAgent) { bump(R.agentCounts, ev.agent, 1); R.legendDirty = true; }
-      ev.dv = (ev.dv || 0) + 1;   // its details changed: fetched again when shown
+      ev.dv++;   // its details changed: fetched again when shown
       R.running.delete(id);
       countUsage(ev, 1);
       extendTime(ev);
