@@ -580,3 +580,48 @@ def test_columns_usage_and_parents_on_postgresql(postgres_url, scripted_llm):
            for r in rows if r["event_type"] == "llm_call"]
     assert llm and [usage[:3] for usage in cols["usage"]] == llm
     assert cols["trace_id"] == rows[0]["trace_id"] and cols["base"] is not None
+
+
+def _columns_match_rows(cols, rows):
+    """What the page reads from /columns is what the rows hold."""
+    assert cols["count"] == len(rows) > 0
+    assert cols["id"] == [r["id"] for r in rows] and cols["parent"] == [r["parent_event_id"] for r in rows]
+    assert cols["order"] == [r["execution_order"] for r in rows] and cols["kind"] == [row_kind(r) for r in rows]
+    assert cols["status"] == [r["status"] for r in rows] and cols["agent"] == [r["agent_name"] or None for r in rows]
+    assert cols["name"] == [f"message {r['inputs']['sender']} → {r['inputs']['recipient']}" if is_message(r)
+                            else r["meta"]["span_name"] for r in rows]
+    assert cols["trace_id"] == rows[0]["trace_id"] and len(cols["trace_id"]) == 32
+    llm = [r["execution_order"] for r in rows if r["event_type"] == "llm_call"]
+    assert llm and [usage[0] for usage in cols["usage"]] == llm
+
+
+def test_columns_of_a_chat_outside_any_run(sqlite_or_postgres_url, scripted_llm):
+    """A bare AG2 chat (rows without run_id, grouped by trace): /columns finds its rows by trace id, on SQLite
+    and PostgreSQL, as /events does."""
+    from otel_cmbagent.table.columns import run_columns
+
+    tracing = oc.setup_tracing(sql_url=sqlite_or_postgres_url, otlp=False, set_global=False, handle_sigterm=False)
+    try:
+        scripted_llm.push(text("hi"), text("TERMINATE"))
+        a = ConversableAgent("a", llm_config=scripted_llm.llm_config(api_key=FAKE_KEY))
+        b = ConversableAgent("b", llm_config=False, human_input_mode="NEVER", code_execution_config=False)
+        b.initiate_chat(a, message="hello", max_turns=1, silent=True)
+    finally:
+        tracing.shutdown()
+    engine = store.open_store(sqlite_or_postgres_url)
+    run_key = store.resolve_run(engine, "last")
+    rows = store.run_events(engine, run_key)
+    assert all(r["run_id"] is None for r in rows)
+    _columns_match_rows(run_columns(engine, run_key), rows)
+
+
+def test_columns_of_cmbagents_own_table(tmp_path):
+    """cmbagent's table (no trace_id/span_id columns; trace ids in meta): /columns as the rows hold them."""
+    from otel_cmbagent.table.columns import run_columns
+    from test_store import make_cmbagent_db
+
+    url, _ = make_cmbagent_db(tmp_path)
+    engine = store.open_store(url)
+    for run_id in ("cmb-run-1", "cmb-run-2"):
+        rows = store.run_events(engine, run_id)
+        _columns_match_rows(run_columns(engine, run_id), rows)
