@@ -133,8 +133,9 @@ def _aggregate(engine: Engine, rows: Any, value: Any, where: Any = None) -> Any:
         from sqlalchemy.dialects.postgresql import aggregate_order_by
 
         aggregated = sa.func.json_agg(aggregate_order_by(value, rows.c.position))
-    else:  # SQLite aggregates in the order the (ordered) subquery yields its rows
-        aggregated = sa.func.json_group_array(value)
+        # as text: the driver would decode a 100,000-element array only for it to be encoded again
+        return sa.cast(aggregated if where is None else aggregated.filter(where), sa.Text)
+    aggregated = sa.func.json_group_array(value)  # SQLite aggregates in the order the (ordered) subquery yields
     return aggregated if where is None else aggregated.filter(where)
 
 
@@ -145,8 +146,9 @@ def _statement(engine: Engine, table_shape: TableShape, run_key: str) -> Any:
     rows = _rows(engine, table_shape, in_run, base)
     # SQLite: a subquery's value lost its JSON subtype, so the usage arrays are parsed again (else quoted)
     usage = rows.c.usage if engine.dialect.name == "postgresql" else sa.func.json(rows.c.usage)
+    meta_name = None if table_shape.meta is None else table_shape.meta.name
     trace = (lambda c: c.trace_id) if table_shape.has_links else \
-        (lambda c: json_text(engine, c[table_shape.meta.name], "trace_id"))
+        (lambda c: json_text(engine, None if meta_name is None else c[meta_name], "trace_id"))
     trace_id = _first_row(table_shape, in_run, "trace", trace, lambda c: sa.func.coalesce(trace(c), "") != "")
     return sa.select(
         sa.func.count(), base, trace_id,
@@ -200,7 +202,7 @@ def run_columns_json(engine: Engine, run_key: str, *, table: str | sa.Table | No
 
 
 def _text_of(value: Any) -> str:
-    """An aggregate's JSON as text (SQLite: text; PostgreSQL: decoded by the driver; no rows: NULL)."""
+    """An aggregate's JSON as text (``[]`` for none: PostgreSQL's ``json_agg`` of no rows is NULL)."""
     if value is None:
         return "[]"
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
