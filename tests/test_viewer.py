@@ -625,3 +625,34 @@ def test_columns_of_cmbagents_own_table(tmp_path):
     for run_id in ("cmb-run-1", "cmb-run-2"):
         rows = store.run_events(engine, run_id)
         _columns_match_rows(run_columns(engine, run_id), rows)
+
+
+def test_the_poller_reads_recent_rows_only_as_often_as_it_can_afford(tmp_path, monkeypatch):
+    """Finding the runs with recent rows reads every recent row (a live 100,000-event run: ~60 ms a poll). With
+    that scan made costly, the poller runs it once; a run it found keeps streaming its new rows (one index lookup
+    per poll)."""
+    import sqlalchemy as sa
+
+    from otel_cmbagent.apps.viewer import feed
+
+    monkeypatch.setattr(feed, "RECENT_SCAN_COST_RATIO", 10_000_000, raising=False)  # any scan "costs" hours
+    db = tmp_path / "poll.db"
+    tracing = tracing_for(db)
+    try:
+        with oc.run(name="polled", run_id="polled-run"):
+            with oc.step(step_id="first"):
+                pass
+            tracing.force_flush()
+            poller = feed.Poller(feed.Source(str(db), "execution_events"))
+            scans: list[str] = []
+            sa.event.listen(poller.source.engine(), "before_cursor_execute",
+                            lambda _c, _cur, statement, *_a: scans.append(statement) if "timestamp >=" in statement else None)
+            assert poller.poll() == [] and poller.poll() == []  # the first poll records the state
+            with oc.step(step_id="second"):
+                pass
+            tracing.force_flush()
+            changes = poller.poll()
+    finally:
+        tracing.shutdown()
+    assert [(k, row["event_type"], row["step_id"]) for k, row in changes] == [("polled-run", "step", "second")]
+    assert len(scans) == 1, scans
