@@ -3,7 +3,7 @@
  * Safety: every value that comes from the API or the websocket reaches the DOM as text (textContent,
  * text nodes, attribute values); nothing here assigns innerHTML/outerHTML or calls insertAdjacentHTML.
  *
- * Speed: a run opens from /api/runs/{run}/columns (only what a row shows, as columns, JSON made by the database;
+ * Speed: a run opens from /api/runs/{run}/columns (only what a row shows, as columns whose JSON the database makes);
  * a span's inputs, outputs, attributes and messages are fetched when it is selected (/api/events/{id}). Rows
  * of the waterfall are virtualised (only the rows in view exist in the DOM) and recycled;
  * websocket events are queued and applied once per animation frame; a new span is spliced into the
