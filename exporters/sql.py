@@ -29,7 +29,7 @@ from otel_cmbagent.pipeline.listeners import add_message_listener, remove_messag
 from otel_cmbagent.pipeline.values import log_internal_error
 from otel_cmbagent.table.encoding import row_from_json
 from otel_cmbagent.table.fit import json_text
-from otel_cmbagent.table.rows import SpanAtEnd, message_row, snapshot, span_row
+from otel_cmbagent.table.rows import SpanAtEnd, message_row, snapshot, span_at_end, span_row
 from otel_cmbagent.table.schema import execution_events_table
 from otel_cmbagent.table.writers import WRITER_KEY, Heartbeat, this_writer
 
@@ -184,7 +184,7 @@ class SQLEventSink(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         try:
             self._open_spans.discard(span.get_span_context().span_id)
-            self._worker.put(SpanAtEnd(span))  # plain values: a queued ReadableSpan keeps the collector busy
+            self._worker.put(span_at_end(span))  # plain values: a queued ReadableSpan keeps the collector busy
         except Exception as exc:  # noqa: BLE001
             log_internal_error("SQLEventSink.on_end", exc)
 

@@ -47,7 +47,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
 
 from ..pipeline import semconv
 from ..pipeline.processor import raw_attributes as _raw_attributes
@@ -122,21 +122,56 @@ _PLAIN_STATUS = {code: Status(code) for code in StatusCode}  # shared: a queued 
 
 
 class SpanAtEnd(SpanAtStart):
-    """An ended span as a sink queues it until its row is written: what :func:`span_row` reads, in plain values.
+    """An ended span as the sinks queue it until it is written: what :func:`span_row` and the OTLP encoder read.
 
     The SDK's ``ReadableSpan`` holds ~11 objects the garbage collector tracks (its bounded attributes, events and
-    links with their locks and deques, its status...); thousands of them queued in a burst made the collector's
-    passes on the agent's thread half of its cost per span. This record is one tracked object: ids as ints, the
-    attributes a plain dict of atomic values (which CPython's collector does not track), the status shared unless
-    it has a description. Rows built from it equal the span's own."""
+    links with their locks and deques, its context and trace flags, its status...); thousands of them queued in a
+    burst made the collector's passes on the agent's thread half of its cost per span. This record is one tracked
+    object: ids and flags as ints, the attributes a plain dict of atomic values (which CPython's collector does not
+    track), the status shared unless it has a description, events and links as the span's (usually none). Built
+    once per span (:func:`span_at_end`) for both the SQL sink and the OTLP processor; rows built from it equal the
+    span's own, and :meth:`readable` gives the exporter a ``ReadableSpan`` again, on its own thread.
+    """
 
-    __slots__ = ("end_time",)
+    __slots__ = ("end_time", "trace_flags", "trace_state", "events", "links", "dropped")
 
     def __init__(self, span: Any) -> None:
         super().__init__(span)
         status = span.status
         self.status = status if status.description else _PLAIN_STATUS.get(status.status_code, status)
         self.end_time = span.end_time
+        context = span.get_span_context()
+        self.trace_flags = int(context.trace_flags)
+        self.trace_state = context.trace_state  # shared: the parent's, or the SDK's empty one
+        self.events = span.events
+        self.links = span.links
+        # limits dropped something: the encoder reports it, and only the SDK's own span knows (rare: see readable)
+        self.dropped = bool(span.dropped_attributes or span.dropped_events or span.dropped_links)
+
+    def readable(self) -> ReadableSpan:
+        """The span as the SDK's exporters take it (their encoder reads a ``ReadableSpan``)."""
+        context = SpanContext(self.trace_id, self.span_id, is_remote=False, trace_flags=TraceFlags(self.trace_flags),
+                              trace_state=self.trace_state)
+        return ReadableSpan(
+            name=self.name, context=context, parent=self.parent, resource=self.resource, attributes=self.attributes,
+            events=self.events, links=self.links, kind=self.kind, status=self.status, start_time=self.start_time,
+            end_time=self.end_time, instrumentation_scope=self.instrumentation_scope,
+        )
+
+
+_last_end: tuple[Any, Any] = (None, None)  # (span, its record): the sinks called with one span share one record
+
+
+def span_at_end(span: ReadableSpan) -> SpanAtEnd:
+    """The record of an ended span, built once for every sink ``on_end`` is called with the same span object
+    (a race between threads only builds a second one)."""
+    global _last_end  # noqa: PLW0603 - one slot, swapped atomically
+    last, record = _last_end
+    if last is span:
+        return record
+    record = SpanAtEnd(span)
+    _last_end = (span, record)
+    return record
 
 
 def _time(ns: int | None) -> datetime | None:
