@@ -143,8 +143,8 @@ class SpanAtEnd(SpanAtStart):
         context = span.get_span_context()
         self.trace_flags = int(context.trace_flags)
         self.trace_state = context.trace_state  # shared: the parent's, or the SDK's empty one
-        self.events = span.events
-        self.links = span.links
+        self.events = _items(span, "_events", "events")
+        self.links = _items(span, "_links", "links")
         # limits dropped something: the encoder reports it, and only the SDK's own span knows (rare: see readable)
         self.dropped = bool(span.dropped_attributes or span.dropped_events or span.dropped_links)
 
@@ -157,6 +157,16 @@ class SpanAtEnd(SpanAtStart):
             events=self.events, links=self.links, kind=self.kind, status=self.status, start_time=self.start_time,
             end_time=self.end_time, instrumentation_scope=self.instrumentation_scope,
         )
+
+
+def _items(span: Any, private: str, public: str) -> tuple[Any, ...]:
+    """A span's events or links as a tuple: ``()`` at once when it has none (most spans), without the SDK's locked
+    copy (~0.45 µs each, measured here). Reads the SDK's ``span._events``/``span._links`` bounded lists
+    (opentelemetry-sdk 1.45.x); without them, the public ``span.events``/``span.links``."""
+    items = getattr(span, private, None)
+    if items is None:
+        return tuple(getattr(span, public))
+    return tuple(items) if items else ()
 
 
 _last_end: tuple[Any, Any] = (None, None)  # (span, its record): the sinks called with one span share one record
