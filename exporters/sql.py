@@ -43,8 +43,9 @@ __all__ = ["ReplayReport", "SQLEventSink", "execution_events_table", "make_engin
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
 
-# Queue items, told apart by type (no tuple per item: fewer objects for the garbage collector while a burst is
-# queued): a SpanAtStart (a start row), a SpanAtEnd (its final row), a dict (a message row), or _RETRY.
+# Queue items, told apart by type (no tuple per span: fewer objects for the garbage collector while a burst is
+# queued): a SpanAtStart (a start row), a SpanAtEnd (its final row), a tuple (a message: its span's snapshot,
+# attributes, time), a dict (a row), or _RETRY.
 _RETRY = "retry"
 # Rows waiting for their run/session row are tried again this often (and on every flush).
 HELD_RECHECK_SECONDS = 1.0
@@ -91,7 +92,7 @@ def default_spill_path(engine: Engine) -> Path:
     return Path.cwd() / "otel_cmbagent.spill.jsonl"
 
 
-def _drained_row(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _drained_row(row: dict[str, Any]) -> dict[str, Any] | str:
     """A row read back from the overflow file, queued as a row (or the retry marker it was)."""
     return row_from_json(row) if "id" in row else _RETRY
 
@@ -189,8 +190,8 @@ class SQLEventSink(SpanProcessor):
             log_internal_error("SQLEventSink.on_end", exc)
 
     def _on_message(self, span: Any, attributes: Mapping[str, Any], timestamp_ns: int) -> None:
-        if span.get_span_context().span_id in self._open_spans:
-            self._worker.put(message_row(span, attributes, timestamp_ns, capture_content=self.capture_content))
+        if span.get_span_context().span_id in self._open_spans:  # the row is built on the worker, from copies
+            self._worker.put((snapshot(span), dict(attributes), timestamp_ns))
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         """Write everything queued (and retry held rows); False if some rows are still held or it timed out."""
@@ -273,8 +274,8 @@ class SQLEventSink(SpanProcessor):
         written: set[int] = set()
         rows: list[dict[str, Any]] = self._take_held(_RETRY in items)
         for item in items:
-            if isinstance(item, dict):
-                rows.append(item)
+            if type(item) is tuple or isinstance(item, dict):
+                rows.append(self._row_of(item))
                 continue
             if item is _RETRY:
                 continue
@@ -293,6 +294,8 @@ class SQLEventSink(SpanProcessor):
         """The row of a queued item (on the worker; on the agent's thread for an item that overflows)."""
         if isinstance(item, dict):
             return item
+        if type(item) is tuple:
+            return message_row(*item, capture_content=self.capture_content)
         if item is _RETRY:
             return {_RETRY: True}  # not a row: read back as the marker it is
         if type(item) is SpanAtEnd:
