@@ -7,8 +7,6 @@ AG2 1.x's scope); OTLP goes to a real receiver on loopback.
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -22,6 +20,7 @@ from otel_cmbagent.exporters.otlp import otlp_span_processor
 from otel_cmbagent.pipeline import semconv
 from otel_cmbagent.table.rows import SpanAtEnd, span_row
 from services.otlp_receiver import OTLPHTTPReceiver
+from sinks_util import tracked_objects_per_span
 
 TOOL = {"cmbagent.event_type": "tool_call", "gen_ai.tool.name": "add", "gen_ai.agent.name": "engineer",
         "gen_ai.tool.call.arguments": '{"a": 1}', "gen_ai.tool.call.result": "2", "tags": ("x", "y")}
@@ -90,12 +89,7 @@ def test_queued_otlp_spans_hold_one_object_each_and_all_arrive_complete():
         tracer = provider.get_tracer("queued")
         with tracer.start_as_current_span("run"):
             tracer.start_span("first", attributes=TOOL).end()
-            gc.collect()
-            before = len(gc.get_objects())
-            for _ in range(count):
-                tracer.start_span("execute_tool add", attributes=TOOL).end()
-            gc.collect()
-            tracked_per_span = (len(gc.get_objects()) - before) / count
+            tracked_per_span = tracked_objects_per_span(tracer, count, TOOL)
             expected = ended_spans()
             for span in expected:
                 processor.on_end(span)

@@ -8,7 +8,6 @@ table's write lock while the run bursts - so the queue fills without any timing 
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import logging
 import re
@@ -18,7 +17,7 @@ import sqlalchemy as sa
 
 import otel_cmbagent as oc
 from otel_cmbagent.exporters.sql import SQLEventSink, replay
-from sinks_util import scripted_run, table_rows
+from sinks_util import scripted_run, table_rows, tracked_objects_per_span
 
 BURST = 600  # spans: 1,200 queue items into a queue of 64
 
@@ -33,6 +32,16 @@ def write_lock(engine: sa.Engine, table: sa.Table):
             connection.execute(sa.text(f"LOCK TABLE {table.name} IN EXCLUSIVE MODE"))
         yield
         connection.rollback()
+
+
+def flushed_and_shut(tracing: oc.Tracing, sink: SQLEventSink) -> tuple[dict, list[dict]]:
+    """Everything written (the lock released), then both shut down: the sink's stats and the table's rows."""
+    try:
+        assert sink.force_flush(120_000)
+        return sink.stats, table_rows(sink.engine)
+    finally:
+        tracing.shutdown()
+        sink.shutdown()
 
 
 def burst_run(tracing: oc.Tracing, count: int) -> str:
@@ -53,12 +62,8 @@ def test_a_burst_that_fills_the_queue_ends_with_every_row_in_the_table(sqlite_or
             burst_id = burst_run(tracing, BURST // 2)
             chat_id = scripted_run(scripted_llm).run_id  # real AG2 spans and message rows in the same burst
             burst_id_2 = burst_run(tracing, BURST // 2)
-        assert sink.force_flush(120_000)
-        stats = sink.stats
-        rows = table_rows(sink.engine)
     finally:
-        tracing.shutdown()
-        sink.shutdown()
+        stats, rows = flushed_and_shut(tracing, sink)
     by_run = {run_id: [r for r in rows if r["run_id"] == run_id] for run_id in (burst_id, chat_id, burst_id_2)}
     assert stats["dropped"] == stats["failed"] == stats["rows_spilled"] == 0, (stats, {k: len(v) for k, v in
                                                                                  by_run.items()})
@@ -129,18 +134,9 @@ def test_a_queued_span_holds_few_objects_for_the_garbage_collector(tmp_path):
         with write_lock(sink.engine, sink.table), oc.run(name="queued") as run:
             tracer.start_span("first", attributes=attributes).end()
             _wait_for_batch_in_hand(sink)
-            gc.collect()
-            before = len(gc.get_objects())
-            for _ in range(QUEUED):
-                tracer.start_span("execute_tool add", attributes=attributes).end()
-            gc.collect()
-            tracked_per_span = (len(gc.get_objects()) - before) / QUEUED
-        assert sink.force_flush(120_000)
-        stats = sink.stats
-        rows = table_rows(sink.engine)
+            tracked_per_span = tracked_objects_per_span(tracer, QUEUED, attributes)
     finally:
-        tracing.shutdown()
-        sink.shutdown()
+        stats, rows = flushed_and_shut(tracing, sink)
     assert tracked_per_span <= 2.5, tracked_per_span  # a start snapshot and the end record (the SDK's: ~8 more)
     assert stats["dropped"] == stats["failed"] == stats["rows_spilled"] == 0, stats
     assert len(rows) == QUEUED + 1 and {r["run_id"] for r in rows} == {run.run_id}
