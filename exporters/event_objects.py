@@ -25,7 +25,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from otel_cmbagent.pipeline import semconv
 from otel_cmbagent.pipeline.listeners import add_message_listener, remove_message_listener
 from otel_cmbagent.pipeline.values import log_internal_error
-from otel_cmbagent.table.rows import message_row, snapshot, span_row
+from otel_cmbagent.table.rows import message_row, snapshot, span_at_end, span_row
 
 from .worker import BackgroundWorker, is_coroutine_callable
 
@@ -92,7 +92,7 @@ class EventObjectCallbackProcessor(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         if self.websocket():
-            self._worker.put((span_row, span, True))
+            self._worker.put((span_row, span_at_end(span), True))
 
     def _on_message(self, span: Any, attributes: Mapping[str, Any], timestamp_ns: int) -> None:
         if (getattr(span, "attributes", None) or {}).get(semconv.RUN_ID) == self.run_id and self.websocket():

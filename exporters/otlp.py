@@ -19,6 +19,7 @@ from opentelemetry.trace import Link, Status
 from otel_cmbagent.pipeline.config import CAPTURE_CONTENT_ENV, parse_bool_env
 from otel_cmbagent.pipeline.semconv import CONTENT_ATTRIBUTES
 from otel_cmbagent.pipeline.values import log_internal_error, storable
+from otel_cmbagent.table.rows import SpanAtEnd, span_at_end
 
 from .worker import SHUTDOWN_TIMEOUT_ENV, shutdown_timeout
 
@@ -191,8 +192,9 @@ class ContentPolicyExporter(SpanExporter):
         self._abandoned = False
         self._lock = threading.Lock()
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        batch = [prepare_span(span, strip_content=not self.capture_content) for span in spans]
+    def export(self, spans: Sequence[ReadableSpan | SpanAtEnd]) -> SpanExportResult:
+        batch = [prepare_span(span.readable() if type(span) is SpanAtEnd else span, strip_content=not self.capture_content)
+                 for span in spans]
         result = SpanExportResult.FAILURE
         counted = True
         with self._lock:
@@ -291,6 +293,10 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
         super().__init__(exporter, **kwargs)
         self.shutdown_timeout = shutdown_timeout(shutdown_timeout_millis)
         self.dropped = 0
+        # Our exporter takes span records (SpanAtEnd: far fewer objects for the collector while queued); the SDK's
+        # queue is fed directly (``_batch_processor.emit``, opentelemetry-sdk 1.45.x), the public path otherwise.
+        emit = getattr(getattr(self, "_batch_processor", None), "emit", None)
+        self._emit_record = emit if callable(emit) and isinstance(exporter, ContentPolicyExporter) else None
 
     def on_end(self, span: ReadableSpan) -> None:
         batch = getattr(self, "_batch_processor", None)
@@ -300,7 +306,12 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
             return
         if queue is not None and len(queue) >= getattr(batch, "_max_queue_size", float("inf")):
             self._count_dropped(1, "queue full")
-        super().on_end(span)
+        emit = self._emit_record
+        if emit is None or not span.context.trace_flags.sampled:
+            super().on_end(span)
+            return
+        record = span_at_end(span)
+        emit(span if record.dropped else record)  # the SDK's own span knows what its limits dropped
 
     def _count_dropped(self, count: int, why: str) -> None:
         first = self.dropped == 0

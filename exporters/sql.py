@@ -29,7 +29,7 @@ from otel_cmbagent.pipeline.listeners import add_message_listener, remove_messag
 from otel_cmbagent.pipeline.values import log_internal_error
 from otel_cmbagent.table.encoding import row_from_json
 from otel_cmbagent.table.fit import json_text
-from otel_cmbagent.table.rows import SpanAtStart, message_row, snapshot, span_row
+from otel_cmbagent.table.rows import SpanAtEnd, message_row, snapshot, span_at_end, span_row
 from otel_cmbagent.table.schema import execution_events_table
 from otel_cmbagent.table.writers import WRITER_KEY, Heartbeat, this_writer
 
@@ -43,8 +43,9 @@ __all__ = ["ReplayReport", "SQLEventSink", "execution_events_table", "make_engin
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
 
-# Queue items, told apart by type (no tuple per item: fewer objects for the garbage collector while a burst is
-# queued): a SpanAtStart (a start row), a ReadableSpan (its final row), a dict (a message row), or _RETRY.
+# Queue items, told apart by type (no tuple per span: fewer objects for the garbage collector while a burst is
+# queued): a SpanAtStart (a start row), a SpanAtEnd (its final row), a tuple (a message: its span's snapshot,
+# attributes, time), a dict (a row), or _RETRY.
 _RETRY = "retry"
 # Rows waiting for their run/session row are tried again this often (and on every flush).
 HELD_RECHECK_SECONDS = 1.0
@@ -91,7 +92,7 @@ def default_spill_path(engine: Engine) -> Path:
     return Path.cwd() / "otel_cmbagent.spill.jsonl"
 
 
-def _drained_row(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _drained_row(row: dict[str, Any]) -> dict[str, Any] | str:
     """A row read back from the overflow file, queued as a row (or the retry marker it was)."""
     return row_from_json(row) if "id" in row else _RETRY
 
@@ -184,13 +185,13 @@ class SQLEventSink(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         try:
             self._open_spans.discard(span.get_span_context().span_id)
-            self._worker.put(span)  # an ended span no longer changes
+            self._worker.put(span_at_end(span))  # plain values: a queued ReadableSpan keeps the collector busy
         except Exception as exc:  # noqa: BLE001
             log_internal_error("SQLEventSink.on_end", exc)
 
     def _on_message(self, span: Any, attributes: Mapping[str, Any], timestamp_ns: int) -> None:
-        if span.get_span_context().span_id in self._open_spans:
-            self._worker.put(message_row(span, attributes, timestamp_ns, capture_content=self.capture_content))
+        if span.get_span_context().span_id in self._open_spans:  # the row is built on the worker, from copies
+            self._worker.put((snapshot(span), dict(attributes), timestamp_ns))
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         """Write everything queued (and retry held rows); False if some rows are still held or it timed out."""
@@ -269,16 +270,16 @@ class SQLEventSink(SpanProcessor):
         A span that starts and ends within one batch is written once, completed, at its
         start position (parents stay before children: foreign keys on parent_event_id hold).
         """
-        ends = {item.get_span_context().span_id: item for item in items if not isinstance(item, (dict, str, SpanAtStart))}
+        ends = {item.span_id: item for item in items if type(item) is SpanAtEnd}
         written: set[int] = set()
         rows: list[dict[str, Any]] = self._take_held(_RETRY in items)
         for item in items:
-            if isinstance(item, dict):
-                rows.append(item)
+            if type(item) is tuple or isinstance(item, dict):
+                rows.append(self._row_of(item))
                 continue
             if item is _RETRY:
                 continue
-            span_id = item.get_span_context().span_id
+            span_id = item.span_id
             if span_id in written:
                 continue
             ended = ends.get(span_id)
@@ -293,9 +294,11 @@ class SQLEventSink(SpanProcessor):
         """The row of a queued item (on the worker; on the agent's thread for an item that overflows)."""
         if isinstance(item, dict):
             return item
+        if type(item) is tuple:
+            return message_row(*item, capture_content=self.capture_content)
         if item is _RETRY:
             return {_RETRY: True}  # not a row: read back as the marker it is
-        if not isinstance(item, SpanAtStart):
+        if type(item) is SpanAtEnd:
             return span_row(item, ended=True, capture_content=self.capture_content)
         row = span_row(item, ended=False, capture_content=self.capture_content)
         row["meta"][WRITER_KEY] = this_writer()  # readers tell a dead writer's rows from live ones

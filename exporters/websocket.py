@@ -39,7 +39,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from otel_cmbagent.pipeline.listeners import add_message_listener, remove_message_listener
 from otel_cmbagent.pipeline.values import log_internal_error
 from otel_cmbagent.table.envelope import DATA_FIELDS, EVENT_CAPTURED, envelope, event_data
-from otel_cmbagent.table.rows import message_row, snapshot, span_row
+from otel_cmbagent.table.rows import message_row, snapshot, span_at_end, span_row
 
 from .worker import SHUTDOWN_TIMEOUT_ENV, BackgroundWorker, is_coroutine_callable, shutdown_timeout
 
@@ -156,7 +156,7 @@ class WebsocketCallbackProcessor(SpanProcessor):
                 if key not in self._open:
                     return  # started before this processor was added (or after it was shut down)
                 self._open.discard(key)
-            self._worker.put((_KIND_END, span, None, None))  # an ended span no longer changes
+            self._worker.put((_KIND_END, span_at_end(span), None, None))  # plain values, shared with the other sinks
         except Exception as exc:  # noqa: BLE001
             log_internal_error("WebsocketCallbackProcessor.on_end", exc)
 

@@ -134,3 +134,16 @@ def table_rows(engine, table="execution_events", where="") -> list[dict]:
     with engine.connect() as connection:
         result = connection.execute(sa.text(f"select * from {table} {where} order by execution_order"))
         return [dict(row._mapping) for row in result]
+
+
+def tracked_objects_per_span(tracer, count: int, attributes: dict) -> float:
+    """How many more objects the garbage collector tracks per span started and ended with ``tracer`` (what the
+    sinks still hold of them: their queues' items), counted with ``gc.get_objects()``."""
+    import gc
+
+    gc.collect()
+    before = len(gc.get_objects())
+    for _ in range(count):
+        tracer.start_span("execute_tool add", attributes=attributes).end()
+    gc.collect()
+    return (len(gc.get_objects()) - before) / count

@@ -1,0 +1,108 @@
+"""The ended-span record the SQL sink and the OTLP processor queue (issue 14 item 3): rows and OTLP bytes built
+from it equal those built from the SDK's own ``ReadableSpan``; a queued span costs the collector one object.
+
+Spans come from a real SDK provider with the sequencer (failed, interrupted, with events, links, a trace state,
+AG2 1.x's scope); OTLP goes to a real receiver on loopback.
+"""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Link, SpanContext, Status, StatusCode, TraceFlags, TraceState
+
+import otel_cmbagent as oc
+from otel_cmbagent.exporters.otlp import otlp_span_processor
+from otel_cmbagent.pipeline import semconv
+from otel_cmbagent.table.rows import SpanAtEnd, span_row
+from services.otlp_receiver import OTLPHTTPReceiver
+from sinks_util import tracked_objects_per_span
+
+TOOL = {"cmbagent.event_type": "tool_call", "gen_ai.tool.name": "add", "gen_ai.agent.name": "engineer",
+        "gen_ai.tool.call.arguments": '{"a": 1}', "gen_ai.tool.call.result": "2", "tags": ("x", "y")}
+LLM = {"cmbagent.event_type": "llm_call", "gen_ai.agent.name": "engineer", "gen_ai.usage.input_tokens": 12,
+       "gen_ai.usage.output_tokens": 3, "gen_ai.usage.cost": 0.25,
+       "gen_ai.input.messages": '[{"role": "user", "parts": [{"type": "text", "content": "a"}]}, '
+                                '{"role": "user", "parts": [{"type": "text", "content": "b"}]}]'}
+
+
+def ended_spans(limits: SpanLimits | None = None) -> list:
+    """Every kind of ended span a sink meets, as the SDK hands them to ``on_end``."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(span_limits=limits)
+    provider.add_span_processor(oc.SequencingSpanProcessor())
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer, ag2x = provider.get_tracer("bench"), provider.get_tracer(semconv.AG2X_SCOPE)
+    remote = SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED),
+                         trace_state=TraceState([("vendor", "value")]))
+    with tracer.start_as_current_span("run", attributes={"cmbagent.event_type": "run"},
+                                      context=trace.set_span_in_context(trace.NonRecordingSpan(remote))):
+        tracer.start_span("execute_tool add", attributes=TOOL).end()
+        failed = tracer.start_span("execute_tool add", attributes=TOOL, links=[Link(remote, {"why": "retry"})])
+        failed.record_exception(ValueError("boom"))
+        failed.set_status(Status(StatusCode.ERROR, "ValueError: boom"))
+        failed.end()
+        interrupted = tracer.start_span("invoke_agent engineer", attributes={"cmbagent.event_type": "agent_call"})
+        interrupted.add_event(semconv.MESSAGE_EVENT_NAME, {"cmbagent.message.content": "hello", "n": 1})
+        interrupted.set_attribute(semconv.INTERRUPTED, "SIGTERM")
+        interrupted.set_status(Status(StatusCode.ERROR, "interrupted by SIGTERM"))
+        interrupted.end()
+        with ag2x.start_as_current_span("chat gpt", attributes=LLM) as chat:
+            chat.set_status(Status(StatusCode.OK))
+    return list(memory.get_finished_spans())
+
+
+@pytest.mark.parametrize("capture_content", [True, False])
+def test_rows_from_the_end_record_equal_the_spans_own(capture_content):
+    spans = ended_spans()
+    assert len(spans) == 5
+    for span in spans:
+        record = SpanAtEnd(span)
+        assert span_row(record, ended=True, capture_content=capture_content) == span_row(
+            span, ended=True, capture_content=capture_content), span.name
+
+
+def test_the_otlp_bytes_of_the_end_record_equal_the_spans_own():
+    spans = ended_spans()
+    for span in spans:
+        record = SpanAtEnd(span)
+        assert not record.dropped
+        assert encode_spans([record.readable()]).SerializeToString() == encode_spans([span]).SerializeToString()
+    limited = [span for span in ended_spans(SpanLimits(max_attributes=3)) if span.dropped_attributes]
+    assert limited and all(SpanAtEnd(span).dropped for span in limited)  # these are exported as the SDK's own
+
+
+def test_queued_otlp_spans_hold_one_object_each_and_all_arrive_complete():
+    """The OTLP queue holds the end records (the SDK's ``ReadableSpan``: ~12 tracked objects each), and every
+    span reaches a real receiver with its attributes, events, links and status."""
+    count = 1_000
+    with OTLPHTTPReceiver() as receiver:
+        provider = TracerProvider()
+        provider.add_span_processor(oc.SequencingSpanProcessor())
+        processor = otlp_span_processor(endpoint=receiver.endpoint, capture_content=True,
+                                        schedule_delay_millis=600_000)  # nothing leaves before force_flush
+        provider.add_span_processor(processor)
+        tracer = provider.get_tracer("queued")
+        with tracer.start_as_current_span("run"):
+            tracer.start_span("first", attributes=TOOL).end()
+            tracked_per_span = tracked_objects_per_span(tracer, count, TOOL)
+            expected = ended_spans()
+            for span in expected:
+                processor.on_end(span)
+        assert provider.force_flush(60_000)
+        received = receiver.wait_for(count + 2 + len(expected))
+        provider.shutdown()
+    assert tracked_per_span <= 1.5, tracked_per_span
+    assert processor.stats == {"dropped": 0, "exported": count + 2 + len(expected), "failed": 0, "rejected": 0}
+    by_id = {span["span_id"]: span for span in received}
+    for span in expected:
+        got = by_id[f"{span.context.span_id:016x}"]
+        assert got["attributes"] == {key: list(v) if isinstance(v, tuple) else v for key, v in span.attributes.items()}
+        assert [(e["name"], e["attributes"]) for e in got["events"]] == [(e.name, dict(e.attributes)) for e in span.events]
+        assert [(link["span_id"], link["attributes"]) for link in got["links"]] == [
+            (f"{link.context.span_id:016x}", dict(link.attributes)) for link in span.links]
+        assert (got["status_code"], got["status_message"] or None) == (span.status.status_code.name, span.status.description)
