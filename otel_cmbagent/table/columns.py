@@ -29,8 +29,8 @@ from sqlalchemy.engine import Engine
 from ..pipeline import semconv
 from .encoding import decode_row
 from .liveness import mark_interrupted
-from .reading import RunNotFoundError, StoreError, TableShape, describe, first_line, json_text, shape, keyed_by_run_id
-from .schema import MESSAGE_EVENT_TYPE, MESSAGE_KIND, STATUS_COMPLETED, STATUS_RUNNING, SUBTYPE_MESSAGE
+from .reading import RunNotFoundError, TableShape, as_jsonb, describe, execute, json_text, keyed_by_run_id, shape
+from .schema import MESSAGE_KIND, STATUS_COMPLETED, STATUS_RUNNING, is_message_column
 
 MAX_DETAIL_MESSAGES = 300  # messages sent during a span returned with its details (the page lists as many)
 _USAGE_KEYS = (semconv.GEN_AI_USAGE_INPUT_TOKENS, semconv.GEN_AI_USAGE_OUTPUT_TOKENS, semconv.GEN_AI_USAGE_COST)
@@ -64,9 +64,8 @@ def _json_value(engine: Engine, column: Any, key: str) -> Any:
     if column is None:
         return sa.null()
     if engine.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import JSONB  # imported here: the CLI starts 0.2 s faster
-
-        return sa.cast(column, JSONB).op("->", return_type=JSONB)(sa.literal(key, sa.Text))
+        document = as_jsonb(column)
+        return document.op("->", return_type=document.type)(sa.literal(key, sa.Text))
     return sa.func.json_extract(column, f'$."{key}"')
 
 
@@ -94,7 +93,7 @@ def _rows(engine: Engine, table_shape: TableShape, in_run: Callable[[Any], Any],
     """The run's rows in order, every value as the page shows it (a subquery the aggregates read; on PostgreSQL
     with its position, which ``json_agg`` orders by)."""
     e = table_shape.table.alias("e")
-    message = sa.and_(e.c.event_type == MESSAGE_EVENT_TYPE, e.c.event_subtype == SUBTYPE_MESSAGE)
+    message = is_message_column(e.c)
     status = sa.func.coalesce(_text(e.c.status), STATUS_COMPLETED) if table_shape.has_status \
         else sa.literal(STATUS_COMPLETED)
     meta = e.c[table_shape.meta.name] if table_shape.meta is not None else None
@@ -186,12 +185,7 @@ def run_columns_json(engine: Engine, run_key: str, *, table: str | sa.Table | No
     """A resolved run's rows in ``execution_order`` as columns (the module docstring's JSON text); rows still
     ``running`` whose writer is gone come out ``interrupted``, as in ``store.run_events``."""
     table_shape = shape(engine, table)
-    try:
-        with engine.connect() as connection:
-            count, base, trace_id, running, usage, *arrays = connection.execute(
-                _statement(engine, table_shape, run_key)).one()
-    except sa.exc.SQLAlchemyError as exc:
-        raise StoreError(f"cannot read {describe(engine)}: {first_line(exc)}") from None
+    (count, base, trace_id, running, usage, *arrays), = execute(engine, _statement(engine, table_shape, run_key))
     columns = {name: _text_of(value) for name, value in zip(COLUMN_NAMES, arrays)}
     if running and running != "[]":
         _patch_interrupted(engine, table_shape, columns, base or 0, json.loads(_text_of(running)))
@@ -221,26 +215,16 @@ def event_details(engine: Engine, event_id: str, *, table: str | sa.Table | None
     found = _decoded(engine, sa.select(table_shape.table).where(c.id == event_id))
     if not found:
         raise RunNotFoundError(f"no event {event_id!r} in {describe(engine)}", event_id)
-    is_message = sa.and_(c.event_type == MESSAGE_EVENT_TYPE, c.event_subtype == SUBTYPE_MESSAGE)
+    is_message = is_message_column(c)
     children = sa.select(table_shape.table).where(c.parent_event_id == event_id, is_message)
     messages = _decoded(engine, table_shape.ordered(children).limit(MAX_DETAIL_MESSAGES))
     mark_interrupted(engine, found, table=table_shape.table)
     count = len(messages)
     if count == MAX_DETAIL_MESSAGES:
         counting = sa.select(sa.func.count()).where(c.parent_event_id == event_id, is_message)
-        count = int(_scalar(engine, counting))
+        count = int(execute(engine, counting)[0][0])
     return {"event": found[0], "messages": messages, "message_count": count}
 
 
 def _decoded(engine: Engine, statement: Any) -> list[dict[str, Any]]:
-    try:
-        with engine.connect() as connection:
-            rows = [decode_row(row._mapping) for row in connection.execute(statement)]
-    except sa.exc.SQLAlchemyError as exc:
-        raise StoreError(f"cannot read {describe(engine)}: {first_line(exc)}") from None
-    return rows
-
-
-def _scalar(engine: Engine, statement: Any) -> Any:
-    with engine.connect() as connection:
-        return connection.execute(statement).scalar()
+    return [decode_row(row._mapping) for row in execute(engine, statement)]

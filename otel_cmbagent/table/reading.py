@@ -121,15 +121,20 @@ def execute(engine: Engine, statement: Any) -> list[Any]:
         raise StoreError(f"cannot read {describe(engine)}: {first_line(exc)}") from None
 
 
+def as_jsonb(column: Any) -> Any:
+    """``column`` cast to PostgreSQL's ``jsonb``."""
+    from sqlalchemy.dialects.postgresql import JSONB  # imported here: the CLI starts 0.2 s faster
+
+    return sa.cast(column, JSONB)
+
+
 def json_text(engine: Engine, column: Any, key: str, when: Any = None) -> Any:
     """``column[key]`` as text, extracted by the database (``json_extract`` / ``->>``; only for rows matching
     ``when``; ``NULL`` without the column): decoding a 100,000-row run's JSON in Python takes seconds."""
     if column is None:
         return sa.null()
     if engine.dialect.name == "postgresql" and not isinstance(column.type, sa.JSON):  # e.g. text: as jsonb
-        from sqlalchemy.dialects.postgresql import JSONB  # imported here: the CLI starts 0.2 s faster
-
-        column = sa.cast(column, JSONB)
+        column = as_jsonb(column)
     value = sa.type_coerce(column, sa.JSON)[key].as_string()
     return value if when is None else sa.case((when, value), else_=sa.null())
 

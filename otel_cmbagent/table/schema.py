@@ -142,20 +142,21 @@ def unknown_kinds(kinds: Iterable[str]) -> list[str]:
 
 
 # --- the same in SQL ----------------------------------------------------------------------------------
-def _is_message(columns: Any) -> Any:
+def is_message_column(columns: Any) -> Any:
+    """:func:`is_message` in SQL: cmbagent's message rows."""
     return sa.and_(columns.event_type == MESSAGE_EVENT_TYPE, columns.event_subtype == SUBTYPE_MESSAGE)
 
 
 def kind_column(columns: Any) -> Any:
     """:func:`row_kind` in SQL: ``message`` for cmbagent's message rows, else the row's event_type."""
-    return sa.case((_is_message(columns), sa.literal(MESSAGE_KIND)), else_=columns.event_type)
+    return sa.case((is_message_column(columns), sa.literal(MESSAGE_KIND)), else_=columns.event_type)
 
 
 def kinds_condition(columns: Any, kinds: Iterable[str]) -> Any:
     """Rows of these kinds (``message`` = message rows; ``agent_call`` = agent calls that are not messages)."""
     wanted = set(kinds)
-    conditions = [_is_message(columns)] if MESSAGE_KIND in wanted else []
+    conditions = [is_message_column(columns)] if MESSAGE_KIND in wanted else []
     types = sorted(wanted - {MESSAGE_KIND})
     if types:
-        conditions.append(sa.and_(columns.event_type.in_(types), sa.not_(_is_message(columns))))
+        conditions.append(sa.and_(columns.event_type.in_(types), sa.not_(is_message_column(columns))))
     return sa.or_(*conditions) if conditions else sa.false()
