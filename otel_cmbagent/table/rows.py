@@ -94,8 +94,9 @@ class SpanAtStart:
     events: tuple[Any, ...] = ()
     links: tuple[Any, ...] = ()
 
-    def __init__(self, span: Any) -> None:
-        context = span.get_span_context()
+    def __init__(self, span: Any, context: Any = None) -> None:
+        if context is None:
+            context = span.get_span_context()
         self.name = span.name
         self.trace_id = context.trace_id
         self.span_id = context.span_id
@@ -136,11 +137,12 @@ class SpanAtEnd(SpanAtStart):
     __slots__ = ("end_time", "trace_flags", "trace_state", "events", "links", "dropped")
 
     def __init__(self, span: Any) -> None:
-        super().__init__(span)
-        status = span.status
-        self.status = status if status.description else _PLAIN_STATUS.get(status.status_code, status)
-        self.end_time = span.end_time
         context = span.get_span_context()
+        super().__init__(span, context)
+        status = self.status
+        if not status.description:
+            self.status = _PLAIN_STATUS.get(status.status_code, status)
+        self.end_time = span.end_time
         self.trace_flags = int(context.trace_flags)
         self.trace_state = context.trace_state  # shared: the parent's, or the SDK's empty one
         self.events = _items(span, "_events", "events")
