@@ -14,7 +14,7 @@ from typing import Any, Callable
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.trace import Link, Status
+from opentelemetry.trace import Link, Status, TraceFlags
 
 from otel_cmbagent.pipeline.config import CAPTURE_CONTENT_ENV, parse_bool_env
 from otel_cmbagent.pipeline.semconv import CONTENT_ATTRIBUTES
@@ -293,25 +293,34 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
         super().__init__(exporter, **kwargs)
         self.shutdown_timeout = shutdown_timeout(shutdown_timeout_millis)
         self.dropped = 0
-        # Our exporter takes span records (SpanAtEnd: far fewer objects for the collector while queued); the SDK's
-        # queue is fed directly (``_batch_processor.emit``, opentelemetry-sdk 1.45.x), the public path otherwise.
-        emit = getattr(getattr(self, "_batch_processor", None), "emit", None)
-        self._emit_record = emit if callable(emit) and isinstance(exporter, ContentPolicyExporter) else None
+        # Our exporter takes span records (SpanAtEnd: far fewer objects for the collector while queued), put on the
+        # SDK's queue the way ``_batch_processor.emit`` does (opentelemetry-sdk 1.45.x; the public path otherwise)
+        # minus its per-span ``os.getpid()`` system call: the SDK re-creates the queue's worker after a fork itself.
+        batch = getattr(self, "_batch_processor", None)
+        internals = ("_queue", "_shutdown", "_max_queue_size", "_max_export_batch_size", "_worker_awaken")
+        self._batch = batch if all(hasattr(batch, name) for name in internals) else None
+        self._records = self._batch is not None and isinstance(exporter, ContentPolicyExporter)
 
     def on_end(self, span: ReadableSpan) -> None:
-        batch = getattr(self, "_batch_processor", None)
-        queue = getattr(batch, "_queue", None)
-        if getattr(batch, "_shutdown", False):
+        batch = self._batch
+        if batch is None:
+            super().on_end(span)
+            return
+        if batch._shutdown:
             self._count_dropped(1, "after shutdown")
             return
-        if queue is not None and len(queue) >= getattr(batch, "_max_queue_size", float("inf")):
-            self._count_dropped(1, "queue full")
-        emit = self._emit_record
-        if emit is None or not span.context.trace_flags.sampled:
+        queue = batch._queue
+        if len(queue) >= batch._max_queue_size:
+            self._count_dropped(1, "queue full")  # appendleft drops the oldest
+        if not self._records:
             super().on_end(span)
             return
         record = span_at_end(span)
-        emit(span if record.dropped else record)  # the SDK's own span knows what its limits dropped
+        if not record.trace_flags & TraceFlags.SAMPLED:
+            return
+        queue.appendleft(span if record.dropped else record)  # the SDK's own span knows what its limits dropped
+        if len(queue) >= batch._max_export_batch_size and not batch._worker_awaken.is_set():
+            batch._worker_awaken.set()
 
     def _count_dropped(self, count: int, why: str) -> None:
         first = self.dropped == 0

@@ -175,17 +175,21 @@ class SQLEventSink(SpanProcessor):
     # --- SpanProcessor --------------------------------------------------------
     def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
         try:
-            self._open_spans.add(span.get_span_context().span_id)
             if self.write_on_start:
                 # Only a frozen copy here: rows are built on the worker thread, off the agent's path.
-                self._worker.put(snapshot(span))
+                record = snapshot(span)
+                self._open_spans.add(record.span_id)
+                self._worker.put(record)
+            else:
+                self._open_spans.add(span.get_span_context().span_id)
         except Exception as exc:  # noqa: BLE001
             log_internal_error("SQLEventSink.on_start", exc)
 
     def on_end(self, span: ReadableSpan) -> None:
         try:
-            self._open_spans.discard(span.get_span_context().span_id)
-            self._worker.put(span_at_end(span))  # plain values: a queued ReadableSpan keeps the collector busy
+            record = span_at_end(span)  # plain values: a queued ReadableSpan keeps the collector busy
+            self._open_spans.discard(record.span_id)
+            self._worker.put(record)
         except Exception as exc:  # noqa: BLE001
             log_internal_error("SQLEventSink.on_end", exc)
 

@@ -250,7 +250,7 @@ def test_hook_error_is_swallowed_and_logged_once(tracer, memory_exporter, monkey
     def broken_identity(*args, **kwargs):
         raise InjectedFault("boom")
 
-    monkeypatch.setattr(oc_processor, "current_identity", broken_identity)
+    monkeypatch.setattr(oc_processor, "_write_attributes", broken_identity)
     monkeypatch.setattr(log_internal_error, "_seen", set())  # forget kinds logged by earlier tests
     caplog.set_level(logging.WARNING, logger="otel_cmbagent")
 

@@ -7,10 +7,12 @@ AG2 1.x's scope); OTLP goes to a real receiver on loopback.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, SpanContext, Status, StatusCode, TraceFlags, TraceState
@@ -18,7 +20,7 @@ from opentelemetry.trace import Link, SpanContext, Status, StatusCode, TraceFlag
 import otel_cmbagent as oc
 from otel_cmbagent.exporters.otlp import otlp_span_processor
 from otel_cmbagent.pipeline import semconv
-from otel_cmbagent.table.rows import SpanAtEnd, span_row
+from otel_cmbagent.table.rows import SpanAtEnd, SpanAtStart, span_row
 from services.otlp_receiver import OTLPHTTPReceiver
 from sinks_util import tracked_objects_per_span
 
@@ -74,6 +76,39 @@ def test_the_otlp_bytes_of_the_end_record_equal_the_spans_own():
         assert encode_spans([record.readable()]).SerializeToString() == encode_spans([span]).SerializeToString()
     limited = [span for span in ended_spans(SpanLimits(max_attributes=3)) if span.dropped_attributes]
     assert limited and all(SpanAtEnd(span).dropped for span in limited)  # these are exported as the SDK's own
+
+
+def _read_through_properties(span):
+    """The same span as an object of another class: the records read it through the public properties."""
+    other = copy.copy(span)
+    other.__class__ = type("Other" + type(span).__name__, (type(span),), {})
+    return other
+
+
+def _fields(record) -> dict:
+    return {name: getattr(record, name) for cls in type(record).__mro__ for name in getattr(cls, "__slots__", ())}
+
+
+def test_the_sdks_spans_read_directly_give_the_records_the_public_properties_give():
+    """The SDK's spans are read through their private fields (fast); any other span through its properties."""
+    for span in ended_spans() + [span for span in ended_spans(SpanLimits(max_attributes=3))]:
+        assert _fields(SpanAtEnd(span)) == _fields(SpanAtEnd(_read_through_properties(span))), span.name
+    started = []
+
+    class Snapshots(SpanProcessor):
+        def on_start(self, span, parent_context=None):
+            started.append((SpanAtStart(span), SpanAtStart(_read_through_properties(span))))
+
+    provider = TracerProvider()
+    provider.add_span_processor(oc.SequencingSpanProcessor())
+    provider.add_span_processor(Snapshots())
+    tracer = provider.get_tracer("snapshots")
+    with tracer.start_as_current_span("run", attributes={"cmbagent.event_type": "run"}):
+        tracer.start_span("execute_tool add", attributes=TOOL, kind=trace.SpanKind.CLIENT).end()
+    assert len(started) == 2
+    for fast, public in started:
+        assert _fields(fast) == _fields(public)
+    assert started[1][0].attributes[semconv.DEPTH] == 1 and started[1][0].parent is not None
 
 
 def test_queued_otlp_spans_hold_one_object_each_and_all_arrive_complete():

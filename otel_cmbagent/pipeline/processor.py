@@ -9,9 +9,11 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.sdk.trace import _Span as _SDKSpan  # the SDK's own span class (its parent read directly)
+from opentelemetry.trace.propagation import _SPAN_KEY  # the API's key of the context's span
 
 from . import semconv
-from .context import OrderSequence, current_identity
+from .context import _IDENTITY_KEY, OrderSequence, current_identity
 from .values import log_internal_error
 
 _trace_sequences: dict[int, OrderSequence] = {}
@@ -89,6 +91,16 @@ def _depth_below(parent: Any, span: Span) -> int:
     return parent_depth + 1 if isinstance(parent_depth, int) else 0
 
 
+def _depth_under(parent: Any) -> int:
+    """The depth below ``parent``, the context's span a span of the SDK started under (same trace: the SDK made
+    the new span its child)."""
+    parent_attributes = getattr(getattr(parent, "_attributes", None), "_dict", None)
+    if parent_attributes is None:
+        parent_attributes = _raw_attributes(parent)
+    parent_depth = parent_attributes.get(semconv.DEPTH) if parent_attributes is not None else None
+    return parent_depth + 1 if isinstance(parent_depth, int) else 0
+
+
 def _write_attributes(span: Span, identity: dict[str, Any] | None, order: int, depth: int) -> None:
     """Set our (already valid) attributes on a span that only this thread holds yet.
 
@@ -122,7 +134,7 @@ class SequencingSpanProcessor(SpanProcessor):
     def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
         try:
             ctx = parent_context if parent_context is not None else otel_context.get_current()
-            identity = current_identity(ctx)
+            identity = ctx.get(_IDENTITY_KEY)
             own = _raw_attributes(span)
             if identity is not None and identity.sequence is not None:
                 order = identity.sequence.next()
@@ -130,6 +142,8 @@ class SequencingSpanProcessor(SpanProcessor):
                 order = _trace_sequence_start(span.get_span_context().trace_id).next()
             if own is not None and own.get(semconv.EVENT_TYPE) == semconv.EVENT_RUN:
                 depth = 0
+            elif type(span) is _SDKSpan:  # the SDK's span: its parent is in the context it started in, or none
+                depth = _depth_under(ctx.get(_SPAN_KEY)) if span._parent is not None else 0
             else:
                 depth = _depth_below(trace.get_current_span(ctx), span)
             _write_attributes(span, identity.span_attributes if identity is not None else None, order, depth)
