@@ -40,6 +40,7 @@ class TableWriter:
         self.guard = ForeignKeyGuard(table, self.meta_column)
         self.side = SideTables(table)
         self.fit = TableFit(table, engine.dialect, self.meta_column)
+        self._statements: dict[tuple[str, frozenset[str]], Any] = {}
 
     def to_table(self, row: Mapping[str, Any]) -> dict[str, Any] | None:
         out: dict[str, Any] = {}
@@ -87,12 +88,11 @@ class TableWriter:
         self.guard.confirm(ready)
         return len(ready), [row for row, _ in held]
 
-    def _upsert(self, connection: sa.Connection, rows: list[dict[str, Any]]) -> None:
-        # executemany needs one key set: fill the gaps with None
-        keys = set().union(*(row.keys() for row in rows))
-        rows = [{key: row.get(key) for key in keys} for row in rows]
-        dialect = connection.dialect.name
-        if dialect in ("sqlite", "postgresql"):
+    def _upsert_statement(self, dialect: str, keys: frozenset[str]) -> Any:
+        """The upsert of rows with ``keys``, built once: building one took ~0.4 ms and its first execution ~0.6 ms
+        more (SQLAlchemy's cache key), against ~25 µs to execute one already built (measured here, SQLite)."""
+        statement = self._statements.get((dialect, keys))
+        if statement is None:
             module = sa.dialects.sqlite if dialect == "sqlite" else sa.dialects.postgresql
             statement = module.insert(self.table)
             # A final row replaces whatever is there; a running row never overwrites anything
@@ -100,10 +100,21 @@ class TableWriter:
             only_final = statement.excluded.status != STATUS_RUNNING if "status" in self.columns else None
             statement = statement.on_conflict_do_update(
                 index_elements=[self.table.c.id],
-                set_={key: statement.excluded[key] for key in keys if key != "id"},
+                set_={key: statement.excluded[key] for key in sorted(keys) if key != "id"},
                 where=only_final,
             )
-            connection.execute(statement, rows)
+            if len(self._statements) >= 64:  # key sets are few (a handful per table); never unbounded
+                self._statements.clear()
+            self._statements[dialect, keys] = statement
+        return statement
+
+    def _upsert(self, connection: sa.Connection, rows: list[dict[str, Any]]) -> None:
+        # executemany needs one key set: fill the gaps with None
+        keys = set().union(*(row.keys() for row in rows))
+        rows = [{key: row.get(key) for key in keys} for row in rows]
+        dialect = connection.dialect.name
+        if dialect in ("sqlite", "postgresql"):
+            connection.execute(self._upsert_statement(dialect, frozenset(keys)), rows)
             return
         ids = [row["id"] for row in rows]
         existing = {r[0] for r in connection.execute(sa.select(self.table.c.id).where(self.table.c.id.in_(ids)))}

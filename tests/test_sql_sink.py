@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import uuid
+from datetime import datetime, timezone
 
 import pytest
 import sqlalchemy as sa
@@ -14,6 +15,7 @@ import otel_cmbagent as oc
 from otel_cmbagent.table.rows import event_id
 from otel_cmbagent.table.schema import is_message, row_kind
 from otel_cmbagent.exporters.sql import SQLEventSink, execution_events_table, make_engine, replay
+from otel_cmbagent.exporters.table_writer import TableWriter
 from sinks_util import PausedRun, scripted_run, table_rows
 
 from conftest import FAKE_KEY
@@ -97,6 +99,24 @@ def test_late_start_row_never_overwrites_a_completed_row(tmp_path, tracer_provid
     sink.force_flush()
     assert [r["status"] for r in table_rows(engine)] == ["completed"]
     sink.shutdown()
+
+
+def test_batches_of_different_columns_each_upsert_what_they_carry(tmp_path):
+    """The upsert statement is built once per set of columns (and reused): a batch never takes another batch's."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'columns.db'}")
+    table = execution_events_table()
+    table.metadata.create_all(engine)
+    writer = TableWriter(engine, table)
+    base = {"event_type": "tool_call", "timestamp": datetime.now(timezone.utc), "execution_order": 1, "depth": 0}
+    running = {**base, "id": "a", "status": "running"}
+    final = {**base, "id": "a", "status": "completed", "agent_name": "engineer", "duration_ms": 5}
+    other = {**base, "id": "b", "status": "completed", "error_message": "boom"}
+    for batch in ([running], [final], [running], [other], [final, other]):
+        writer.write(batch)
+    rows = {row["id"]: row for row in table_rows(engine)}
+    assert (rows["a"]["status"], rows["a"]["agent_name"], rows["a"]["duration_ms"]) == ("completed", "engineer", 5)
+    assert (rows["b"]["status"], rows["b"]["error_message"], rows["b"]["agent_name"]) == ("completed", "boom", None)
+    assert len(writer._statements) == 4  # running/final/other/final+other: built once each, reused after
 
 
 def test_failing_database_spills_and_replay_restores_everything(tmp_path, tracer_provider, scripted_llm):
