@@ -20,6 +20,8 @@ from opentelemetry.trace import Link, SpanContext, Status, StatusCode, TraceFlag
 import otel_cmbagent as oc
 from otel_cmbagent.exporters.otlp import otlp_span_processor
 from otel_cmbagent.pipeline import semconv
+from otel_cmbagent.pipeline import sdk_fields
+from otel_cmbagent.table import rows
 from otel_cmbagent.table.rows import SpanAtEnd, SpanAtStart, span_row
 from services.otlp_receiver import OTLPHTTPReceiver
 from sinks_util import tracked_objects_per_span
@@ -109,6 +111,25 @@ def test_the_sdks_spans_read_directly_give_the_records_the_public_properties_giv
     for fast, public in started:
         assert _fields(fast) == _fields(public)
     assert started[1][0].attributes[semconv.DEPTH] == 1 and started[1][0].parent is not None
+
+
+def test_an_sdk_whose_spans_keep_other_fields_gets_the_public_path(monkeypatch):
+    """The fields are checked once on a probe span; a class without them (or one that cannot be made) is read
+    through its properties, with the same records."""
+    assert sdk_fields.SDK_READABLE_SPAN is not None and sdk_fields.SDK_LIVE_SPAN is not None  # this SDK: fast path
+    assert not sdk_fields.keeps_fields(lambda: ReadableSpanWithout())
+    assert not sdk_fields.keeps_fields(lambda: 1 / 0)
+    spans = ended_spans()
+    fast = [_fields(SpanAtEnd(span)) for span in spans]
+    monkeypatch.setattr(rows, "SDK_READABLE_SPAN", None)
+    assert [_fields(SpanAtEnd(span)) for span in spans] == fast
+
+
+class ReadableSpanWithout:
+    """A span class of another SDK: its fields have other names."""
+
+    def __init__(self) -> None:
+        self.name, self._context = "probe", None
 
 
 def test_queued_otlp_spans_hold_one_object_each_and_all_arrive_complete():

@@ -9,11 +9,11 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
-from opentelemetry.sdk.trace import _Span as _SDKSpan  # the SDK's own span class (its parent read directly)
 from opentelemetry.trace.propagation import _SPAN_KEY  # the API's key of the context's span
 
 from . import semconv
 from .context import _IDENTITY_KEY, OrderSequence, current_identity
+from .sdk_fields import SDK_LIVE_SPAN
 from .values import log_internal_error
 
 _trace_sequences: dict[int, OrderSequence] = {}
@@ -142,7 +142,7 @@ class SequencingSpanProcessor(SpanProcessor):
                 order = _trace_sequence_start(span.get_span_context().trace_id).next()
             if own is not None and own.get(semconv.EVENT_TYPE) == semconv.EVENT_RUN:
                 depth = 0
-            elif type(span) is _SDKSpan:  # the SDK's span: its parent is in the context it started in, or none
+            elif type(span) is SDK_LIVE_SPAN:  # the SDK's span: its parent is in the context it started in, or none
                 depth = _depth_under(ctx.get(_SPAN_KEY)) if span._parent is not None else 0
             else:
                 depth = _depth_below(trace.get_current_span(ctx), span)

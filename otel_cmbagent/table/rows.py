@@ -47,11 +47,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace import _Span as _SDKSpan  # the SDK's live span class (fields read directly)
 from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
 
 from ..pipeline import semconv
 from ..pipeline.processor import raw_attributes as _raw_attributes
+from ..pipeline.sdk_fields import SDK_LIVE_SPAN, SDK_READABLE_SPAN
 from .fields import AGENT_ATTRIBUTE, CONTEXT_DEFAULT, IDENTITY, JSON_META, fields_of, parsed, plain
 from .schema import (
     MESSAGE_EVENT_TYPE,
@@ -96,7 +96,7 @@ class SpanAtStart:
     links: tuple[Any, ...] = ()
 
     def __init__(self, span: Any, context: Any = None) -> None:
-        if type(span) is _SDKSpan:  # the SDK's live span: its fields read directly (opentelemetry-sdk 1.45.x)
+        if type(span) is SDK_LIVE_SPAN:  # the SDK's live span: its fields read directly (see pipeline.sdk_fields)
             context = span._context
             self.name = span._name
             self.trace_id = context.trace_id
@@ -151,7 +151,7 @@ class SpanAtEnd(SpanAtStart):
     __slots__ = ("end_time", "trace_flags", "trace_state", "events", "links", "dropped")
 
     def __init__(self, span: Any) -> None:
-        if type(span) is ReadableSpan:  # what the SDK hands on_end: fields read directly, no property per field
+        if type(span) is SDK_READABLE_SPAN:  # what the SDK hands on_end: fields read directly, no property per field
             self._take(span)
             return
         context = span.get_span_context()
@@ -168,9 +168,10 @@ class SpanAtEnd(SpanAtStart):
         self.dropped = bool(span.dropped_attributes or span.dropped_events or span.dropped_links)
 
     def _take(self, span: ReadableSpan) -> None:
-        """The fields of the SDK's own ``ReadableSpan`` (its ``_name``, ``_context``... of opentelemetry-sdk
-        1.45.x; the public path in ``__init__`` reads the same values through properties, ~2× as slow in a burst).
-        The attribute dict is the span's own, not a copy: an ended span takes no more attributes."""
+        """The fields of the SDK's own ``ReadableSpan`` (its ``_name``, ``_context``...: see
+        :mod:`~otel_cmbagent.pipeline.sdk_fields`; the public path in ``__init__`` reads the same values through
+        properties: 1.67 µs against 0.83, warm). The attribute dict is the span's own, not a copy: an ended span
+        takes no more attributes."""
         context = span._context
         bounded, events, links = span._attributes, span._events, span._links
         raw = getattr(bounded, "_dict", bounded)
