@@ -281,8 +281,9 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
 
     Both read the SDK's private batch processor (``_batch_processor._queue``, ``_max_queue_size``, ``_shutdown``,
     ``_worker_thread``; tested on opentelemetry-sdk 1.45.x): the public API neither reports drops nor bounds
-    shutdown. Counting costs ~0.7 µs per span (measured here: 1.99 vs 1.28 µs per ``on_end``). On an SDK without
-    those internals, drops go uncounted and shutdown is the SDK's own.
+    shutdown. With the end record the SQL sink already built, ``on_end`` takes 0.28 µs against the SDK's own 0.57
+    (measured here, warm: no ``os.getpid()`` per span). On an SDK without those internals, drops go uncounted and
+    shutdown is the SDK's own.
     """
 
     def __init__(self, exporter: SpanExporter, *, shutdown_timeout_millis: int | None = None, **kwargs: Any) -> None:
