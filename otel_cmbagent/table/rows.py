@@ -97,17 +97,9 @@ class SpanAtStart:
 
     def __init__(self, span: Any, context: Any = None) -> None:
         if type(span) is SDK_LIVE_SPAN:  # the SDK's live span: its fields read directly (see pipeline.sdk_fields)
-            context = span._context
-            self.name = span._name
-            self.trace_id = context.trace_id
-            self.span_id = context.span_id
-            self.parent = span._parent
-            self.resource = span._resource
+            context = self._read_fields(span)
             self.attributes = dict(_raw_attributes(span) or {})
-            self.kind = span._kind
             self.status = span._status
-            self.start_time = span._start_time
-            self.instrumentation_scope = span._instrumentation_scope
             return
         if context is None:
             context = span.get_span_context()
@@ -121,6 +113,20 @@ class SpanAtStart:
         self.status = span.status
         self.start_time = span.start_time
         self.instrumentation_scope = getattr(span, "instrumentation_scope", None)
+
+
+    def _read_fields(self, span: Any) -> Any:
+        """The fields every record keeps, read off one of the SDK's own spans; returns its context."""
+        context = span._context
+        self.name = span._name
+        self.trace_id = context.trace_id
+        self.span_id = context.span_id
+        self.parent = span._parent
+        self.resource = span._resource
+        self.kind = span._kind
+        self.start_time = span._start_time
+        self.instrumentation_scope = span._instrumentation_scope
+        return context
 
 
 def span_ids(span: Any) -> tuple[int, int]:
@@ -172,21 +178,13 @@ class SpanAtEnd(SpanAtStart):
         :mod:`~otel_cmbagent.pipeline.sdk_fields`; the public path in ``__init__`` reads the same values through
         properties: 1.67 µs against 0.83, warm). The attribute dict is the span's own, not a copy: an ended span
         takes no more attributes."""
-        context = span._context
+        context = self._read_fields(span)
         bounded, events, links = span._attributes, span._events, span._links
         raw = getattr(bounded, "_dict", bounded)
         status = span._status
-        self.name = span._name
-        self.trace_id = context.trace_id
-        self.span_id = context.span_id
-        self.parent = span._parent
-        self.resource = span._resource
         self.attributes = raw if type(raw) is dict else dict(raw or {})
-        self.kind = span._kind
         self.status = status if status.description else _PLAIN_STATUS.get(status.status_code, status)
-        self.start_time = span._start_time
         self.end_time = span._end_time
-        self.instrumentation_scope = span._instrumentation_scope
         self.trace_flags = int(context.trace_flags)
         self.trace_state = context.trace_state
         self.events = tuple(events) if events else ()
