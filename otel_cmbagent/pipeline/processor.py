@@ -92,8 +92,8 @@ def _depth_below(parent: Any, span: Span) -> int:
 
 
 def _depth_under(parent: Any) -> int:
-    """The depth below ``parent``, the context's span a span of the SDK started under (same trace: the SDK made
-    the new span its child)."""
+    """The depth of a child of ``parent``: the span in the context an SDK span started in (the SDK made it the
+    new span's parent, so no check of trace ids as in :func:`_depth_below`)."""
     parent_attributes = getattr(getattr(parent, "_attributes", None), "_dict", None)
     if parent_attributes is None:
         parent_attributes = _raw_attributes(parent)

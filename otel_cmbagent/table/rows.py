@@ -97,7 +97,7 @@ class SpanAtStart:
 
     def __init__(self, span: Any, context: Any = None) -> None:
         if type(span) is SDK_LIVE_SPAN:  # the SDK's live span: its fields read directly (see pipeline.sdk_fields)
-            context = self._read_fields(span)
+            self._read_fields(span)
             self.attributes = dict(_raw_attributes(span) or {})
             self.status = span._status
             return
@@ -113,7 +113,6 @@ class SpanAtStart:
         self.status = span.status
         self.start_time = span.start_time
         self.instrumentation_scope = getattr(span, "instrumentation_scope", None)
-
 
     def _read_fields(self, span: Any) -> Any:
         """The fields every record keeps, read off one of the SDK's own spans; returns its context."""
