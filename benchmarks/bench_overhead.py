@@ -22,7 +22,10 @@ Every ratio is against a baseline measured in the same run; timings are printed,
    With ``--sinks`` two more modes run in the same rounds: "ours+sinks" = ``setup_tracing(sql_url=<SQLite file>,
    otlp=True, capture_content=True)`` (SQL rows written live, OTLP/HTTP to a loopback receiver in another process)
    and "AG2+OTLP" = AG2's own tracing with the SDK's ``BatchSpanProcessor(OTLPSpanExporter)`` to the same receiver:
-   each tracing's full pipeline, the agent's wall time (the sinks write on their threads meanwhile).
+   each tracing's full pipeline, the agent's wall time (the sinks write on their threads meanwhile). 2b also gives
+   med×, the median over rounds of each round's own ratio. ``--paired TURNS --repeats N`` runs only the TURNS-turn
+   chat in those three modes (uninstrumented, both full pipelines), N interleaved rounds, and prints each round's
+   ours − AG2's (part 2c).
 3. Span data size per run (json.dumps of every span attribute value and span event
    attribute value), ours vs AG2-native, and its growth from the shortest to the longest chat.
 """
@@ -333,6 +336,24 @@ def _print_sink_modes(best: dict, paired: dict, workloads: list[str], label: dic
     print()
 
 
+def bench_paired(workload: str, rounds: int, endpoint: str) -> None:
+    """One workload, uninstrumented and both full pipelines, ``rounds`` interleaved rounds: per-mode best and median,
+    and per round ours − AG2's (both ran in that round: the machine's drift cancels)."""
+    modes = ("plain", *SINK_MODES)
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(rounds):
+        for mode in modes:
+            seconds[mode].append(_spawn(mode, [workload], endpoint)[workload]["seconds"])
+    print(f"2c. {workload}, {rounds} interleaved rounds (s; × = the round's own ratio to uninstrumented)")
+    for mode in modes:
+        ratios = [s / p for s, p in zip(seconds[mode], seconds["plain"])]
+        print(f"  {mode:<12} best {min(seconds[mode]):.3f}  median {statistics.median(seconds[mode]):.3f}"
+              f"  median × {statistics.median(ratios):.3f}")
+    differences = [ours - ag2 for ours, ag2 in zip(*(seconds[mode] for mode in SINK_MODES))]
+    print(f"  ours+sinks − ag2+otlp per round: median {statistics.median(differences):+.3f} s; ours no slower in "
+          f"{sum(d <= 0 for d in differences)} of {rounds} rounds\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, one repeat")
@@ -341,6 +362,8 @@ def main() -> None:
     parser.add_argument("--sinks", action="store_true",
                         help="also ours with SQL+OTLP and AG2's own with OTLP (part 2b; a receiver child process)")
     parser.add_argument("--chats-only", action="store_true", help="part 2 (and 3) only")
+    parser.add_argument("--paired", metavar="TURNS", type=int,
+                        help="only the TURNS-turn chat, uninstrumented and both full pipelines, --repeats rounds")
     parser.add_argument("--child", choices=MODES + SINK_MODES, help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", default="", help=argparse.SUPPRESS)
     parser.add_argument("--workloads", help=argparse.SUPPRESS)
@@ -352,6 +375,11 @@ def main() -> None:
     repeats = rounds = args.repeats or (1 if args.quick else 5)
     started = time.perf_counter()
     print(f"otel-cmbagent overhead benchmark (python {sys.version.split()[0]}, {os.cpu_count()} CPUs)\n")
+    if args.paired:
+        with _receiver(True) as endpoint:
+            bench_paired(f"chat{args.paired}", rounds, endpoint)
+        print(f"(total {time.perf_counter() - started:.0f} s)")
+        return
     if not args.chats_only:
         bench_spans(total=2_000 if args.quick else 20_000, repeats=repeats)
     with _receiver(args.sinks) as endpoint:
