@@ -107,6 +107,7 @@ bench: $(AG2)/.ready
 	$(AG2)/bin/python benchmarks/bench_hardening.py
 	$(AG2)/bin/python benchmarks/bench_processes.py
 	$(AG2)/bin/python benchmarks/bench_metrics.py
+	$(AG2)/bin/python benchmarks/bench_instructions.py
 
 clean:
 	rm -rf $(VENV)
