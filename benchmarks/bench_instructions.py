@@ -5,13 +5,14 @@ Run:  .venv/ag2/bin/python benchmarks/bench_instructions.py [--turns 50] [--mode
 Needs valgrind (cachegrind; without it the script says so and measures nothing); at 50 turns each mode takes
 ~4 minutes.
 
-Why: the 50-turn chat's wall time moved ±15% between identical runs on this 2-core machine (host drift), and
-even 60 interleaved in-process rounds left the sign of "ours − AG2's" to chance. An instruction count with
-string hashing fixed repeated to within 0.15% here (15 M of a 10,300 M chat). Each mode runs in its own process
-(as in ``bench_overhead.py``: AG2's own ``instrument_llm_wrapper`` patches for good) twice under
-``valgrind --tool=cachegrind``: a warm-up 2-turn chat only, then the warm-up plus the N-turn chat; the difference
-is what the N-turn chat cost the whole process, on every thread (the agent's, the SQL writer's, the OTLP exporter's; the scripted LLM server's too, alike in every
-mode), flush included. The OTLP receiver runs in another process, uncounted.
+Why: the 50-turn chat's wall time moved ±15% between identical runs on this 2-core machine (host drift), and even
+60 interleaved in-process rounds left the sign of "ours − AG2's" to chance. An instruction count with string
+hashing fixed repeated to within 0.15% here (15 M of a 10,300 M chat). Each mode runs in its own process (as in
+``bench_overhead.py``: AG2's own ``instrument_llm_wrapper`` patches for good) twice under ``valgrind
+--tool=cachegrind``: a warm-up 2-turn chat only, then the warm-up plus the N-turn chat; the difference is what the
+N-turn chat cost the whole process, on every thread (the agent's, the SQL writer's, the OTLP exporter's; the
+scripted LLM server's too, alike in every mode), flush included. The OTLP receiver runs in another process,
+uncounted.
 
 The modes are ``bench_overhead.py``'s: "plain" (uninstrumented), "ours+sinks" (``setup_tracing`` with a SQLite
 file and OTLP/HTTP, content captured) and "ag2+otlp" (AG2's own ``autogen.opentelemetry`` with the SDK's
