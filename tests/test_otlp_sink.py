@@ -19,10 +19,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_cmbagent as oc
-from otel_cmbagent.exporters.otlp import otlp_span_processor
+from otel_cmbagent.exporters.otlp import otlp_span_processor, prepare_span
 from otel_cmbagent.testing import ScriptedLLM
 from services.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
 from sinks_util import poisoned_and_innocent_runs
+from test_span_records import ended_spans
 
 pytestmark = pytest.mark.usefixtures("chats_cwd")
 
@@ -135,3 +136,14 @@ def test_shutdown_with_an_endpoint_that_never_answers_is_bounded(monkeypatch, ca
         assert "after 0.3 s" in logged[0]  # the configured bound, not the exporter's 600 s nor the SDK's 30 s
     finally:
         endpoint.close()
+
+
+def test_a_span_with_nothing_to_clean_is_exported_as_it_is():
+    """No copy of a span whose values are already encodable (the common case): the SDK's properties return a new
+    view per access, which made every span look changed and be rebuilt."""
+    for span in ended_spans():
+        assert prepare_span(span, strip_content=False) is span, span.name
+    tool = next(span for span in ended_spans() if "gen_ai.tool.call.arguments" in span.attributes)
+    stripped = prepare_span(tool, strip_content=True)
+    assert stripped is not tool and "gen_ai.tool.call.arguments" not in stripped.attributes
+    assert stripped.attributes["gen_ai.tool.name"] == "add"
