@@ -21,6 +21,10 @@ Ratios are against baselines measured in the same run; timings are printed, neve
    spans of one run as fast as the tracer allows (200,002 queue items), ``force_flush()``: rows in the table,
    and the sink's ``stats`` (dropped must be 0; what the queue could not hold went to the overflow file and
    was written back: overflowed = drained). SQLite and PostgreSQL.
+4. OTLP encoding: the spans of a scripted 50-turn two-agent chat (ours, content captured: ~25 attributes a
+   span; as the sink's exporter gets them, made from its end records), encoded into one request by the SDK's
+   ``encode_spans`` and by the sink's in-place encoder (``exporters/otlp_encoding.py``), serialised; best of 7,
+   bytes checked identical (``--encoding-only``).
 """
 
 from __future__ import annotations
@@ -299,12 +303,49 @@ def run_burst(n: int, protocol: str) -> None:
           "    rx CPU ≈ elapsed would make the receiver the bottleneck; our CPU ≈ elapsed: this process (GIL) is.")
 
 
+def run_encoding(turns: int) -> None:
+    import os
+    import timeit
+
+    from autogen import ConversableAgent
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from otel_cmbagent.exporters.otlp_encoding import encode_request, in_place_matches_sdk
+    from otel_cmbagent.table.rows import SpanAtEnd
+    from otel_cmbagent.testing.scripted_llm import ScriptedLLM, text
+
+    memory = InMemorySpanExporter()
+    provider = use_provider(SimpleSpanProcessor(memory))
+    instrumentor = oc.instrument(tracer_provider=provider, capture_content=True)
+    with ScriptedLLM(lambda request: text("The estimate converges; residuals stay below tolerance. ok")) as server:
+        a, b = (ConversableAgent(name, llm_config=server.llm_config(price=[0, 0]), human_input_mode="NEVER")
+                for name in "ab")
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), oc.run(name="encoding"):
+            a.initiate_chat(b, message="Start the analysis. " * 3, max_turns=turns, silent=True)
+    instrumentor.uninstrument()
+    spans = [SpanAtEnd(span).readable() for span in memory.get_finished_spans()]  # as the sink's exporter gets them
+    attributes = sum(len(span.attributes) for span in spans)
+    same = encode_request(spans).SerializeToString() == encode_spans(spans).SerializeToString()
+
+    def best(encode) -> float:
+        return min(timeit.repeat(lambda: encode(spans).SerializePartialToString(), number=3, repeat=7)) / 3
+
+    sdk, in_place = best(encode_spans), best(encode_request)
+    print(f"\n4. OTLP encoding of a {turns}-turn chat's {len(spans)} spans ({attributes:,} attributes), one request:")
+    print(f"    SDK encode_spans {sdk * 1e3:.2f} ms, in place {in_place * 1e3:.2f} ms (×{sdk / in_place:.2f} faster; "
+          f"probe check {'passed' if in_place_matches_sdk() else 'FAILED: the SDK encoder is used'}; "
+          f"bytes identical: {same})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 2,000 spans, 200 legacy rows, 10,000 burst")
     parser.add_argument("--grpc", action="store_true", help="OTLP burst over gRPC instead of HTTP/protobuf")
     parser.add_argument("--durable", action="store_true", help="SQLite synchronous=FULL, PostgreSQL fsync on")
     parser.add_argument("--burst-only", action="store_true", help="only part 3, the SQL burst")
+    parser.add_argument("--encoding-only", action="store_true", help="only part 4, the OTLP encoding")
     parser.add_argument("--receiver-child", choices=("http", "grpc"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receiver_child:
@@ -318,10 +359,14 @@ def main() -> None:
     if args.burst_only:
         run_sql_burst(n_burst)
         return
+    if args.encoding_only:
+        run_encoding(4 if args.quick else 50)
+        return
     print(f"otel-cmbagent sink throughput (python {sys.version.split()[0]}, SQLAlchemy {sa.__version__})\n")
     run_sql(n, n_legacy, args.durable)
     run_burst(n_burst, "grpc" if args.grpc else "http/protobuf")
     run_sql_burst(n_burst)
+    run_encoding(4 if args.quick else 50)
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
 
 
