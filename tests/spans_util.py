@@ -5,7 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Link, SpanContext, Status, StatusCode, TraceFlags, TraceState
+
+import otel_cmbagent as oc
+from otel_cmbagent.pipeline import semconv
 
 
 def ordered(spans: list[ReadableSpan]) -> list[ReadableSpan]:
@@ -50,3 +57,37 @@ def everything_recorded(spans: list[ReadableSpan]) -> str:
         for link in span.links:
             parts.append(dict(link.attributes or {}))
     return json.dumps(parts, default=str)
+
+
+TOOL = {"cmbagent.event_type": "tool_call", "gen_ai.tool.name": "add", "gen_ai.agent.name": "engineer",
+        "gen_ai.tool.call.arguments": '{"a": 1}', "gen_ai.tool.call.result": "2", "tags": ("x", "y")}
+LLM = {"cmbagent.event_type": "llm_call", "gen_ai.agent.name": "engineer", "gen_ai.usage.input_tokens": 12,
+       "gen_ai.usage.output_tokens": 3, "gen_ai.usage.cost": 0.25,
+       "gen_ai.input.messages": '[{"role": "user", "parts": [{"type": "text", "content": "a"}]}, '
+                                '{"role": "user", "parts": [{"type": "text", "content": "b"}]}]'}
+
+
+def ended_spans(limits: SpanLimits | None = None) -> list:
+    """Every kind of ended span a sink meets, as the SDK hands them to ``on_end``."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(span_limits=limits)
+    provider.add_span_processor(oc.SequencingSpanProcessor())
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer, ag2x = provider.get_tracer("bench"), provider.get_tracer(semconv.AG2X_SCOPE)
+    remote = SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED),
+                         trace_state=TraceState([("vendor", "value")]))
+    with tracer.start_as_current_span("run", attributes={"cmbagent.event_type": "run"},
+                                      context=trace.set_span_in_context(trace.NonRecordingSpan(remote))):
+        tracer.start_span("execute_tool add", attributes=TOOL).end()
+        failed = tracer.start_span("execute_tool add", attributes=TOOL, links=[Link(remote, {"why": "retry"})])
+        failed.record_exception(ValueError("boom"))
+        failed.set_status(Status(StatusCode.ERROR, "ValueError: boom"))
+        failed.end()
+        interrupted = tracer.start_span("invoke_agent engineer", attributes={"cmbagent.event_type": "agent_call"})
+        interrupted.add_event(semconv.MESSAGE_EVENT_NAME, {"cmbagent.message.content": "hello", "n": 1})
+        interrupted.set_attribute(semconv.INTERRUPTED, "SIGTERM")
+        interrupted.set_status(Status(StatusCode.ERROR, "interrupted by SIGTERM"))
+        interrupted.end()
+        with ag2x.start_as_current_span("chat gpt", attributes=LLM) as chat:
+            chat.set_status(Status(StatusCode.OK))
+    return list(memory.get_finished_spans())

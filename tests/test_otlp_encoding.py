@@ -20,7 +20,7 @@ from otel_cmbagent.exporters.otlp_encoding import encode_request, in_place_match
 from otel_cmbagent.testing import ScriptedLLM
 from services.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver, decode_request
 from sinks_util import scripted_run
-from test_span_records import ended_spans
+from spans_util import ended_spans
 
 pytestmark = pytest.mark.usefixtures("chats_cwd")
 

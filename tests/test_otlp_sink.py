@@ -23,7 +23,7 @@ from otel_cmbagent.exporters.otlp import otlp_span_processor, prepare_span
 from otel_cmbagent.testing import ScriptedLLM
 from services.otlp_receiver import OTLPGRPCReceiver, OTLPHTTPReceiver
 from sinks_util import poisoned_and_innocent_runs
-from test_span_records import ended_spans
+from spans_util import ended_spans
 
 pytestmark = pytest.mark.usefixtures("chats_cwd")
 

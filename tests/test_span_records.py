@@ -13,9 +13,6 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import Link, SpanContext, Status, StatusCode, TraceFlags, TraceState
 
 import otel_cmbagent as oc
 from otel_cmbagent.exporters.otlp import otlp_span_processor
@@ -25,39 +22,7 @@ from otel_cmbagent.table import rows
 from otel_cmbagent.table.rows import SpanAtEnd, SpanAtStart, span_row
 from services.otlp_receiver import OTLPHTTPReceiver
 from sinks_util import tracked_objects_per_span
-
-TOOL = {"cmbagent.event_type": "tool_call", "gen_ai.tool.name": "add", "gen_ai.agent.name": "engineer",
-        "gen_ai.tool.call.arguments": '{"a": 1}', "gen_ai.tool.call.result": "2", "tags": ("x", "y")}
-LLM = {"cmbagent.event_type": "llm_call", "gen_ai.agent.name": "engineer", "gen_ai.usage.input_tokens": 12,
-       "gen_ai.usage.output_tokens": 3, "gen_ai.usage.cost": 0.25,
-       "gen_ai.input.messages": '[{"role": "user", "parts": [{"type": "text", "content": "a"}]}, '
-                                '{"role": "user", "parts": [{"type": "text", "content": "b"}]}]'}
-
-
-def ended_spans(limits: SpanLimits | None = None) -> list:
-    """Every kind of ended span a sink meets, as the SDK hands them to ``on_end``."""
-    memory = InMemorySpanExporter()
-    provider = TracerProvider(span_limits=limits)
-    provider.add_span_processor(oc.SequencingSpanProcessor())
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    tracer, ag2x = provider.get_tracer("bench"), provider.get_tracer(semconv.AG2X_SCOPE)
-    remote = SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED),
-                         trace_state=TraceState([("vendor", "value")]))
-    with tracer.start_as_current_span("run", attributes={"cmbagent.event_type": "run"},
-                                      context=trace.set_span_in_context(trace.NonRecordingSpan(remote))):
-        tracer.start_span("execute_tool add", attributes=TOOL).end()
-        failed = tracer.start_span("execute_tool add", attributes=TOOL, links=[Link(remote, {"why": "retry"})])
-        failed.record_exception(ValueError("boom"))
-        failed.set_status(Status(StatusCode.ERROR, "ValueError: boom"))
-        failed.end()
-        interrupted = tracer.start_span("invoke_agent engineer", attributes={"cmbagent.event_type": "agent_call"})
-        interrupted.add_event(semconv.MESSAGE_EVENT_NAME, {"cmbagent.message.content": "hello", "n": 1})
-        interrupted.set_attribute(semconv.INTERRUPTED, "SIGTERM")
-        interrupted.set_status(Status(StatusCode.ERROR, "interrupted by SIGTERM"))
-        interrupted.end()
-        with ag2x.start_as_current_span("chat gpt", attributes=LLM) as chat:
-            chat.set_status(Status(StatusCode.OK))
-    return list(memory.get_finished_spans())
+from spans_util import TOOL, ended_spans
 
 
 @pytest.mark.parametrize("capture_content", [True, False])
