@@ -17,6 +17,7 @@ from otel_cmbagent.table.fit import TableFit
 from otel_cmbagent.table.schema import LINK_COLUMNS, STATUS_RUNNING
 
 from .foreign_keys import ForeignKeyGuard
+from .prepared import PreparedUpsert
 from .side_tables import SideTables
 
 
@@ -41,6 +42,7 @@ class TableWriter:
         self.side = SideTables(table)
         self.fit = TableFit(table, engine.dialect, self.meta_column)
         self._statements: dict[tuple[str, frozenset[str]], Any] = {}
+        self._prepared: dict[tuple[str, frozenset[str]], PreparedUpsert | None] = {}
 
     def to_table(self, row: Mapping[str, Any]) -> dict[str, Any] | None:
         out: dict[str, Any] = {}
@@ -108,13 +110,30 @@ class TableWriter:
             self._statements[dialect, keys] = statement
         return statement
 
+    def _prepared_upsert(self, connection: sa.Connection, dialect: str, keys: frozenset[str]) -> PreparedUpsert | None:
+        """The upsert of rows with ``keys`` compiled once (None: to be executed the ordinary way, see
+        :mod:`.prepared`); a connection that translates schema names always goes the ordinary way."""
+        if connection.get_execution_options().get("schema_translate_map"):
+            return None
+        if (dialect, keys) not in self._prepared:
+            if len(self._prepared) >= 64:
+                self._prepared.clear()
+            statement = self._upsert_statement(dialect, keys)
+            self._prepared[dialect, keys] = PreparedUpsert.build(statement, connection.dialect, keys)
+        return self._prepared[dialect, keys]
+
     def _upsert(self, connection: sa.Connection, rows: list[dict[str, Any]]) -> None:
-        # executemany needs one key set: fill the gaps with None
-        keys = set().union(*(row.keys() for row in rows))
-        rows = [{key: row.get(key) for key in keys} for row in rows]
+        # executemany needs one key set: fill the gaps with None (rows mapped by to_table rarely have any)
+        keys = frozenset().union(*(row.keys() for row in rows))
+        if any(len(row) != len(keys) for row in rows):
+            rows = [{key: row.get(key) for key in keys} for row in rows]
         dialect = connection.dialect.name
         if dialect in ("sqlite", "postgresql"):
-            connection.execute(self._upsert_statement(dialect, frozenset(keys)), rows)
+            prepared = self._prepared_upsert(connection, dialect, keys)
+            if prepared is not None:
+                prepared.execute(connection, rows)
+            else:
+                connection.execute(self._upsert_statement(dialect, keys), rows)
             return
         ids = [row["id"] for row in rows]
         existing = {r[0] for r in connection.execute(sa.select(self.table.c.id).where(self.table.c.id.in_(ids)))}
