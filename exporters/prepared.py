@@ -29,6 +29,16 @@ def _processor(bind: Any, dialect: sa.Dialect) -> Processor | None:
     return bind.type.dialect_impl(dialect).bind_processor(dialect)
 
 
+def _same_processing(bind: Any) -> Any:
+    """What makes two parameters' processing equal: SQLAlchemy's own types of one class and arguments (a
+    user's type gets a key of its own). Consecutive equal values of equal processing are processed once:
+    a row's ``timestamp`` is its ``started_at`` (and a message's ``completed_at``): ~2 µs each on SQLite."""
+    kind = bind.type
+    if type(kind).__module__.startswith("sqlalchemy."):
+        return type(kind), repr(kind)
+    return object()
+
+
 def _plain(bind: Any) -> bool:
     """A bound parameter whose value is a plain value known at compile time or a row's (no callable, no
     expansion, no render-time literal)."""
@@ -41,12 +51,13 @@ class PreparedUpsert:
     __slots__ = ("sql", "positional", "names", "_get", "_processors", "_fixed")
 
     def __init__(self, sql: str, positional: bool, names: tuple[str, ...], keys: tuple[str, ...],
-                 processors: tuple[tuple[int, Processor], ...], fixed: tuple[tuple[int, Any], ...]) -> None:
+                 processors: tuple[tuple[int, Processor, int], ...], fixed: tuple[tuple[int, Any], ...]) -> None:
         self.sql = sql
         self.positional = positional
         self.names = names  # every parameter, in the compiled order
         self._get = itemgetter(*keys) if len(keys) > 1 else (lambda row, key=keys[0]: (row[key],))
-        self._processors = processors  # (position among the row's values, processor) for those that have one
+        # (position among the row's values, processor, number of its kind of processing) for those that have one
+        self._processors = processors
         self._fixed = fixed  # (position among all parameters, processed value) of the statement's own literals
 
     @classmethod
@@ -62,6 +73,7 @@ class PreparedUpsert:
         if set(keys) - set(names):
             return None
         processors, fixed, row_keys = [], [], []
+        groups: dict[Any, int] = {}  # parameters processed alike share a number
         for position, name in enumerate(names):
             bind = compiled.binds.get(name)
             if bind is None or not _plain(bind):
@@ -69,7 +81,8 @@ class PreparedUpsert:
             processor = _processor(bind, dialect)
             if name in keys:
                 if processor is not None:
-                    processors.append((len(row_keys), processor))
+                    group = groups.setdefault(_same_processing(bind), len(groups))
+                    processors.append((len(row_keys), processor, group))
                 row_keys.append(name)
             else:  # a literal of the statement (its WHERE): bound the same for every row
                 value = bind.effective_value
@@ -83,8 +96,14 @@ class PreparedUpsert:
         out: list[Any] = []
         for row in rows:
             values = list(get(row))
-            for position, processor in processors:
-                values[position] = processor(values[position])
+            last_group = last_value = last_done = None
+            for position, processor, group in processors:
+                value = values[position]
+                if value is last_value and group == last_group and value is not None:
+                    values[position] = last_done  # the same object, processed the same way: the same result
+                    continue
+                last_group, last_value = group, value
+                values[position] = last_done = processor(value)
             for position, value in fixed:
                 values.insert(position, value)
             out.append(tuple(values) if self.positional else dict(zip(self.names, values)))

@@ -36,6 +36,7 @@ class TableWriter:
         self.meta_column = "meta" if "meta" in columns else ("metadata" if "metadata" in columns else None)
         self.links_in_meta = not set(LINK_COLUMNS) <= columns
         self.columns = columns
+        self._copied = frozenset(columns - {"meta"})  # the row's keys that go to their column as they are
         self.required = {c.name for c in table.c if not c.nullable and c.default is None and c.server_default is None}
         self.skipped = 0
         self.guard = ForeignKeyGuard(table, self.meta_column)
@@ -45,16 +46,12 @@ class TableWriter:
         self._prepared: dict[tuple[str, frozenset[str]], PreparedUpsert | None] = {}
 
     def to_table(self, row: Mapping[str, Any]) -> dict[str, Any] | None:
-        out: dict[str, Any] = {}
         meta = dict(row.get("meta") or {})
         if self.links_in_meta:
             for key in LINK_COLUMNS:
                 meta[key] = row.get(key)
-        for key, value in row.items():
-            if key == "meta":
-                continue
-            if key in self.columns:
-                out[key] = value
+        copied = self._copied
+        out = {key: value for key, value in row.items() if key in copied}
         if self.meta_column:
             out[self.meta_column] = meta
         self.fit.fit(out)

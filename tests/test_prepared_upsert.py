@@ -193,3 +193,33 @@ def test_statements_it_cannot_reproduce_go_the_ordinary_way(tmp_path):
     upsert = writer._upsert_statement("postgresql", frozenset({"id", "status", "with default", "percent%"}))
     dialect = sa.dialects.postgresql.psycopg.dialect()
     assert PreparedUpsert.build(upsert, dialect, frozenset({"id", "status", "with default", "percent%"})) is None
+
+
+def test_json_text_of_the_kept_encoder_is_the_strict_encoders():
+    """json_text (the engines' json_serializer) reuses one C encoder per thread: its text is the one the ordinary
+    strict encoder gives, for every value, also after a value it refused (NaN, a cycle, bytes) and on another
+    thread; a Python without the C encoder gets the ordinary one (``encoder = False``)."""
+    import threading
+
+    from otel_cmbagent.table import fit
+
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    values = [{"a": 1, "é": ["🚀", None, True, -0.0, 1e300, 2**70]}, [1.5, float("nan")], {"x": "a\x00b"},
+              {"lone": "\ud800"}, {1: 2, None: 4, 2.5: 1}, {"b": b"x"}, "text", 3, None, (1, 2), cycle,
+              {"after": "a cycle"}, {"meta": {"nested": [{"deep": "ok"}]}}]
+
+    def texts() -> list[str]:
+        return [fit.json_text(value) for value in values]
+
+    fit._local.encoder = None
+    kept = texts()
+    fit._local.encoder = False
+    ordinary = texts()
+    fit._local.encoder = None
+    assert kept == ordinary
+    other: list[str] = []
+    thread = threading.Thread(target=lambda: other.extend(texts()))
+    thread.start()
+    thread.join()
+    assert other == ordinary
