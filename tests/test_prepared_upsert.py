@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 import cmbagent_schema as cmb
 from otel_cmbagent.exporters.prepared import PreparedUpsert
@@ -191,7 +192,7 @@ def test_statements_it_cannot_reproduce_go_the_ordinary_way(tmp_path):
     with engine.connect() as connection:
         assert connection.execute(sa.select(table)).all() == [("a", "completed", "filled", 3)]
     upsert = writer._upsert_statement("postgresql", frozenset({"id", "status", "with default", "percent%"}))
-    dialect = sa.dialects.postgresql.psycopg.dialect()
+    dialect = postgresql.psycopg.dialect()
     assert PreparedUpsert.build(upsert, dialect, frozenset({"id", "status", "with default", "percent%"})) is None
 
 
