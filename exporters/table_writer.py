@@ -17,6 +17,7 @@ from otel_cmbagent.table.fit import TableFit
 from otel_cmbagent.table.schema import LINK_COLUMNS, STATUS_RUNNING
 
 from .foreign_keys import ForeignKeyGuard
+from .prepared import PreparedUpsert
 from .side_tables import SideTables
 
 
@@ -35,24 +36,22 @@ class TableWriter:
         self.meta_column = "meta" if "meta" in columns else ("metadata" if "metadata" in columns else None)
         self.links_in_meta = not set(LINK_COLUMNS) <= columns
         self.columns = columns
+        self._copied = frozenset(columns - {"meta"})  # the row's keys that go to their column as they are
         self.required = {c.name for c in table.c if not c.nullable and c.default is None and c.server_default is None}
         self.skipped = 0
         self.guard = ForeignKeyGuard(table, self.meta_column)
         self.side = SideTables(table)
         self.fit = TableFit(table, engine.dialect, self.meta_column)
         self._statements: dict[tuple[str, frozenset[str]], Any] = {}
+        self._prepared: dict[tuple[str, frozenset[str]], PreparedUpsert | None] = {}
 
     def to_table(self, row: Mapping[str, Any]) -> dict[str, Any] | None:
-        out: dict[str, Any] = {}
         meta = dict(row.get("meta") or {})
         if self.links_in_meta:
             for key in LINK_COLUMNS:
                 meta[key] = row.get(key)
-        for key, value in row.items():
-            if key == "meta":
-                continue
-            if key in self.columns:
-                out[key] = value
+        copied = self._copied
+        out = {key: value for key, value in row.items() if key in copied}
         if self.meta_column:
             out[self.meta_column] = meta
         self.fit.fit(out)
@@ -108,13 +107,30 @@ class TableWriter:
             self._statements[dialect, keys] = statement
         return statement
 
+    def _prepared_upsert(self, connection: sa.Connection, dialect: str, keys: frozenset[str]) -> PreparedUpsert | None:
+        """The upsert of rows with ``keys`` compiled once (None: to be executed the ordinary way, see
+        :mod:`.prepared`); a connection that translates schema names always goes the ordinary way."""
+        if connection.get_execution_options().get("schema_translate_map"):
+            return None
+        if (dialect, keys) not in self._prepared:
+            if len(self._prepared) >= 64:
+                self._prepared.clear()
+            statement = self._upsert_statement(dialect, keys)
+            self._prepared[dialect, keys] = PreparedUpsert.build(statement, connection.dialect, keys)
+        return self._prepared[dialect, keys]
+
     def _upsert(self, connection: sa.Connection, rows: list[dict[str, Any]]) -> None:
-        # executemany needs one key set: fill the gaps with None
-        keys = set().union(*(row.keys() for row in rows))
-        rows = [{key: row.get(key) for key in keys} for row in rows]
+        # executemany needs one key set: fill the gaps with None (rows mapped by to_table rarely have any)
+        keys = frozenset().union(*(row.keys() for row in rows))
+        if any(len(row) != len(keys) for row in rows):
+            rows = [{key: row.get(key) for key in keys} for row in rows]
         dialect = connection.dialect.name
         if dialect in ("sqlite", "postgresql"):
-            connection.execute(self._upsert_statement(dialect, frozenset(keys)), rows)
+            prepared = self._prepared_upsert(connection, dialect, keys)
+            if prepared is not None:
+                prepared.execute(connection, rows)
+            else:
+                connection.execute(self._upsert_statement(dialect, keys), rows)
             return
         ids = [row["id"] for row in rows]
         existing = {r[0] for r in connection.execute(sa.select(self.table.c.id).where(self.table.c.id.in_(ids)))}

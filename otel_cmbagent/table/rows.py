@@ -52,7 +52,7 @@ from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
 from ..pipeline import semconv
 from ..pipeline.processor import raw_attributes as _raw_attributes
 from ..pipeline.sdk_fields import SDK_LIVE_SPAN, SDK_READABLE_SPAN
-from .fields import AGENT_ATTRIBUTE, CONTEXT_DEFAULT, IDENTITY, JSON_META, fields_of, parsed, plain
+from .fields import AGENT_ATTRIBUTE, CONTEXT_DEFAULT, IDENTITY, JSON_META, fields_of, parsed
 from .schema import (
     MESSAGE_EVENT_TYPE,
     MESSAGE_KIND,
@@ -266,24 +266,34 @@ def _derive(kind: str, attributes: Mapping[str, Any], inputs: dict, meta: dict) 
             del meta[key]
 
 
-def _sections(kind: str, attributes: Mapping[str, Any], capture_content: bool) -> tuple[dict, dict, dict]:
+@functools.lru_cache(maxsize=1024)
+def _plan(kind: str) -> tuple[tuple[Any, ...], frozenset[str]]:
+    """A kind's fields, and the attributes that never go to meta as they are (built once per kind, not per row)."""
     fields = fields_of(kind)
-    sections: dict[str, dict[str, Any]] = {"inputs": {}, "outputs": {}, "meta": {}}
-    consumed = set(_NOT_META)
-    agent_attribute = AGENT_ATTRIBUTE.get(kind, semconv.GEN_AI_AGENT_NAME)
-    consumed.add(agent_attribute)
+    consumed = _NOT_META | {AGENT_ATTRIBUTE.get(kind, semconv.GEN_AI_AGENT_NAME)} | {f.attribute for f in fields}
+    return fields, frozenset(consumed)
+
+
+def _sections(kind: str, attributes: Mapping[str, Any], capture_content: bool) -> tuple[dict, dict, dict]:
+    fields, consumed = _plan(kind)
+    inputs: dict[str, Any] = {}
+    outputs: dict[str, Any] = {}
+    meta: dict[str, Any] = {}
+    sections = {"inputs": inputs, "outputs": outputs, "meta": meta}
+    content = semconv.CONTENT_ATTRIBUTES
     for field in fields:
-        consumed.add(field.attribute)
         if field.attribute not in attributes:
             continue
-        if not capture_content and field.attribute in semconv.CONTENT_ATTRIBUTES:
+        if not capture_content and field.attribute in content:
             continue
         sections[field.section][field.key] = field.codec.decode(attributes[field.attribute])
-    inputs, outputs, meta = sections["inputs"], sections["outputs"], sections["meta"]
     for key, value in attributes.items():
-        if key in consumed or (not capture_content and key in semconv.CONTENT_ATTRIBUTES):
+        if key in consumed or (not capture_content and key in content):
             continue
-        meta[key] = parsed(value) if key in JSON_META else plain(value)
+        if key in JSON_META:
+            meta[key] = parsed(value)
+        else:  # plain(value), inline: most rows have several of these
+            meta[key] = list(value) if isinstance(value, tuple) else value
     if inputs and kind in CONTEXT_DEFAULT:
         inputs.setdefault("context", {})
     _derive(kind, attributes, inputs, meta)
