@@ -110,4 +110,9 @@ class PreparedUpsert:
         return out
 
     def execute(self, connection: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-        connection.exec_driver_sql(self.sql, self.parameters(rows))
+        try:
+            parameters = self.parameters(rows)
+        except Exception as exc:  # a value a bind processor refuses: reported as SQLAlchemy reports it
+            raise sa.exc.DBAPIError.instance(self.sql, None, exc, connection.dialect.loaded_dbapi.Error,
+                                             dialect=connection.dialect) from exc
+        connection.exec_driver_sql(self.sql, parameters)

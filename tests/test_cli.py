@@ -371,11 +371,13 @@ def test_replay_skips_a_cut_last_line_and_a_refused_row_and_writes_every_valid_r
     lines[2] = json.dumps(bad) + "\n"
     lines[-1] = lines[-1][: len(lines[-1]) // 2]
     spill.write_text("".join(lines))
+    # A span's running and completed rows can both be spilled (on a busy machine they land in separate batches):
+    # ids, not lines, are what the table holds.
     valid = {json.loads(line)["id"] for line in lines[:2] + lines[3:-1]}
     target = tmp_path / "replayed.db"
     result = run_cli("replay", spill, "--db", target, check=1)
     rows = table_rows(make_engine(f"sqlite:///{target}"))
-    assert {r["id"] for r in rows} == valid and len(valid) == len(lines) - 2
+    assert {r["id"] for r in rows} == valid and len(valid) >= 3
     assert f"replayed {len(rows)} rows" in result.stdout
     assert f"skipped 1 line (not a spilled row): line {len(lines)}" in result.stdout
     assert "skipped 1 line (refused by the database): line 3" in result.stdout

@@ -129,6 +129,25 @@ def test_our_table_is_written_exactly_as_sqlalchemy_writes_it(two_urls):
         assert status.scalar_one() == "completed"
 
 
+def test_a_value_a_bind_processor_refuses_is_reported_as_sqlalchemy_reports_it(two_urls):
+    """A timestamp written as a number (by another tool, in a spill file) fails the batch as a StatementError with
+    SQLAlchemy's first line both ways: the sink and ``replay`` then isolate the row and report it alike."""
+    engines = [make_engine(url) for url in two_urls]
+    tables = [execution_events_table(), execution_events_table()]
+    for engine, table in zip(engines, tables):
+        table.metadata.create_all(engine)
+    writers = TableWriter(engines[0], tables[0]), TableWriter(_ordinary(engines[1]), tables[1])
+    batch = [_event(1), _event(2, timestamp=1767225600)]
+    errors = []
+    for writer in writers:
+        with pytest.raises(sa.exc.StatementError) as raised:
+            writer.write(batch)
+        errors.append(str(raised.value).splitlines()[0])
+        assert _dump(writer.engine, writer.table) == []  # nothing of the refused batch is written
+    assert errors[0] == errors[1] and errors[0].startswith("("), errors  # "(builtins.TypeError) ...", "(psycopg..."
+    assert any(value is not None for value in writers[0]._prepared.values())
+
+
 def test_cmbagent_table_is_written_exactly_as_sqlalchemy_writes_it(two_urls):
     """cmbagent's own table: its engine (no json_serializer of ours), NOT NULL run/session, JSON ``None`` as
     ``null`` (no ``none_as_null``), timezone-less TIMESTAMP columns, its foreign keys and side tables."""
