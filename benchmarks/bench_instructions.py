@@ -41,12 +41,13 @@ DEFAULT_MODES = ("plain", "ours+sinks", "ag2+otlp")
 WARM_UP_TURNS = 2
 
 
-def run_child(mode: str, turns: int, endpoint: str) -> None:
-    """The warm-up chat, then (turns > 0) the measured one; everything flushed and shut down."""
+def run_child(mode: str, turns: int, endpoint: str, group: bool = False) -> None:
+    """The warm-up chat, then (turns > 0) the measured one; everything flushed and shut down. ``group``: a 4-agent
+    round-robin group chat of ``turns`` rounds instead of the 2-agent chat."""
     os.environ["OTEL_BSP_SCHEDULE_DELAY"] = str(HOUR_MS)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_overhead
-    from autogen import ConversableAgent
+    from autogen import AssistantAgent, ConversableAgent, GroupChat, GroupChatManager
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     import otel_cmbagent as oc
@@ -66,27 +67,37 @@ def run_child(mode: str, turns: int, endpoint: str) -> None:
                 worker.delay = HOUR_MS / 1000
     if mode.startswith("ag2"):
         from autogen.opentelemetry import instrument_agent
-    with ScriptedLLM(lambda request: text("The estimate converges; residuals stay below tolerance. ok")) as server:
+    # One devnull for the whole child: AG2's console handler keeps the stream it first saw (a closed one would make
+    # every later message print a logging traceback, counted in every mode).
+    with ScriptedLLM(lambda request: text("The estimate converges; residuals stay below tolerance. ok")) as server, \
+            open(os.devnull, "w") as devnull:
         llm_config = server.llm_config(price=[0, 0])
         for n in (WARM_UP_TURNS, turns):
             if not n:
                 continue
-            a, b = (ConversableAgent(name, llm_config=llm_config, human_input_mode="NEVER") for name in "ab")
+            if group:
+                agents = [AssistantAgent(f"agent{i}", llm_config=llm_config, human_input_mode="NEVER") for i in range(4)]
+                chat = GroupChat(list(agents), messages=[], max_round=n, speaker_selection_method="round_robin")
+                agents.append(GroupChatManager(chat, llm_config=False))  # the last: the one the chat is started with
+            else:
+                agents = [ConversableAgent(name, llm_config=llm_config, human_input_mode="NEVER") for name in "ab"]
             if mode.startswith("ag2"):
-                for agent in (a, b):
+                for agent in agents:
                     instrument_agent(agent, tracer_provider=provider)
             scope = oc.run(name=f"chat{n}") if mode.startswith("ours") else contextlib.nullcontext()
-            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), scope:
-                a.initiate_chat(b, message="Start the analysis. " * 3, max_turns=n, silent=True)
+            with contextlib.redirect_stdout(devnull), scope:
+                agents[0].initiate_chat(agents[-1], message="Start the analysis. " * 3, silent=True,
+                                        **({} if group else {"max_turns": n}))
             if provider is not None:
                 provider.force_flush()
     if provider is not None:
         provider.shutdown()
 
 
-def count(mode: str, turns: int, endpoint: str) -> int:
+def count(mode: str, turns: int, endpoint: str, group: bool = False) -> int:
     """Instructions of one child run; string hashing fixed (``PYTHONHASHSEED=0``), so set and dict orders repeat."""
-    child = [sys.executable, os.path.abspath(__file__), "--child", mode, "--turns", str(turns), "--endpoint", endpoint]
+    child = [sys.executable, os.path.abspath(__file__), "--child", mode, "--turns", str(turns), "--endpoint", endpoint,
+             *(["--group"] if group else [])]
     command = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null", *child]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
     found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
@@ -100,12 +111,14 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=50)
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES))
     parser.add_argument("--quick", action="store_true", help="4 turns (a smoke run)")
+    parser.add_argument("--group", action="store_true",
+                        help="a 4-agent round-robin group chat of --turns rounds instead of the 2-agent chat")
     parser.add_argument("--repeats", type=int, default=1, help="runs per mode and chat length (the median is kept)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        run_child(args.child, args.turns, args.endpoint)
+        run_child(args.child, args.turns, args.endpoint, args.group)
         return
     if shutil.which("valgrind") is None:
         print("bench_instructions: valgrind is not installed (apt install valgrind): nothing measured")
@@ -116,14 +129,16 @@ def main() -> None:
     from bench_sinks import child_receiver
 
     modes = args.modes.split(",")
-    print(f"Instructions of one {args.turns}-turn scripted 2-agent chat, whole process, flush included "
+    workload = f"{args.turns}-round 4-agent group chat" if args.group else f"{args.turns}-turn 2-agent chat"
+    print(f"Instructions of one scripted {workload}, whole process, flush included "
           f"(valgrind cachegrind; (warm-up + chat) − warm-up; median of {args.repeats})")
     print(f"  {'mode':<12}{'instructions':>15}{'over plain':>14}{'×':>8}")
     chat: dict[str, int] = {}
     with child_receiver("http") as (endpoint, _poll):
         for mode in modes:
             chat[mode] = int(statistics.median(
-                count(mode, args.turns, endpoint) - count(mode, 0, endpoint) for _ in range(args.repeats)))
+                count(mode, args.turns, endpoint, args.group) - count(mode, 0, endpoint, args.group)
+                for _ in range(args.repeats)))
             plain = chat.get("plain")
             over = f"{(chat[mode] - plain) / 1e6:>+12.1f} M" if plain and mode != "plain" else f"{'':>14}"
             ratio = f"{chat[mode] / plain:>8.3f}" if plain else f"{'':>8}"
