@@ -25,19 +25,24 @@ from spans_util import ended_spans
 pytestmark = pytest.mark.usefixtures("chats_cwd")
 
 
-def chat_spans() -> list[ReadableSpan]:
-    """A real traced AG2 chat (tool call, content on) plus every kind of ended span the sinks meet."""
+def traced_chat(*processors) -> tuple[TracerProvider, list[ReadableSpan]]:
+    """A real traced AG2 chat (tool call, content on) through ``processors``: the provider and the chat's spans."""
     memory = InMemorySpanExporter()
     provider = TracerProvider()
-    provider.add_span_processor(oc.SequencingSpanProcessor())
-    provider.add_span_processor(SimpleSpanProcessor(memory))
+    for processor in (oc.SequencingSpanProcessor(), *processors, SimpleSpanProcessor(memory)):
+        provider.add_span_processor(processor)
     instrumentor = oc.instrument(tracer_provider=provider, capture_content=True)
     try:
         with ScriptedLLM() as llm:
             scripted_run(llm)
     finally:
         instrumentor.uninstrument()
-    return [*memory.get_finished_spans(), *ended_spans()]
+    return provider, list(memory.get_finished_spans())
+
+
+def chat_spans() -> list[ReadableSpan]:
+    """A real traced AG2 chat plus every kind of ended span the sinks meet."""
+    return [*traced_chat()[1], *ended_spans()]
 
 
 def serialised(request) -> bytes:
@@ -102,21 +107,10 @@ def test_the_sinks_exporter_encodes_in_place_and_the_receiver_gets_the_sdks_span
     calls = []
     in_place = otlp_encoding._encode_in_place
     monkeypatch.setattr(otlp_encoding, "_encode_in_place", lambda spans: calls.append(len(spans)) or in_place(spans))
-    memory = InMemorySpanExporter()
     with receiver_cls() as receiver:
         processor = otlp_span_processor(endpoint=receiver.endpoint, protocol=protocol, capture_content=True)
-        provider = TracerProvider()
-        provider.add_span_processor(oc.SequencingSpanProcessor())
-        provider.add_span_processor(processor)
-        provider.add_span_processor(SimpleSpanProcessor(memory))
-        instrumentor = oc.instrument(tracer_provider=provider, capture_content=True)
-        try:
-            with ScriptedLLM() as llm:
-                scripted_run(llm)
-        finally:
-            instrumentor.uninstrument()
+        provider, expected = traced_chat(processor)
         provider.force_flush()
-        expected = memory.get_finished_spans()
         received = receiver.wait_for(len(expected))
         provider.shutdown()
     assert sum(calls) >= len(expected), "the sink's exporter did not encode in place"
