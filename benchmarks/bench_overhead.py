@@ -24,8 +24,10 @@ Every ratio is against a baseline measured in the same run; timings are printed,
    and "AG2+OTLP" = AG2's own tracing with the SDK's ``BatchSpanProcessor(OTLPSpanExporter)`` to the same receiver:
    each tracing's full pipeline, the agent's wall time (the sinks write on their threads meanwhile). 2b also gives
    med×, the median over rounds of each round's own ratio. ``--paired TURNS --repeats N`` runs only the TURNS-turn
-   chat in those three modes (uninstrumented, both full pipelines), N interleaved rounds, and prints each round's
-   ours − AG2's (part 2c).
+   chat in those three modes (uninstrumented, both full pipelines), N interleaved rounds (the order rotating), and
+   prints each round's ours − AG2's (part 2c), timed to the chat's end and to the end of ``force_flush`` (every span
+   delivered: ours writes rows during the chat, a 5 s OTLP batch exports after it). Each chat is flushed after it
+   is timed, so no chat's backlog runs into the next one's time.
 3. Span data size per run (json.dumps of every span attribute value and span event
    attribute value), ours vs AG2-native, and its growth from the shortest to the longest chat.
 """
@@ -241,7 +243,10 @@ def run_child(mode: str, workloads: list[str], endpoint: str = "") -> dict:
             with scope:
                 chat()
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-            results[workload] = {"seconds": seconds, "cpu": cpu, **_span_stats(exporter)}
+            if tp is not None:  # everything delivered (ours writes rows during the chat; a 5 s batch exports later)
+                tp.force_flush()
+            flushed = time.perf_counter() - start
+            results[workload] = {"seconds": seconds, "cpu": cpu, "flushed": flushed, **_span_stats(exporter)}
             if exporter is not None:
                 exporter.clear()
     if mode.startswith("ours"):
@@ -337,21 +342,25 @@ def _print_sink_modes(best: dict, paired: dict, workloads: list[str], label: dic
 
 
 def bench_paired(workload: str, rounds: int, endpoint: str) -> None:
-    """One workload, uninstrumented and both full pipelines, ``rounds`` interleaved rounds: per-mode best and median,
-    and per round ours − AG2's (both ran in that round: the machine's drift cancels)."""
+    """One workload, uninstrumented and both full pipelines, ``rounds`` interleaved rounds (the order rotating): per-mode
+    best and median, and per round ours − AG2's (both ran in that round: the machine's drift cancels); timed to the
+    chat's end, then to the end of ``force_flush`` (every span delivered)."""
     modes = ("plain", *SINK_MODES)
-    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
-    for _ in range(rounds):
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+    for round_number in range(rounds):
+        # The order rotates each round: a child's place in its round moved its time by a few % (which place varied).
+        for mode in modes[round_number % len(modes):] + modes[:round_number % len(modes)]:
+            runs[mode].append(_spawn(mode, [workload], endpoint)[workload])
+    for key, what in (("seconds", "the chat"), ("flushed", "the chat until its spans are delivered (force_flush)")):
+        seconds = {mode: [run[key] for run in runs[mode]] for mode in modes}
+        print(f"2c. {workload}, {rounds} interleaved rounds, {what} (s; × = the round's own ratio to uninstrumented)")
         for mode in modes:
-            seconds[mode].append(_spawn(mode, [workload], endpoint)[workload]["seconds"])
-    print(f"2c. {workload}, {rounds} interleaved rounds (s; × = the round's own ratio to uninstrumented)")
-    for mode in modes:
-        ratios = [s / p for s, p in zip(seconds[mode], seconds["plain"])]
-        print(f"  {mode:<12} best {min(seconds[mode]):.3f}  median {statistics.median(seconds[mode]):.3f}"
-              f"  median × {statistics.median(ratios):.3f}")
-    differences = [ours - ag2 for ours, ag2 in zip(*(seconds[mode] for mode in SINK_MODES))]
-    print(f"  ours+sinks − ag2+otlp per round: median {statistics.median(differences):+.3f} s; ours no slower in "
-          f"{sum(d <= 0 for d in differences)} of {rounds} rounds\n")
+            ratios = [s / p for s, p in zip(seconds[mode], seconds["plain"])]
+            print(f"  {mode:<12} best {min(seconds[mode]):.3f}  median {statistics.median(seconds[mode]):.3f}"
+                  f"  median × {statistics.median(ratios):.3f}")
+        differences = [ours - ag2 for ours, ag2 in zip(*(seconds[mode] for mode in SINK_MODES))]
+        print(f"  ours+sinks − ag2+otlp per round: median {statistics.median(differences):+.3f} s; ours no slower in "
+              f"{sum(d <= 0 for d in differences)} of {rounds} rounds\n")
 
 
 def main() -> None:
