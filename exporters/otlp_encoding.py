@@ -214,7 +214,7 @@ def _probe_spans() -> list[ReadableSpan]:
               "strs": ("a", ""), "ints": [1, 2**40], "floats": (0.0, -1.5), "bools": (True,), "none": ()}
     resources = [Resource({"service.name": "probe", "n": 1}), Resource({"service.name": "other"}, "https://schema/r")]
     scopes = [InstrumentationScope("probe", "1.0", "https://schema/s", {"a": "b"}), InstrumentationScope("bare"), None]
-    state = TraceState([("vendor", "v1"), ("k", "x=y")])
+    state = TraceState([("vendor", "v1"), ("k@tenant", "x.y-z")])  # valid pairs: an invalid one logs a warning
 
     def context(n: int, remote: bool = False, trace_state: TraceState | None = None) -> SpanContext:
         return SpanContext(0x1234 + n, 0x99 + n, is_remote=remote, trace_flags=TraceFlags(1), trace_state=trace_state)

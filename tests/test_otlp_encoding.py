@@ -83,6 +83,14 @@ def test_a_value_the_in_place_path_leaves_is_encoded_by_the_sdk_whole_batch(attr
         assert serialised(encode_request(spans)) == serialised(encode_spans(spans))
 
 
+def test_the_probe_logs_nothing(caplog):
+    """The probe runs inside a user's first export: it must not put a line in their logs."""
+    in_place_matches_sdk.cache_clear()
+    with caplog.at_level(logging.DEBUG):
+        assert in_place_matches_sdk()
+    assert caplog.records == []
+
+
 def test_an_encoder_that_differs_from_the_sdks_is_never_used(monkeypatch):
     """Checked on the probe batch: a difference (here a span name left out) and the SDK's encoder is used."""
     put_span = otlp_encoding._put_span
