@@ -161,6 +161,40 @@ def test_cmbagent_table_is_written_exactly_as_sqlalchemy_writes_it(two_urls):
     _assert_same_tables(engines[0], engines[1], cmb.execution_events, rows=7)
 
 
+def test_a_large_batch_on_sqlite_goes_in_a_few_multi_row_statements(tmp_path):
+    """150 rows, some of them twice (a start then its final row, in one batch as ``replay`` may pass it): the
+    table equals SQLAlchemy's ordinary executemany, written in chunks of 64, 64, 16, 4 and 2 rows (Python's
+    sqlite3 gives up the GIL around every row's step: a statement per row hands it to the agent's thread and
+    back 150 times)."""
+    engines = [make_engine(f"sqlite:///{tmp_path / name}") for name in ("prepared.db", "ordinary.db")]
+    tables = [execution_events_table(), execution_events_table()]
+    for engine, table in zip(engines, tables):
+        table.metadata.create_all(engine)
+    statements: list[tuple[int, bool]] = []
+
+    @sa.event.listens_for(engines[0], "before_cursor_execute")
+    def count(conn, cursor, statement, parameters, context, executemany):  # noqa: ARG001
+        if statement.startswith("INSERT INTO execution_events"):
+            statements.append((statement.count("?"), executemany))
+
+    rows = [_event(n, status="running" if n % 3 else "completed") for n in range(1, 151)]
+    finals = [_event(n) for n in range(1, 151, 3)]
+    prepared, ordinary = TableWriter(engines[0], tables[0]), TableWriter(_ordinary(engines[1]), tables[1])
+    _write_both_ways(prepared, ordinary, [rows + finals, [_event(200)]])
+    _assert_same_tables(engines[0], engines[1], tables[0], rows=151)
+    per_row = len(tables[0].c) + 1  # the columns and the WHERE's status
+    assert [(marks - 1) // (per_row - 1) for marks, _ in statements] == [64, 64, 16, 4, 2, 1]
+    assert not any(executemany for _, executemany in statements)
+    prepared_upsert = next(value for value in prepared._prepared.values() if value is not None)
+    sql = prepared_upsert.multi_row_sql(2)
+    with engines[0].begin() as connection:  # a start row after its final row, in one statement: the final stays
+        connection.exec_driver_sql(sql, tuple(prepared_upsert._bound([_event(300)], with_fixed=False)[0])
+                                   + tuple(prepared_upsert._bound([_event(300, status="running", outputs=None)],
+                                                                  with_fixed=False)[0]) + ("running",))
+        assert connection.execute(sa.select(tables[0].c.status).where(tables[0].c.id == _event(300)["id"])
+                                  ).scalar_one() == "completed"
+
+
 _KINDS = sa.Table(
     "kinds", sa.MetaData(),
     sa.Column("id", sa.String(36), primary_key=True),
