@@ -55,11 +55,7 @@ def run_child(mode: str, turns: int, endpoint: str, group: bool = False) -> None
 
     logging.getLogger("autogen.oai.client").setLevel(logging.ERROR)
     provider = None
-    if mode == "ours+otlp":  # AG2's sink alone, for a like-for-like comparison with ag2+otlp
-        os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = endpoint
-        provider = oc.setup_tracing(sql_url=None, otlp=True, capture_content=True, set_global=False,
-                                    handle_sigterm=False).tracer_provider
-    elif mode != "plain":
+    if mode != "plain":
         provider = bench_overhead._child_provider(mode, InMemorySpanExporter(), endpoint)
         for processor in provider._active_span_processor._span_processors:
             worker = getattr(processor, "_worker", None)

@@ -24,10 +24,12 @@ Every ratio is against a baseline measured in the same run; timings are printed,
    and "AG2+OTLP" = AG2's own tracing with the SDK's ``BatchSpanProcessor(OTLPSpanExporter)`` to the same receiver:
    each tracing's full pipeline, the agent's wall time (the sinks write on their threads meanwhile). 2b also gives
    med×, the median over rounds of each round's own ratio. ``--paired TURNS --repeats N`` runs only the TURNS-turn
-   chat in those three modes (uninstrumented, both full pipelines), N interleaved rounds (the order rotating), and
-   prints each round's ours − AG2's (part 2c), timed to the chat's end and to the end of ``force_flush`` (every span
-   delivered: ours writes rows during the chat, a 5 s OTLP batch exports after it). Each chat is flushed after it
-   is timed, so no chat's backlog runs into the next one's time.
+   chat in those three modes (uninstrumented, both full pipelines; ``--modes`` adds "ours", "ag2" and "ours+otlp"),
+   N rounds (the order rotating), and prints each round's ours − AG2's (part 2c), timed to the chat's end and to
+   the end of ``force_flush`` (every span delivered: ours writes rows during the chat, a 5 s OTLP batch exports
+   after it). There each mode's process is started once, warmed up, and the processes take turns chat by chat, so a
+   round's chats lie seconds apart (this host's speed drifts by ±20% within a minute). Each chat is flushed after
+   it is timed, so no chat's backlog runs into the next one's time.
 3. Span data size per run (json.dumps of every span attribute value and span event
    attribute value), ours vs AG2-native, and its growth from the shortest to the longest chat.
 """
@@ -57,6 +59,7 @@ from otel_cmbagent.tracing import DEFAULT_MAX_EVENTS_PER_SPAN
 SPAN_TARGET_US = 3.0
 MODES = ("plain", "ours", "ag2")
 SINK_MODES = ("ours+sinks", "ag2+otlp")
+PAIRED_MODES = MODES + SINK_MODES + ("ours+otlp",)
 
 
 # --- 1. per-span processor cost ------------------------------------------------------------
@@ -180,10 +183,11 @@ def _child_provider(mode: str, exporter: InMemorySpanExporter | None, endpoint: 
     """The tracer provider of a mode, with its processors, AG2 instrumented by ours or by AG2's own."""
     # The span event limit setup_tracing() uses (the SDK default of 128 drops old messages of long chats).
     tp = TracerProvider(span_limits=SpanLimits(max_events=DEFAULT_MAX_EVENTS_PER_SPAN))
-    if mode == "ours+sinks":
+    if mode in ("ours+sinks", "ours+otlp"):  # ours+otlp: AG2's sink alone, like for like with ag2+otlp
         os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = endpoint
-        return oc.setup_tracing(sql_url=f"sqlite:///{tempfile.mkdtemp()}/events.db", otlp=True, capture_content=True,
-                                set_global=False, handle_sigterm=False).tracer_provider
+        sql_url = f"sqlite:///{tempfile.mkdtemp()}/events.db" if mode == "ours+sinks" else None
+        return oc.setup_tracing(sql_url=sql_url, otlp=True, capture_content=True, set_global=False,
+                                handle_sigterm=False).tracer_provider
     if mode == "ours":
         tp.add_span_processor(oc.SequencingSpanProcessor())
         tp.add_span_processor(SimpleSpanProcessor(exporter))
@@ -202,8 +206,10 @@ def _child_provider(mode: str, exporter: InMemorySpanExporter | None, endpoint: 
     return tp
 
 
-def run_child(mode: str, workloads: list[str], endpoint: str = "") -> dict:
-    """Run each workload once (after a warm-up) in ``mode``; returns {workload: {seconds, bytes, ...}}."""
+@contextlib.contextmanager
+def chat_runner(mode: str, endpoint: str = ""):
+    """A function running one workload (``chat50``, ``group60``) in ``mode`` and returning its figures, in a fresh
+    scripted server and working directory; lazy imports and clients warmed up by a 2-turn chat and a short group chat."""
     from autogen import AssistantAgent, ConversableAgent, GroupChat, GroupChatManager
     from otel_cmbagent.testing.scripted_llm import ScriptedLLM, text
 
@@ -230,28 +236,48 @@ def run_child(mode: str, workloads: list[str], endpoint: str = "") -> dict:
         manager, = prepare(members + [GroupChatManager(group, llm_config=False)])[-1:]
         return lambda: members[0].initiate_chat(manager, message="Start the analysis. " * 3, silent=True)
 
-    results = {}
+    def run(workload: str) -> dict:
+        chat = build(workload, cfg)
+        scope = oc.run(name=workload) if mode.startswith("ours") else contextlib.nullcontext()
+        gc.collect()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with scope:
+            chat()
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        if tp is not None:  # everything delivered (ours writes rows during the chat; a 5 s batch exports later)
+            tp.force_flush()
+        flushed = time.perf_counter() - start
+        result = {"seconds": seconds, "cpu": cpu, "flushed": flushed, **_span_stats(exporter)}
+        if exporter is not None:
+            exporter.clear()
+        return result
+
     with ScriptedLLM(lambda req: text("The estimate converges; residuals stay below tolerance. ok")) as server, \
             tempfile.TemporaryDirectory() as cwd:
         os.chdir(cwd)
         cfg = server.llm_config(price=[0, 0])
-        for workload in ["chat2", "group4"] + workloads:  # the first two warm up lazy imports and clients
-            chat = build(workload, cfg)
-            scope = oc.run(name=workload) if mode.startswith("ours") else contextlib.nullcontext()
-            gc.collect()
-            start, cpu_start = time.perf_counter(), time.process_time()
-            with scope:
-                chat()
-            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-            if tp is not None:  # everything delivered (ours writes rows during the chat; a 5 s batch exports later)
-                tp.force_flush()
-            flushed = time.perf_counter() - start
-            results[workload] = {"seconds": seconds, "cpu": cpu, "flushed": flushed, **_span_stats(exporter)}
-            if exporter is not None:
-                exporter.clear()
+        for warm_up in ("chat2", "group4"):
+            run(warm_up)
+        yield run
     if mode.startswith("ours"):
         oc.uninstrument()
-    return {w: results[w] for w in workloads}
+
+
+def run_child(mode: str, workloads: list[str], endpoint: str = "") -> dict:
+    """Run each workload once (after a warm-up) in ``mode``; returns {workload: {seconds, bytes, ...}}."""
+    with chat_runner(mode, endpoint) as run:
+        return {workload: run(workload) for workload in workloads}
+
+
+def serve_child(mode: str, workload: str, endpoint: str, reply) -> None:
+    """Warm up, say "ready", then run ``workload`` once per line read from stdin, a JSON line each (for --paired:
+    the modes' processes take turns, so each round's runs lie seconds apart)."""
+    with chat_runner(mode, endpoint) as run:
+        reply.write("ready\n")
+        reply.flush()
+        for _line in sys.stdin:
+            reply.write(json.dumps(run(workload)) + "\n")
+            reply.flush()
 
 
 def _spawn(mode: str, workloads: list[str], endpoint: str = "") -> dict:
@@ -341,16 +367,34 @@ def _print_sink_modes(best: dict, paired: dict, workloads: list[str], label: dic
     print()
 
 
-def bench_paired(workload: str, rounds: int, endpoint: str) -> None:
+def bench_paired(workload: str, rounds: int, endpoint: str, modes: tuple[str, ...] = ("plain", *SINK_MODES)) -> None:
     """One workload, uninstrumented and both full pipelines, ``rounds`` interleaved rounds (the order rotating): per-mode
     best and median, and per round ours − AG2's (both ran in that round: the machine's drift cancels); timed to the
     chat's end, then to the end of ``force_flush`` (every span delivered)."""
-    modes = ("plain", *SINK_MODES)
     runs: dict[str, list[dict]] = {mode: [] for mode in modes}
-    for round_number in range(rounds):
-        # The order rotates each round: a child's place in its round moved its time by a few % (which place varied).
-        for mode in modes[round_number % len(modes):] + modes[:round_number % len(modes)]:
-            runs[mode].append(_spawn(mode, [workload], endpoint)[workload])
+    # One warmed-up process per mode, taking turns: a round's runs lie seconds apart. This host's speed drifts by
+    # ±20% within a minute (the same uninstrumented chat took 1.7–2.5 s in one process); a process per run put
+    # whole minutes and each process's own start between the runs compared.
+    children = {mode: subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", mode, "--workloads",
+                                        workload, "--endpoint", endpoint], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True) for mode in modes}
+    try:
+        for mode, child in children.items():
+            if child.stdout.readline().strip() != "ready":
+                sys.exit(f"child {mode} failed (its stderr is above)")
+        for round_number in range(rounds):
+            # The order rotates each round: a run's place in its round moved its time by a few %.
+            for mode in modes[round_number % len(modes):] + modes[:round_number % len(modes)]:
+                children[mode].stdin.write("\n")
+                children[mode].stdin.flush()
+                line = children[mode].stdout.readline()
+                if not line:
+                    sys.exit(f"child {mode} failed (its stderr is above)")
+                runs[mode].append(json.loads(line))
+    finally:
+        for child in children.values():
+            child.stdin.close()
+            child.wait()
     for key, what in (("seconds", "the chat"), ("flushed", "the chat until its spans are delivered (force_flush)")):
         seconds = {mode: [run[key] for run in runs[mode]] for mode in modes}
         print(f"2c. {workload}, {rounds} interleaved rounds, {what} (s; × = the round's own ratio to uninstrumented)")
@@ -358,9 +402,12 @@ def bench_paired(workload: str, rounds: int, endpoint: str) -> None:
             ratios = [s / p for s, p in zip(seconds[mode], seconds["plain"])]
             print(f"  {mode:<12} best {min(seconds[mode]):.3f}  median {statistics.median(seconds[mode]):.3f}"
                   f"  median × {statistics.median(ratios):.3f}")
-        differences = [ours - ag2 for ours, ag2 in zip(*(seconds[mode] for mode in SINK_MODES))]
-        print(f"  ours+sinks − ag2+otlp per round: median {statistics.median(differences):+.3f} s; ours no slower in "
-              f"{sum(d <= 0 for d in differences)} of {rounds} rounds\n")
+        for ours, ag2 in (("ours", "ag2"), ("ours+otlp", "ag2+otlp"), ("ours+sinks", "ag2+otlp")):
+            if ours in seconds and ag2 in seconds:
+                differences = [a - b for a, b in zip(seconds[ours], seconds[ag2])]
+                print(f"  {ours} − {ag2} per round: median {statistics.median(differences):+.3f} s; {ours} no slower"
+                      f" in {sum(d <= 0 for d in differences)} of {rounds} rounds")
+        print()
 
 
 def main() -> None:
@@ -374,6 +421,9 @@ def main() -> None:
     parser.add_argument("--paired", metavar="TURNS", type=int,
                         help="only the TURNS-turn chat, uninstrumented and both full pipelines, --repeats rounds")
     parser.add_argument("--child", choices=MODES + SINK_MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--modes", default="plain,ours+sinks,ag2+otlp",
+                        help=f"--paired: the modes, 'plain' first (of {','.join(PAIRED_MODES)})")
+    parser.add_argument("--serve", choices=PAIRED_MODES, help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", default="", help=argparse.SUPPRESS)
     parser.add_argument("--workloads", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -381,12 +431,19 @@ def main() -> None:
         real_stdout, sys.stdout = sys.stdout, open(os.devnull, "w")  # AG2 prints even with silent=True
         real_stdout.write(json.dumps(run_child(args.child, args.workloads.split(","), args.endpoint)) + "\n")
         return
+    if args.serve:
+        reply, sys.stdout = sys.stdout, open(os.devnull, "w")
+        serve_child(args.serve, args.workloads, args.endpoint, reply)
+        return
     repeats = rounds = args.repeats or (1 if args.quick else 5)
     started = time.perf_counter()
     print(f"otel-cmbagent overhead benchmark (python {sys.version.split()[0]}, {os.cpu_count()} CPUs)\n")
     if args.paired:
         with _receiver(True) as endpoint:
-            bench_paired(f"chat{args.paired}", rounds, endpoint)
+            modes = tuple(args.modes.split(","))
+            if modes[0] != "plain" or not set(modes) <= set(PAIRED_MODES):
+                parser.error(f"--modes: 'plain' first, then any of {','.join(PAIRED_MODES)}")
+            bench_paired(f"chat{args.paired}", rounds, endpoint, modes)
         print(f"(total {time.perf_counter() - started:.0f} s)")
         return
     if not args.chats_only:
