@@ -119,6 +119,9 @@ class SQLEventSink(SpanProcessor):
     counts it (``overflowed``, ``drained``) apart from the failure spill (``rows_spilled``).
     ``heartbeat``: keep this process's row in ``otel_cmbagent_writers`` (see :mod:`.writers`); None = only
     when the sink creates its own table, or when that table already exists.
+    Rows are written in the agent's quiet: once no span has started or ended for ``delay`` seconds (the agent
+    waits on an LLM, a tool, a person), and at the latest ``max_delay`` seconds after the first of them
+    (a busy stretch), or at once when ``max_batch`` are waiting or on a flush.
     """
 
     def __init__(
@@ -134,7 +137,11 @@ class SQLEventSink(SpanProcessor):
         max_retries: int = 5,
         retry_backoff: float = 0.1,
         heartbeat: bool | None = None,
+        delay: float = 0.1,
+        max_delay: float = 2.0,
     ) -> None:
+        if not 0 < delay <= max_delay:
+            raise ValueError(f"need 0 < delay <= max_delay, not delay={delay!r}, max_delay={max_delay!r}")
         self.engine = make_engine(target)
         if hasattr(os, "register_at_fork"):  # a forked child never uses the parent's pooled connections (this runs
             # before the child's writer thread restarts: handlers run in the order they were registered)
@@ -165,7 +172,8 @@ class SQLEventSink(SpanProcessor):
         self._heartbeat = Heartbeat(self.engine, create=create_heartbeat, schema=self.table.schema) \
             if heartbeat is not False else None
         self._worker = BackgroundWorker(
-            "otel-cmbagent-sql", self._handle, max_queue=max_queue, max_batch=max_batch, tick=self._beat,
+            "otel-cmbagent-sql", self._handle, max_queue=max_queue, max_batch=max_batch, delay=delay,
+            max_delay=max_delay, tick=self._beat,
             tick_interval=self._heartbeat.interval if self._heartbeat else float("inf"), quiesce_on_fork=True,
             overflow=OverflowFile(self.spill_path, self._row_of, _drained_row),
         )

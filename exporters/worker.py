@@ -97,6 +97,13 @@ class WorkerStats:
 class BackgroundWorker:
     """Calls ``handle(batch)`` on a daemon thread with up to ``max_batch`` queued items at a time.
 
+    A batch is taken ``delay`` after the worker sees the queue's first item; with ``max_delay`` (> ``delay``) the
+    worker gathers on while items keep coming, and takes the batch once the queue was quiet for ``delay`` or its
+    first item waited ``max_delay``: an agent mostly waits (on an LLM, a tool, a person), and a batch written
+    in that quiet costs it nothing, while writing in the middle of a busy stretch takes the GIL from it (measured
+    on a scripted zero-latency 50-turn chat: the SQL sink writing every 0.1 s during the chat cost ~0.05 s more
+    wall time than the same rows written after it). A full batch, a flush or a shutdown never waits.
+
     ``handle`` owns retries; if it raises, the batch is counted as failed (and logged). With an ``overflow``
     file, a full queue never drops: from the first item that does not fit until the file is read to its end,
     every item goes to the file (so the order stays the order of ``put``), and the worker handles the file's
@@ -113,6 +120,7 @@ class BackgroundWorker:
         max_queue: int = 100_000,
         max_batch: int = 512,
         delay: float = 0.1,
+        max_delay: float | None = None,
         tick: Callable[[], None] | None = None,
         tick_interval: float = 5.0,
         quiesce_on_fork: bool = False,
@@ -125,6 +133,7 @@ class BackgroundWorker:
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.delay = delay
+        self.max_delay = delay if max_delay is None else max_delay
         self.tick = tick
         self.tick_interval = tick_interval
         self.stats = WorkerStats()
@@ -241,10 +250,8 @@ class BackgroundWorker:
                     self._condition.wait(self.delay)  # idle
                 # Like the SDK's batch processor: gather up to ``delay`` for a fuller batch,
                 # unless a flush or shutdown is waiting (or the queue is full: items go to the overflow file).
-                if self._queue and len(self._queue) < self.max_batch and not (
-                    self._flushers or self._shutdown or self._overflowing
-                ):
-                    self._condition.wait(self.delay)
+                if self._queue and not self._batch_due():
+                    self._gather()
                 if self._queue:
                     batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
                     self.stats.taken += len(batch)
@@ -273,6 +280,19 @@ class BackgroundWorker:
                     self._busy = False
                     self.in_flight = 0
                     self._condition.notify_all()
+
+    def _batch_due(self) -> bool:
+        return len(self._queue) >= self.max_batch or bool(self._flushers or self._shutdown or self._overflowing)
+
+    def _gather(self) -> None:
+        """Wait (holding the condition) until the batch is due: ``delay``, then while items keep coming, until a
+        quiet ``delay`` or ``max_delay`` (see the class docstring)."""
+        deadline = time.monotonic() + self.max_delay
+        while True:
+            size = len(self._queue)
+            self._condition.wait(max(min(self.delay, deadline - time.monotonic()), 0.0))
+            if self._batch_due() or len(self._queue) == size or time.monotonic() >= deadline:
+                return
 
     def _read_overflow(self) -> list[Any]:
         """The overflow file's next batch; at its end (checked under the lock: no append in between) the file is
