@@ -29,7 +29,9 @@ Every ratio is against a baseline measured in the same run; timings are printed,
    the end of ``force_flush`` (every span delivered: ours writes rows during the chat, a 5 s OTLP batch exports
    after it). There each mode's process is started once, warmed up, and the processes take turns chat by chat, so a
    round's chats lie seconds apart (this host's speed drifts by ±20% within a minute). Each chat is flushed after
-   it is timed, so no chat's backlog runs into the next one's time.
+   it is timed, so no chat's backlog runs into the next one's time. It also prints the agent thread's context
+   switches during the chat (Linux): a count of the times it gave up its CPU — to the scripted server, or to a
+   sink thread taking the GIL — which, unlike the times, does not move with the host's speed.
 3. Span data size per run (json.dumps of every span attribute value and span event
    attribute value), ours vs AG2-native, and its growth from the shortest to the longest chat.
 """
@@ -207,6 +209,16 @@ def _child_provider(mode: str, exporter: InMemorySpanExporter | None, endpoint: 
     return tp
 
 
+def _context_switches() -> int:
+    """The calling thread's context switches so far (Linux; 0 elsewhere): each time it gave up its CPU, e.g. to
+    wait for the GIL another thread holds. A count, so it does not move with the host's speed as times do."""
+    try:
+        with open("/proc/thread-self/status") as status:  # voluntary_ctxt_switches, nonvoluntary_ctxt_switches
+            return sum(int(line.split(":")[1]) for line in status if "ctxt_switches:" in line)
+    except OSError:
+        return 0
+
+
 @contextlib.contextmanager
 def chat_runner(mode: str, endpoint: str = ""):
     """A function running one workload (``chat50``, ``group60``) in ``mode`` and returning its figures, in a fresh
@@ -241,14 +253,16 @@ def chat_runner(mode: str, endpoint: str = ""):
         chat = build(workload, cfg)
         scope = oc.run(name=workload) if mode.startswith("ours") else contextlib.nullcontext()
         gc.collect()
+        switches = _context_switches()
         start, cpu_start = time.perf_counter(), time.process_time()
         with scope:
             chat()
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        switches = _context_switches() - switches
         if tp is not None:  # everything delivered (ours writes rows during the chat; a 5 s batch exports later)
             tp.force_flush()
         flushed = time.perf_counter() - start
-        result = {"seconds": seconds, "cpu": cpu, "flushed": flushed, **_span_stats(exporter)}
+        result = {"seconds": seconds, "cpu": cpu, "flushed": flushed, "switches": switches, **_span_stats(exporter)}
         if exporter is not None:
             exporter.clear()
         return result
@@ -409,8 +423,9 @@ def bench_paired(workload: str, rounds: int, endpoint: str, modes: tuple[str, ..
         print(f"2c. {workload}, {rounds} interleaved rounds, {what} (s; × = the round's own ratio to uninstrumented)")
         for mode in modes:
             ratios = [s / p for s, p in zip(seconds[mode], seconds["plain"])]
+            switches = statistics.median(run["switches"] for run in runs[mode])
             print(f"  {mode:<12} best {min(seconds[mode]):.3f}  median {statistics.median(seconds[mode]):.3f}"
-                  f"  median × {statistics.median(ratios):.3f}")
+                  f"  median × {statistics.median(ratios):.3f}  agent thread's context switches {switches:.0f}")
         for ours, ag2 in (("ours", "ag2"), ("ours+otlp", "ag2+otlp"), ("ours+sinks", "ag2+otlp")):
             if ours in seconds and ag2 in seconds:
                 differences = [a - b for a, b in zip(seconds[ours], seconds[ag2])]
