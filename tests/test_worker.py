@@ -48,30 +48,29 @@ def test_a_quiet_queue_is_written_after_delay_not_max_delay():
         worker.shutdown()
 
 
-def test_a_busy_stretch_is_gathered_into_few_batches_but_never_held_past_max_delay():
+def busy_stretch(seconds: float, **timing: float) -> tuple[int, list[list[int]]]:
+    """An item every 10 ms for ``seconds``, then a flush: (batches taken while items kept coming, every batch)."""
     recorder = Recorder()
-    worker = BackgroundWorker("test-busy", recorder, delay=0.2, max_delay=0.8)
+    worker = BackgroundWorker("test-busy", recorder, **timing)
     try:
-        puts = produce(worker, seconds=2.4, every=0.01)
+        puts = produce(worker, seconds=seconds, every=0.01)
         assert worker.flush(10)
     finally:
         worker.shutdown()
-    during = [taken for taken, _ in recorder.batches if taken < puts[-1]]
+    batches = [batch for _, batch in recorder.batches]
+    assert sorted(item for batch in batches for item in batch) == list(range(len(puts)))
+    return sum(taken < puts[-1] for taken, _ in recorder.batches), batches
+
+
+def test_a_busy_stretch_is_gathered_into_few_batches_but_never_held_past_max_delay():
+    during, batches = busy_stretch(2.4, delay=0.2, max_delay=0.8)
     # Every 0.2 s (the delay alone) would be ~12 batches while items keep coming; max_delay 0.8 s gives ~3.
-    assert 1 <= len(during) <= 6, [len(batch) for _, batch in recorder.batches]
-    assert sorted(item for _, batch in recorder.batches for item in batch) == list(range(len(puts)))
+    assert 1 <= during <= 6, [len(batch) for batch in batches]
 
 
 def test_without_max_delay_a_batch_is_taken_after_delay_while_items_keep_coming():
-    recorder = Recorder()
-    worker = BackgroundWorker("test-plain", recorder, delay=0.05)
-    try:
-        puts = produce(worker, seconds=1.5, every=0.01)
-        assert worker.flush(10)
-    finally:
-        worker.shutdown()
-    during = [taken for taken, _ in recorder.batches if taken < puts[-1]]
-    assert len(during) >= 6, [len(batch) for _, batch in recorder.batches]  # ~30 at full speed
+    during, batches = busy_stretch(1.5, delay=0.05)
+    assert during >= 6, [len(batch) for batch in batches]  # ~30 at full speed
 
 
 def test_a_flush_does_not_wait_for_the_quiet():
