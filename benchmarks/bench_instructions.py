@@ -59,8 +59,8 @@ def run_child(mode: str, turns: int, endpoint: str, group: bool = False) -> None
         provider = bench_overhead._child_provider(mode, InMemorySpanExporter(), endpoint)
         for processor in provider._active_span_processor._span_processors:
             worker = getattr(processor, "_worker", None)
-            if worker is not None:
-                worker.delay = HOUR_MS / 1000
+            if worker is not None:  # no quiet to wait for, no deadline: batches by count and at the flush
+                worker.delay = worker.max_delay = HOUR_MS / 1000
     if mode.startswith("ag2"):
         from autogen.opentelemetry import instrument_agent
     # One devnull for the whole child: AG2's console handler keeps the stream it first saw (a closed one would make
