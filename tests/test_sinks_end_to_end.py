@@ -191,7 +191,7 @@ import otel_cmbagent as oc
 from otel_cmbagent.testing import ScriptedLLM, text
 from autogen import ConversableAgent
 tracing = oc.setup_tracing(sql_url="sqlite:///{db}")
-tracing.sql._worker.delay = 300  # the worker sits on the rows: only the SIGTERM flush writes them
+tracing.sql._worker.delay = tracing.sql._worker.max_delay = 300  # the worker sits on the rows: only SIGTERM's flush writes them
 tracing.sql.force_flush()  # (the worker now idles with the long delay)
 with ScriptedLLM([text("hi"), text("TERMINATE")]) as llm:
     a = ConversableAgent("a", llm_config=llm.llm_config())
