@@ -30,8 +30,8 @@ Every ratio is against a baseline measured in the same run; timings are printed,
    after it). There each mode's process is started once, warmed up, and the processes take turns chat by chat, so a
    round's chats lie seconds apart (this host's speed drifts by ±20% within a minute). Each chat is flushed after
    it is timed, so no chat's backlog runs into the next one's time. It also prints the agent thread's context
-   switches during the chat (Linux): a count of the times it gave up its CPU — to the scripted server, or to a
-   sink thread taking the GIL — which, unlike the times, does not move with the host's speed.
+   switches during the chat (Linux): the times it gave up its CPU — to the scripted server, or to a sink thread
+   taking the GIL. Not a clock, but it moves between runs too (with which core each thread lands on).
 3. Span data size per run (json.dumps of every span attribute value and span event
    attribute value), ours vs AG2-native, and its growth from the shortest to the longest chat.
 """
@@ -211,7 +211,7 @@ def _child_provider(mode: str, exporter: InMemorySpanExporter | None, endpoint: 
 
 def _context_switches() -> int:
     """The calling thread's context switches so far (Linux; 0 elsewhere): each time it gave up its CPU, e.g. to
-    wait for the GIL another thread holds. A count, so it does not move with the host's speed as times do."""
+    wait for the GIL another thread holds."""
     try:
         with open("/proc/thread-self/status") as status:  # voluntary_ctxt_switches, nonvoluntary_ctxt_switches
             return sum(int(line.split(":")[1]) for line in status if "ctxt_switches:" in line)
