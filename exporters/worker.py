@@ -248,8 +248,8 @@ class BackgroundWorker:
             with self._condition:
                 if not self._queue and not self._shutdown and not self._overflowing:
                     self._condition.wait(self.delay)  # idle
-                # Like the SDK's batch processor: gather up to ``delay`` for a fuller batch,
-                # unless a flush or shutdown is waiting (or the queue is full: items go to the overflow file).
+                # Gather for a fuller batch (``delay``, and with ``max_delay`` until the queue is quiet), unless a
+                # flush or shutdown is waiting, the batch is full, or the queue is (items go to the overflow file).
                 if self._queue and not self._batch_due():
                     self._gather()
                 if self._queue:
