@@ -107,15 +107,11 @@ class PreparedUpsert:
         return cls(compiled.string, dialect.positional, names, tuple(row_keys), tuple(processors), tuple(fixed),
                    multi_row, max_rows)
 
-    def parameters(self, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
-        """The rows as the driver takes them: tuples in the compiled order (positional), else dicts by name.
-        Every row must carry every key."""
-        return self._bound(rows, with_fixed=True)
-
-    def _bound(self, rows: Sequence[Mapping[str, Any]], with_fixed: bool) -> list[Any]:
+    def row_values(self, rows: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+        """Each row's values as bound, in the compiled order, without the statement's own literals. Every row must
+        carry every key."""
         get, processors = self._get, self._processors
-        fixed = self._fixed if with_fixed else ()
-        out: list[Any] = []
+        out: list[list[Any]] = []
         for row in rows:
             values = list(get(row))
             last_group = last_value = last_done = None
@@ -126,12 +122,16 @@ class PreparedUpsert:
                     continue
                 last_group, last_value = group, value
                 values[position] = last_done = processor(value)
-            for position, value in fixed:
+            out.append(values)
+        return out
+
+    def parameters(self, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
+        """The rows as the driver takes them: tuples in the compiled order (positional), else dicts by name."""
+        out: list[Any] = []
+        for values in self.row_values(rows):
+            for position, value in self._fixed:
                 values.insert(position, value)
-            if not with_fixed:
-                out.append(values)
-            else:
-                out.append(tuple(values) if self.positional else dict(zip(self.names, values)))
+            out.append(tuple(values) if self.positional else dict(zip(self.names, values)))
         return out
 
     def multi_row_sql(self, count: int) -> str:
@@ -145,7 +145,7 @@ class PreparedUpsert:
     def execute(self, connection: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         multi_row = self._multi_row is not None and len(rows) > 1
         try:
-            parameters = self._bound(rows, with_fixed=not multi_row)
+            parameters = self.row_values(rows) if multi_row else self.parameters(rows)
         except Exception as exc:  # a value a bind processor refuses: reported as SQLAlchemy reports it
             raise sa.exc.DBAPIError.instance(self.sql, None, exc, connection.dialect.loaded_dbapi.Error,
                                              dialect=connection.dialect) from exc

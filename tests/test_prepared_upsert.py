@@ -187,10 +187,9 @@ def test_a_large_batch_on_sqlite_goes_in_a_few_multi_row_statements(tmp_path):
     assert not any(executemany for _, executemany in statements)
     prepared_upsert = next(value for value in prepared._prepared.values() if value is not None)
     sql = prepared_upsert.multi_row_sql(2)
+    final, start = prepared_upsert.row_values([_event(300), _event(300, status="running", outputs=None)])
     with engines[0].begin() as connection:  # a start row after its final row, in one statement: the final stays
-        connection.exec_driver_sql(sql, tuple(prepared_upsert._bound([_event(300)], with_fixed=False)[0])
-                                   + tuple(prepared_upsert._bound([_event(300, status="running", outputs=None)],
-                                                                  with_fixed=False)[0]) + ("running",))
+        connection.exec_driver_sql(sql, (*final, *start, "running"))
         assert connection.execute(sa.select(tables[0].c.status).where(tables[0].c.id == _event(300)["id"])
                                   ).scalar_one() == "completed"
 
