@@ -391,8 +391,8 @@ def _median_interval(values: list[float], resamples: int = 4000) -> tuple[float,
 
 
 def bench_paired(workload: str, rounds: int, endpoint: str, modes: tuple[str, ...] = ("plain", *SINK_MODES)) -> None:
-    """One workload, uninstrumented and both full pipelines, ``rounds`` interleaved rounds (the order rotating): per-mode
-    best and median, and per round ours − AG2's (both ran in that round: the machine's drift cancels); timed to the
+    """One workload in ``modes`` (uninstrumented first; by default both full pipelines), ``rounds`` interleaved rounds
+    (the order rotating): per-mode best and median, and per round ours − AG2's (both ran in that round: the machine's drift cancels); timed to the
     chat's end, then to the end of ``force_flush`` (every span delivered)."""
     runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     # One warmed-up process per mode, taking turns: a round's runs lie seconds apart. This host's speed drifts by
@@ -465,10 +465,10 @@ def main() -> None:
     started = time.perf_counter()
     print(f"otel-cmbagent overhead benchmark (python {sys.version.split()[0]}, {os.cpu_count()} CPUs)\n")
     if args.paired:
+        modes = tuple(args.modes.split(","))
+        if modes[0] != "plain" or not set(modes) <= set(PAIRED_MODES):
+            parser.error(f"--modes: 'plain' first, then any of {','.join(PAIRED_MODES)}")
         with _receiver(True) as endpoint:
-            modes = tuple(args.modes.split(","))
-            if modes[0] != "plain" or not set(modes) <= set(PAIRED_MODES):
-                parser.error(f"--modes: 'plain' first, then any of {','.join(PAIRED_MODES)}")
             bench_paired(f"chat{args.paired}", rounds, endpoint, modes)
         print(f"(total {time.perf_counter() - started:.0f} s)")
         return
