@@ -27,8 +27,11 @@ Every ratio is against a baseline measured in the same run; timings are printed,
    chat in those three modes (uninstrumented, both full pipelines; ``--modes`` adds "ours", "ag2" and "ours+otlp"),
    N rounds (the order rotating), and prints each round's ours − AG2's (part 2c), timed to the chat's end and to
    the end of ``force_flush`` (every span delivered: ours writes rows during the chat, a 5 s OTLP batch exports
-   after it). There each mode's process is started once, warmed up, and the processes take turns chat by chat, so a
-   round's chats lie seconds apart (this host's speed drifts by ±20% within a minute). Each chat is flushed after
+   after it). There each mode has a warmed-up process, and the processes take turns chat by chat, so a round's
+   chats lie seconds apart (this host's speed drifts by ±20% within a minute); every ``--rounds-per-process``
+   rounds (10) a fresh set of processes takes over, since a process keeps a speed of its own for its life.
+   ``MODE#TAG`` runs MODE once more in processes of its own (``--modes plain,plain#2,...``: an A/A pair, whose
+   difference is what the design shows when nothing differs). Each chat is flushed after
    it is timed, so no chat's backlog runs into the next one's time. It also prints the agent thread's context
    switches during the chat (Linux): the times it gave up its CPU — to the scripted server, or to a sink thread
    taking the GIL. Not a clock, but it moves between runs too (with which core each thread lands on).
@@ -390,22 +393,44 @@ def _median_interval(values: list[float], resamples: int = 4000) -> tuple[float,
     return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
-def bench_paired(workload: str, rounds: int, endpoint: str, modes: tuple[str, ...] = ("plain", *SINK_MODES)) -> None:
+def _base_mode(mode: str) -> str:
+    """``ours+sinks#2`` -> ``ours+sinks``: a tagged mode is the same mode in processes of its own (an A/A check)."""
+    return mode.split("#", 1)[0]
+
+
+def _start_children(modes: tuple[str, ...], workload: str, endpoint: str) -> dict[str, subprocess.Popen]:
+    children = {mode: subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", _base_mode(mode),
+                                        "--workloads", workload, "--endpoint", endpoint], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True) for mode in modes}
+    for mode, child in children.items():
+        if child.stdout.readline().strip() != "ready":
+            sys.exit(f"child {mode} failed (its stderr is above)")
+    return children
+
+
+def _stop_children(children: dict[str, subprocess.Popen]) -> None:
+    for child in children.values():
+        child.stdin.close()
+        child.wait()
+
+
+def bench_paired(workload: str, rounds: int, endpoint: str, modes: tuple[str, ...] = ("plain", *SINK_MODES),
+                 rounds_per_process: int = 10) -> None:
     """One workload in ``modes`` (uninstrumented first; by default both full pipelines), ``rounds`` interleaved rounds
     (the order rotating): per-mode best and median, and per round ours − AG2's (both ran in that round: the machine's drift cancels); timed to the
     chat's end, then to the end of ``force_flush`` (every span delivered)."""
     runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     # One warmed-up process per mode, taking turns: a round's runs lie seconds apart. This host's speed drifts by
     # ±20% within a minute (the same uninstrumented chat took 1.7–2.5 s in one process); a process per run put
-    # whole minutes and each process's own start between the runs compared.
-    children = {mode: subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", mode, "--workloads",
-                                        workload, "--endpoint", endpoint], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, text=True) for mode in modes}
+    # whole minutes and each process's own start between the runs compared. A process also keeps a speed of its
+    # own for its whole life (its memory layout, its hash seed: an A/A run of one mode in two processes differed
+    # by a few % over 40 rounds), so a fresh set of processes serves every ``rounds_per_process`` rounds.
+    children: dict[str, subprocess.Popen] = {}
     try:
-        for mode, child in children.items():
-            if child.stdout.readline().strip() != "ready":
-                sys.exit(f"child {mode} failed (its stderr is above)")
         for round_number in range(rounds):
+            if round_number % rounds_per_process == 0:
+                _stop_children(children)
+                children = _start_children(modes, workload, endpoint)
             # The order rotates each round: a run's place in its round moved its time by a few %.
             for mode in modes[round_number % len(modes):] + modes[:round_number % len(modes)]:
                 children[mode].stdin.write("\n")
@@ -415,9 +440,7 @@ def bench_paired(workload: str, rounds: int, endpoint: str, modes: tuple[str, ..
                     sys.exit(f"child {mode} failed (its stderr is above)")
                 runs[mode].append(json.loads(line))
     finally:
-        for child in children.values():
-            child.stdin.close()
-            child.wait()
+        _stop_children(children)
     for key, what in (("seconds", "the chat"), ("flushed", "the chat until its spans are delivered (force_flush)")):
         seconds = {mode: [run[key] for run in runs[mode]] for mode in modes}
         print(f"2c. {workload}, {rounds} interleaved rounds, {what} (s; × = the round's own ratio to uninstrumented)")
@@ -426,7 +449,9 @@ def bench_paired(workload: str, rounds: int, endpoint: str, modes: tuple[str, ..
             switches = statistics.median(run["switches"] for run in runs[mode])
             print(f"  {mode:<12} best {min(seconds[mode]):.3f}  median {statistics.median(seconds[mode]):.3f}"
                   f"  median × {statistics.median(ratios):.3f}  agent thread's context switches {switches:.0f}")
-        for ours, ag2 in (("ours", "ag2"), ("ours+otlp", "ag2+otlp"), ("ours+sinks", "ag2+otlp")):
+        pairs = [("ours", "ag2"), ("ours+otlp", "ag2+otlp"), ("ours+sinks", "ag2+otlp")]
+        pairs += [(mode, _base_mode(mode)) for mode in modes if mode != _base_mode(mode)]  # A/A: ours is the tagged one
+        for ours, ag2 in pairs:
             if ours in seconds and ag2 in seconds:
                 differences = [a - b for a, b in zip(seconds[ours], seconds[ag2])]
                 low, high = _median_interval(differences)
@@ -449,6 +474,8 @@ def main() -> None:
     parser.add_argument("--child", choices=MODES + SINK_MODES, help=argparse.SUPPRESS)
     parser.add_argument("--modes", default="plain,ours+sinks,ag2+otlp",
                         help=f"--paired: the modes, 'plain' first (of {','.join(PAIRED_MODES)})")
+    parser.add_argument("--rounds-per-process", type=int, default=10,
+                        help="--paired: a fresh process per mode every this many rounds (default 10)")
     parser.add_argument("--serve", choices=PAIRED_MODES, help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", default="", help=argparse.SUPPRESS)
     parser.add_argument("--workloads", help=argparse.SUPPRESS)
@@ -466,10 +493,12 @@ def main() -> None:
     print(f"otel-cmbagent overhead benchmark (python {sys.version.split()[0]}, {os.cpu_count()} CPUs)\n")
     if args.paired:
         modes = tuple(args.modes.split(","))
-        if modes[0] != "plain" or not set(modes) <= set(PAIRED_MODES):
-            parser.error(f"--modes: 'plain' first, then any of {','.join(PAIRED_MODES)}")
+        if modes[0] != "plain" or not {_base_mode(mode) for mode in modes} <= set(PAIRED_MODES) \
+                or len(set(modes)) < len(modes) or args.rounds_per_process < 1:
+            parser.error(f"--modes: 'plain' first, then any of {','.join(PAIRED_MODES)} (each once; MODE#TAG = MODE "
+                         "again in processes of its own); --rounds-per-process at least 1")
         with _receiver(True) as endpoint:
-            bench_paired(f"chat{args.paired}", rounds, endpoint, modes)
+            bench_paired(f"chat{args.paired}", rounds, endpoint, modes, args.rounds_per_process)
         print(f"(total {time.perf_counter() - started:.0f} s)")
         return
     if not args.chats_only:
