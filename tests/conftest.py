@@ -9,6 +9,7 @@ exporter behind ``tracer_provider`` (AG2 instrumented only by ``instrument_with_
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -20,6 +21,13 @@ import otel_cmbagent as oc
 
 # AG2 1.x's tests run only where AG2 1.x is installed (make test-ag2x); the classic lines leave the module out.
 collect_ignore = [] if oc.ag2x.installed() else ["test_ag2x.py"]
+
+# A suite started in the background by a shell without job control (``make test &`` in a script, some CI
+# runners) inherits SIGINT ignored, and so would every child a test stops with SIGINT as Ctrl-C does: such a
+# child never sees the KeyboardInterrupt and the test times out. Python's own handler here gives the children
+# the default disposition back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # A recognisable fake key: it must never appear in any span, attribute or event.
 FAKE_KEY = "sk-test-FAKEKEY-0123456789abcdefXYZ"
