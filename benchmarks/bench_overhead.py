@@ -404,6 +404,7 @@ def _start_children(modes: tuple[str, ...], workload: str, endpoint: str) -> dic
                                        stdout=subprocess.PIPE, text=True) for mode in modes}
     for mode, child in children.items():
         if child.stdout.readline().strip() != "ready":
+            _stop_children(children)  # the others of this set too: the caller never got hold of them
             sys.exit(f"child {mode} failed (its stderr is above)")
     return children
 
