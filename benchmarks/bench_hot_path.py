@@ -8,7 +8,7 @@ per-thread parent) as fast as they can; µs/span = wall time of the loop / spans
   bare SDK   a ``TracerProvider`` without processors (what a span costs at all);
   SDK+OTLP   the SDK's own ``BatchSpanProcessor(OTLPSpanExporter)`` (what plain OTel tracing to a collector costs);
   ours       ``setup_tracing(sql_url=<SQLite file>, otlp=True)``: the sequencer, open-spans tracking, the SQL
-             sink (live start rows) and our OTLP processor, inside ``oc.run()``.
+             sink (live running rows) and our OTLP processor, inside ``oc.run()``.
 OTLP goes over HTTP/protobuf to a loopback receiver in a child process (decoding there, off this GIL). Every
 cell is flushed (rows written, spans exported) before the next one starts, so no sink's backlog spills into
 another cell; the writer and exporter threads do run during the loop and share the GIL with the agent threads:

@@ -1,6 +1,6 @@
 """The SQL event table sink: cmbagent's ``execution_events`` rows, live, batched, idempotent.
 
-Rows are written when a span starts (``status=running``) and completed when it
+A span still open when the writer takes a batch gets a ``status=running`` row, completed when it
 ends, so a crashed or hung run is visible in the table. A background worker
 writes batches in one transaction with executemany upserts (SQLAlchemy Core);
 a failing database is retried with backoff, then the batch is spilled to a JSONL
@@ -17,6 +17,7 @@ import os
 import time
 import weakref
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,13 @@ __all__ = ["ReplayReport", "SQLEventSink", "execution_events_table", "make_engin
 _logger = logging.getLogger("otel_cmbagent.exporters")
 
 # Queue items, told apart by type (no tuple per span: fewer objects for the garbage collector while a burst is
-# queued): a SpanAtStart (a start row), a SpanAtEnd (its final row), a tuple (a message: its span's snapshot,
-# attributes, time), a dict (a row), or _RETRY.
+# queued): a SpanAtEnd (its final row), a tuple (a message: its span's snapshot, attributes, time), a dict (a row),
+# _RETRY, or _STARTED. A span's start puts nothing of its own: the writer reads the open spans itself.
 _RETRY = "retry"
+_STARTED = object()  # "a span started": wakes the writer (never written to the overflow file, see nudge)
 # Rows waiting for their run/session row are tried again this often (and on every flush).
 HELD_RECHECK_SECONDS = 1.0
+_EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
 
 
 def make_engine(target: str | Engine) -> Engine:
@@ -103,6 +106,22 @@ def _dispose_after_fork(engine_ref: weakref.ref[Engine]) -> None:
         engine.dispose(close=False)
 
 
+def _forget_open_after_fork(sink_ref: weakref.ref[SQLEventSink]) -> None:
+    """A forked child writes no running rows for its parent's open spans: they are the parent's to write (and
+    its copies of them never end)."""
+    sink = sink_ref()
+    if sink is not None:
+        sink._open = {}
+        sink._shown = set()
+        sink._start_pending = False
+
+
+def _start_position(row: dict[str, Any]) -> tuple[Any, int]:
+    """Where a row goes in its batch: by start time, then run order (a child can start in its parent's tick)."""
+    order = row.get("execution_order")
+    return row.get("timestamp") or _EARLIEST, order if type(order) is int else 0
+
+
 class SQLEventSink(SpanProcessor):
     """A SpanProcessor that writes cmbagent ``execution_events`` rows (add it after the sequencer).
 
@@ -146,6 +165,7 @@ class SQLEventSink(SpanProcessor):
         if hasattr(os, "register_at_fork"):  # a forked child never uses the parent's pooled connections (this runs
             # before the child's writer thread restarts: handlers run in the order they were registered)
             os.register_at_fork(after_in_child=functools.partial(_dispose_after_fork, weakref.ref(self.engine)))
+            os.register_at_fork(after_in_child=functools.partial(_forget_open_after_fork, weakref.ref(self)))
         self.table = table if table is not None else execution_events_table()
         self._create_table = table is None
         self._table_ready = False
@@ -156,7 +176,10 @@ class SQLEventSink(SpanProcessor):
         self.retry_backoff = retry_backoff
         self._file = SQLiteFileGuard(self.engine, reconnect=not isinstance(target, Engine), spill_path=self.spill_path)
         self._writer = TableWriter(self.engine, self.table)
-        self._open_spans: set[int] = set()  # for message rows; set.add/discard are atomic: no lock per span
+        # span id -> the open span: its running row and message rows (a dict store/pop is atomic: no lock per span)
+        self._open: dict[int, Any] = {}
+        self._shown: set[int] = set()  # open spans whose running row is written (the writer's own)
+        self._start_pending = False  # a _STARTED is queued and not yet taken
         self._degraded = False
         self.rows_written = 0
         self.rows_spilled = 0
@@ -182,33 +205,35 @@ class SQLEventSink(SpanProcessor):
 
     # --- SpanProcessor --------------------------------------------------------
     def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
+        # No copy here: the writer snapshots the spans still open when it takes a batch (a span that ends before
+        # then gets its final row only), so the agent's thread pays a dict store, not a record and a queued item.
         try:
-            if self.write_on_start:
-                # Only a frozen copy here: rows are built on the worker thread, off the agent's path.
-                record = snapshot(span)
-                self._open_spans.add(record.span_id)
-                self._worker.put(record)
-            else:
-                self._open_spans.add(span.get_span_context().span_id)
+            self._open[span.get_span_context().span_id] = span
+            if self.write_on_start and not self._start_pending:
+                self._start_pending = True
+                self._worker.nudge(_STARTED)
         except Exception as exc:  # noqa: BLE001
             log_internal_error("SQLEventSink.on_start", exc)
 
     def on_end(self, span: ReadableSpan) -> None:
         try:
             record = span_at_end(span)  # plain values: a queued ReadableSpan keeps the collector busy
-            self._open_spans.discard(record.span_id)
+            self._open.pop(record.span_id, None)  # before the put: a batch holding the end never sees it open
             self._worker.put(record)
         except Exception as exc:  # noqa: BLE001
             log_internal_error("SQLEventSink.on_end", exc)
 
     def _on_message(self, span: Any, attributes: Mapping[str, Any], timestamp_ns: int) -> None:
-        if span.get_span_context().span_id in self._open_spans:  # the row is built on the worker, from copies
+        if span.get_span_context().span_id in self._open:  # the row is built on the worker, from copies
             self._worker.put((snapshot(span), dict(attributes), timestamp_ns))
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        """Write everything queued (and retry held rows); False if some rows are still held or it timed out."""
+        """Write everything queued and the running rows of open spans (and retry held rows); False if some rows
+        are still held or it timed out."""
         if self._held:
             self._worker.put(_RETRY)
+        if self.write_on_start and self._open:
+            self._worker.nudge(_STARTED)
         return self._worker.flush(timeout_millis / 1000) and not self._held
 
     def shutdown(self) -> None:
@@ -277,30 +302,40 @@ class SQLEventSink(SpanProcessor):
         return True
 
     def _handle(self, items: list[Any]) -> None:
-        """Build the batch's rows on the worker thread.
-
-        A span that starts and ends within one batch is written once, completed, at its
-        start position (parents stay before children: foreign keys on parent_event_id hold).
-        """
-        ends = {item.span_id: item for item in items if type(item) is SpanAtEnd}
-        written: set[int] = set()
+        """Build the batch's rows on the worker thread: the running rows of spans open now and not shown yet,
+        then the items' rows, in start order (parents before children: foreign keys on parent_event_id hold;
+        ends arrive children first). A span that started and ended since the last batch is written once,
+        completed."""
+        self._start_pending = False  # before reading the open spans: a span starting after this nudges again
         rows: list[dict[str, Any]] = self._take_held(_RETRY in items)
+        fresh = self._running_rows()
         for item in items:
-            if type(item) is tuple or isinstance(item, dict):
-                rows.append(self._row_of(item))
-                continue
-            if item is _RETRY:
-                continue
-            span_id = item.span_id
-            if span_id in written:
-                continue
-            ended = ends.get(span_id)
-            if ended is not None:
-                written.add(span_id)
-                item = ended
-            rows.append(self._row_of(item))
+            if item is not _STARTED and item is not _RETRY:
+                fresh.append(self._row_of(item))
+        if len(fresh) > 1:
+            try:
+                fresh.sort(key=_start_position)
+            except TypeError:  # a row read back with a time of another kind: kept in queue order
+                pass
+        rows.extend(fresh)
         if rows:
             self._write_batch(rows)
+
+    def _running_rows(self) -> list[dict[str, Any]]:
+        """The running rows of the spans open now whose row is not written yet (each once while it is open)."""
+        if not self.write_on_start or not self._open:
+            self._shown = set()
+            return []
+        shown, still_shown = self._shown, set()
+        rows = []
+        for span_id, span in list(self._open.items()):  # a copy: the agents' threads store and pop meanwhile
+            if span_id in shown:
+                still_shown.add(span_id)
+            elif span.is_recording():  # not ended meanwhile (its end is queued after it left _open)
+                rows.append(self._row_of(snapshot(span)))
+                still_shown.add(span_id)
+        self._shown = still_shown  # the spans that ended drop out
+        return rows
 
     def _row_of(self, item: Any) -> dict[str, Any]:
         """The row of a queued item (on the worker; on the agent's thread for an item that overflows)."""

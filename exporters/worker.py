@@ -191,6 +191,13 @@ class BackgroundWorker:
             return True
         return self._put_full(item)
 
+    def nudge(self, marker: Any) -> None:
+        """Queue ``marker`` so the worker takes a batch (after ``delay``, as for an item) - only while the queue
+        has room: a full or overflowing queue keeps the worker busy anyway, and a marker is no row to keep."""
+        queue = self._queue
+        if not (self._overflowing or self._shutdown) and len(queue) < self.max_queue:
+            queue.append(marker)
+
     def _put_full(self, item: Any) -> bool:
         with self._condition:
             closed = self._shutdown

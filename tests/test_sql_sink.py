@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
 from datetime import datetime, timezone
 
@@ -66,6 +67,70 @@ def test_rows_are_visible_while_the_run_is_live(tracing, scripted_llm):
         assert messages, "messages are written as they are sent, not when the conversation ends"
     tracing.force_flush()
     assert {r["status"] for r in table_rows(tracing.sql.engine)} == {"completed"}
+
+
+
+def _bare_tracing():
+    return oc.setup_tracing(sql_url=None, otlp=False, instrument=False, set_global=False, handle_sigterm=False)
+
+
+def test_an_open_span_gets_its_running_row_from_the_writer_once(tmp_path):
+    """A start copies nothing on the agent's thread: it wakes the writer, which reads the spans still open and
+    writes their running rows within its delay - no flush asked; later batches do not write them again."""
+    sink = SQLEventSink(f"sqlite:///{tmp_path / 'open.db'}", heartbeat=False, delay=0.02, max_delay=0.2)
+    tracing = _bare_tracing()
+    tracing.tracer_provider.add_span_processor(sink)
+    tracer = tracing.tracer_provider.get_tracer("open")
+    try:
+        with oc.run(name="open"), tracer.start_as_current_span("long", attributes={"cmbagent.event_type": "tool_call"}):
+            deadline = time.monotonic() + 30
+            while sink.rows_written < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            (running,) = table_rows(sink.engine)
+            assert (running["event_type"], running["status"]) == ("tool_call", "running")
+            assert "cmbagent.writer" in json.loads(running["meta"])
+            assert sink.force_flush()
+            written = sink.rows_written
+            for index in range(3):  # spans that start and end between two batches: one final row each
+                tracer.start_span(f"quick {index}").end()
+                assert sink.force_flush()
+            assert sink.rows_written - written == 3, "the open spans' running rows were written again"
+    finally:
+        tracing.shutdown()
+        sink.shutdown()
+    rows = table_rows(sink.engine)
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"completed"}
+
+
+def test_children_that_end_first_are_written_after_their_parents(tmp_path):
+    """Ends arrive children first; in one batch the rows go in start order (SQLite's rowid order shows it), so on
+    cmbagent's table (foreign key on parent_event_id, enforced) no child row waits for, or loses, its parent -
+    also where a batch is written row by row or split (other dialects, a refused row)."""
+    import cmbagent_schema as cmb
+
+    engine = cmb.cmbagent_engine(f"sqlite:///{tmp_path / 'nested.db'}")
+    cmb.add_run(engine, "run-nested", "session-nested")
+    sink = SQLEventSink(engine, table=cmb.execution_events, delay=60, max_delay=60)  # one batch: the flush
+    tracing = _bare_tracing()
+    tracing.tracer_provider.add_span_processor(sink)
+    tracer = tracing.tracer_provider.get_tracer("nested")
+    try:
+        with oc.run(name="nested", run_id="run-nested", session_id="session-nested"):
+            with tracer.start_as_current_span("a"), tracer.start_as_current_span("b"):
+                with tracer.start_as_current_span("c"):
+                    tracer.start_span("d").end()
+        assert sink.force_flush()
+    finally:
+        tracing.shutdown()
+        sink.shutdown()
+    rows = cmb.history(engine, "run-nested")
+    names = {r["id"]: r["meta"]["span_name"] for r in rows}
+    parents = {r["meta"]["span_name"]: names.get(r["parent_event_id"]) for r in rows}
+    assert parents == {"a": None, "b": "a", "c": "b", "d": "c"}, parents
+    assert sink.stats["fk_nulled"] == 0 and sink.stats["rows_held"] == 0, sink.stats
+    with engine.connect() as connection:
+        inserted = connection.execute(sa.text("select id from execution_events order by rowid")).scalars().all()
+    assert [names[row_id] for row_id in inserted] == ["a", "b", "c", "d"]
 
 
 def test_rewrites_are_idempotent(tmp_path, tracer_provider, memory_exporter, monkeypatch):
