@@ -7,7 +7,7 @@ Each cell: ``threads`` threads each start and end spans (a tool-call span with f
 per-thread parent) as fast as they can; µs/span = wall time of the loop / spans. Configurations:
   bare SDK   a ``TracerProvider`` without processors (what a span costs at all);
   SDK+OTLP   the SDK's own ``BatchSpanProcessor(OTLPSpanExporter)`` (what plain OTel tracing to a collector costs);
-  ours       ``setup_tracing(sql_url=<SQLite file>, otlp=True)``: the sequencer, open-spans tracking, the SQL
+  ours       ``setup_tracing(sql_url=<SQLite file>, otlp=True)``: the sequencer (which keeps open spans), the SQL
              sink (live running rows) and our OTLP processor, inside ``oc.run()``.
 OTLP goes over HTTP/protobuf to a loopback receiver in a child process (decoding there, off this GIL). Every
 cell is flushed (rows written, spans exported) before the next one starts, so no sink's backlog spills into
@@ -80,8 +80,8 @@ class GCClock:
 
 
 # --parts: "ours" with only some of its processors (by class), each part's cost in place
-PART_PROCESSORS = ("SequencingSpanProcessor", "OpenSpans", "SQLEventSink", "CountingBatchSpanProcessor")
-PARTS = {"+ sequencer": 1, "+ open spans": 2, "+ SQL sink": 3, "+ OTLP = ours": 4}  # how many of them
+PART_PROCESSORS = ("SequencingSpanProcessor", "SQLEventSink", "CountingBatchSpanProcessor")
+PARTS = {"+ sequencer": 1, "+ SQL sink": 2, "+ OTLP = ours": 3}  # how many of them (the sequencer keeps open spans)
 
 
 def _build(config: str, folder: str, endpoint: str) -> tuple[TracerProvider, object | None]:

@@ -27,6 +27,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from sqlalchemy.engine import Engine
 
 from otel_cmbagent.pipeline.listeners import add_message_listener, remove_message_listener
+from otel_cmbagent.pipeline.open_spans import OpenSpans
 from otel_cmbagent.pipeline.values import log_internal_error
 from otel_cmbagent.table.encoding import row_from_json
 from otel_cmbagent.table.fit import json_text
@@ -111,7 +112,7 @@ def _forget_open_after_fork(sink_ref: weakref.ref[SQLEventSink]) -> None:
     its copies of them never end)."""
     sink = sink_ref()
     if sink is not None:
-        sink._open = {}
+        sink._open.clear()  # not a new dict: a registry shared with the sequencer stays one
         sink._shown = set()
         sink._start_pending = False
 
@@ -140,7 +141,10 @@ class SQLEventSink(SpanProcessor):
     when the sink creates its own table, or when that table already exists.
     Rows are written in the agent's quiet: once no span has started or ended for ``delay`` seconds (the agent
     waits on an LLM, a tool, a person), and at the latest ``max_delay`` seconds after the first of them
-    (a busy stretch), or at once when ``max_batch`` are waiting or on a flush.
+    (a busy stretch), or at once when ``max_batch`` are waiting or on a flush. A span still open then gets its
+    ``running`` row (once); a start copies nothing on the agent's thread. ``open_spans``: an
+    :class:`~otel_cmbagent.pipeline.open_spans.OpenSpans` a processor ahead of this one keeps (``setup_tracing``
+    passes the sequencer's), read instead of a registry of this sink's own.
     """
 
     def __init__(
@@ -158,6 +162,7 @@ class SQLEventSink(SpanProcessor):
         heartbeat: bool | None = None,
         delay: float = 0.1,
         max_delay: float = 2.0,
+        open_spans: OpenSpans | None = None,
     ) -> None:
         if not 0 < delay <= max_delay:
             raise ValueError(f"need 0 < delay <= max_delay, not delay={delay!r}, max_delay={max_delay!r}")
@@ -176,8 +181,10 @@ class SQLEventSink(SpanProcessor):
         self.retry_backoff = retry_backoff
         self._file = SQLiteFileGuard(self.engine, reconnect=not isinstance(target, Engine), spill_path=self.spill_path)
         self._writer = TableWriter(self.engine, self.table)
-        # span id -> the open span: its running row and message rows (a dict store/pop is atomic: no lock per span)
-        self._open: dict[int, Any] = {}
+        # span id -> the open span: its running row and message rows (a dict store/pop is atomic: no lock per span);
+        # with ``open_spans`` the registry a processor ahead of this one keeps (setup_tracing: the sequencer)
+        self._own_open = open_spans is None
+        self._open: dict[int, Any] = {} if open_spans is None else open_spans.spans
         self._shown: set[int] = set()  # open spans whose running row is written (the writer's own)
         self._start_pending = False  # a _STARTED is queued and not yet taken
         self._degraded = False
@@ -208,7 +215,8 @@ class SQLEventSink(SpanProcessor):
         # No copy here: the writer snapshots the spans still open when it takes a batch (a span that ends before
         # then gets its final row only), so the agent's thread pays a dict store, not a record and a queued item.
         try:
-            self._open[span.get_span_context().span_id] = span
+            if self._own_open:
+                self._open[span.get_span_context().span_id] = span
             if self.write_on_start and not self._start_pending:
                 self._start_pending = True
                 self._worker.nudge(_STARTED)
@@ -218,7 +226,8 @@ class SQLEventSink(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         try:
             record = span_at_end(span)  # plain values: a queued ReadableSpan keeps the collector busy
-            self._open.pop(record.span_id, None)  # before the put: a batch holding the end never sees it open
+            if self._own_open:  # before the put: a batch holding the end never sees it open
+                self._open.pop(record.span_id, None)
             self._worker.put(record)
         except Exception as exc:  # noqa: BLE001
             log_internal_error("SQLEventSink.on_end", exc)

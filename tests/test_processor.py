@@ -266,3 +266,36 @@ def test_hook_error_is_swallowed_and_logged_once(tracer, memory_exporter, monkey
     spans = memory_exporter.get_finished_spans()
     assert len(spans) == 51
     assert all(ORDER not in s.attributes for s in spans if s.name.startswith("span "))
+
+
+def test_the_sequencer_keeps_the_open_spans_registry_in_its_own_hooks():
+    """``setup_tracing`` has the sequencer keep the registry of open spans (SIGTERM ends them; the SQL sink writes
+    their running rows) rather than a processor of its own: a span is in it from its start, in whatever thread it
+    ends, and out of it before any sink's ``on_end``."""
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    tracing = oc.setup_tracing(sql_url=None, otlp=False, instrument=False, set_global=False, handle_sigterm=False)
+    registry = tracing.open_spans
+    active = tracing.tracer_provider._active_span_processor._span_processors
+    assert type(active[0]) is oc.SequencingSpanProcessor and registry not in active
+    seen_at_end = []
+
+    class Sink(SpanProcessor):
+        def on_end(self, span):
+            seen_at_end.append(span.context.span_id in registry.spans)
+
+    tracing.tracer_provider.add_span_processor(Sink())
+    tracer = tracing.tracer_provider.get_tracer("registry")
+    try:
+        outer = tracer.start_span("outer")
+        with trace.use_span(outer):
+            inner = tracer.start_span("inner")
+        assert set(registry.spans) == {outer.context.span_id, inner.context.span_id} and len(registry) == 2
+        worker = threading.Thread(target=inner.end)
+        worker.start()
+        worker.join()
+        assert set(registry.spans) == {outer.context.span_id}
+        assert tracing.interrupt("test") == 1 and not registry.spans and not outer.is_recording()
+        assert seen_at_end == [False, False]
+    finally:
+        tracing.shutdown()

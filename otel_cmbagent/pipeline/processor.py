@@ -13,7 +13,8 @@ from opentelemetry.trace.propagation import _SPAN_KEY  # the API's key of the co
 
 from . import semconv
 from .context import _IDENTITY_KEY, OrderSequence, current_identity
-from .sdk_fields import SDK_LIVE_SPAN
+from .open_spans import OpenSpans
+from .sdk_fields import SDK_LIVE_SPAN, SDK_READABLE_SPAN
 from .values import log_internal_error
 
 _trace_sequences: dict[int, OrderSequence] = {}
@@ -128,11 +129,18 @@ class SequencingSpanProcessor(SpanProcessor):
     Add it to the ``TracerProvider`` before any exporting processor, so exporters
     see the attributes. Order is per run (the run id in context), or per trace
     when there is no run; strictly increasing in start order and gapless from 1.
-    No I/O here, and no exception ever escapes a hook.
+    No I/O here, and no exception ever escapes a hook. ``open_spans``: the registry of open spans this
+    processor keeps as well (in its own hooks: cheaper than a processor of its own, see :mod:`.open_spans`).
     """
+
+    def __init__(self, open_spans: OpenSpans | None = None) -> None:
+        self.open_spans = open_spans
+        self._open = open_spans.spans if open_spans is not None else None
 
     def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
         try:
+            if self._open is not None:  # first: nothing below keeps a span out of the registry
+                self._open[(span._context if type(span) is SDK_LIVE_SPAN else span.get_span_context()).span_id] = span
             ctx = parent_context if parent_context is not None else otel_context.get_current()
             identity = ctx.get(_IDENTITY_KEY)
             own = _raw_attributes(span)
@@ -152,11 +160,12 @@ class SequencingSpanProcessor(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         try:
+            context = span._context if type(span) is SDK_READABLE_SPAN else span.get_span_context()
+            if self._open is not None and context is not None:  # before any sink's on_end (this one runs first)
+                self._open.pop(context.span_id, None)
             attributes = _raw_attributes(span)
-            if attributes is None or attributes.get(semconv.RUN_ID) is None:
-                context = span.get_span_context()
-                if context is not None:
-                    _trace_sequence_end(context.trace_id)
+            if (attributes is None or attributes.get(semconv.RUN_ID) is None) and context is not None:
+                _trace_sequence_end(context.trace_id)
         except Exception as exc:  # noqa: BLE001
             log_internal_error("SequencingSpanProcessor.on_end", exc)
 
