@@ -84,6 +84,38 @@ def test_a_flush_does_not_wait_for_the_quiet():
         worker.shutdown()
 
 
+def test_a_nudge_wakes_the_worker_only_while_its_queue_has_room(tmp_path):
+    """``nudge`` (the SQL sink's "a span started") takes a batch after the quiet delay like an item; with the
+    queue full it is not queued (the worker is busy anyway), and it never goes to the overflow file nor counts
+    as dropped."""
+    from otel_cmbagent.exporters.overflow import OverflowFile
+
+    recorder = Recorder()
+    worker = BackgroundWorker("test-nudge", recorder, delay=0.05, max_delay=30.0)
+    try:
+        worker.nudge("started")
+        assert recorder.handled.wait(10), "a nudge alone wakes the worker"
+        assert [batch for _, batch in recorder.batches] == [["started"]]
+    finally:
+        worker.shutdown()
+    gate = threading.Event()
+    full = BackgroundWorker("test-nudge-full", lambda batch: gate.wait(30), max_queue=2, delay=30.0, max_delay=60.0,
+                            overflow=OverflowFile(tmp_path / "nudge.jsonl", lambda item: {"item": item},
+                                                  lambda row: row["item"]))
+    try:
+        full.put(1)
+        full.put(2)
+        full.nudge("started")
+        assert full.queued == 2 and full.stats.overflowed == 0 and full.stats.dropped == 0
+        full.put(3)  # an item still goes on, to the overflow file
+        assert full.stats.overflowed == 1
+        full.nudge("started")
+        assert full.stats.overflowed == 1 and full.queued == 2
+    finally:
+        gate.set()
+        full.shutdown()
+
+
 @pytest.mark.parametrize("delay, max_delay", [(0, 1.0), (-1, 1.0), (2.0, 1.0)])
 def test_the_sql_sink_refuses_delays_that_cannot_hold(tmp_path, delay, max_delay):
     with pytest.raises(ValueError, match="delay"):
