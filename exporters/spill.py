@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from otel_cmbagent.table.encoding import json_default, row_from_json
 from otel_cmbagent.table.schema import execution_events_table
 
-from .table_writer import DatabaseFailed, TableWriter, database_failed, first_line, write_isolating
+from .table_writer import DatabaseFailed, TableWriter, database_failed, first_line, in_start_order, write_isolating
 
 _logger = logging.getLogger("otel_cmbagent.exporters")
 
@@ -123,7 +123,7 @@ def _replay_batch(writer: TableWriter, batch: list[dict[str, Any]], held: list[d
         report.written += written
         held.extend(waiting)
 
-    rows, held[:] = held + batch, []
+    rows, held[:] = in_start_order(held + batch), []  # an overflow file holds ends children first
     try:
         write(rows)
         return

@@ -17,7 +17,6 @@ import os
 import time
 import weakref
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from otel_cmbagent.table.writers import WRITER_KEY, Heartbeat, this_writer
 from .overflow import OverflowFile
 from .spill import ReplayReport, append_rows, replay, replay_report
 from .sqlite_file import BLOCKED, RECONNECTED, SQLiteFileGuard
-from .table_writer import DatabaseFailed, TableWriter, database_failed, first_line, write_isolating
+from .table_writer import DatabaseFailed, TableWriter, database_failed, first_line, in_start_order, write_isolating
 from .worker import BackgroundWorker
 
 __all__ = ["ReplayReport", "SQLEventSink", "execution_events_table", "make_engine", "replay", "replay_report"]
@@ -52,7 +51,6 @@ _RETRY = "retry"
 _STARTED = object()  # "a span started": wakes the writer (never written to the overflow file, see nudge)
 # Rows waiting for their run/session row are tried again this often (and on every flush).
 HELD_RECHECK_SECONDS = 1.0
-_EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
 
 
 def make_engine(target: str | Engine) -> Engine:
@@ -115,12 +113,6 @@ def _forget_open_after_fork(sink_ref: weakref.ref[SQLEventSink]) -> None:
         sink._open.clear()  # not a new dict: a registry shared with the sequencer stays one
         sink._shown = set()
         sink._start_pending = False
-
-
-def _start_position(row: dict[str, Any]) -> tuple[Any, int]:
-    """Where a row goes in its batch: by start time, then run order (a child can start in its parent's tick)."""
-    order = row.get("execution_order")
-    return row.get("timestamp") or _EARLIEST, order if type(order) is int else 0
 
 
 class SQLEventSink(SpanProcessor):
@@ -321,12 +313,7 @@ class SQLEventSink(SpanProcessor):
         for item in items:
             if item is not _STARTED and item is not _RETRY:
                 fresh.append(self._row_of(item))
-        if len(fresh) > 1:
-            try:
-                fresh.sort(key=_start_position)
-            except TypeError:  # a row read back with a time of another kind: kept in queue order
-                pass
-        rows.extend(fresh)
+        rows.extend(in_start_order(fresh))  # before a refused batch is split: its halves keep the order
         if rows:
             self._write_batch(rows)
 

@@ -8,6 +8,7 @@ that fails by :func:`database_failed`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,6 +20,8 @@ from otel_cmbagent.table.schema import LINK_COLUMNS, STATUS_RUNNING
 from .foreign_keys import ForeignKeyGuard
 from .prepared import PreparedUpsert
 from .side_tables import SideTables
+
+_EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
 
 
 class TableWriter:
@@ -147,6 +150,22 @@ class TableWriter:
 _DATABASE_ERRORS = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError,
                     sa.exc.InternalError, sa.exc.NoSuchTableError, OSError, RuntimeError)
 
+
+def in_start_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` sorted, in place, by start time, then run order (a child can start in its parent's clock tick):
+    parents before children, as foreign keys on parent_event_id need (ends arrive children first, and so does a
+    file of them). Stable: one span's rows keep their order. Rows whose times cannot be compared (another kind
+    read back) are left in the order they came."""
+    try:
+        rows.sort(key=_start_position)
+    except TypeError:
+        pass
+    return rows
+
+
+def _start_position(row: Mapping[str, Any]) -> tuple[Any, int]:
+    order = row.get("execution_order")
+    return row.get("timestamp") or _EARLIEST, order if type(order) is int else 0
 
 def database_failed(error: BaseException) -> bool:
     """True when ``error`` says the database failed (down, locked, table gone), not one of the rows."""

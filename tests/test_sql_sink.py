@@ -133,6 +133,40 @@ def test_children_that_end_first_are_written_after_their_parents(tmp_path):
     assert [names[row_id] for row_id in inserted] == ["a", "b", "c", "d"]
 
 
+
+def test_replay_writes_a_file_of_ends_parents_first(tmp_path):
+    """A dead process's overflow file holds ends as they came, children first; ``replay`` writes each batch in
+    start order too, so on cmbagent's table no child row goes in before its parent."""
+    import cmbagent_schema as cmb
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from otel_cmbagent.exporters.spill import append_rows
+    from otel_cmbagent.table.rows import span_row
+
+    engine = cmb.cmbagent_engine(f"sqlite:///{tmp_path / 'replayed.db'}")
+    cmb.add_run(engine, "run-replayed", "session-replayed")
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(oc.SequencingSpanProcessor())
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("replayed")
+    with oc.run(name="replayed", run_id="run-replayed", session_id="session-replayed"):
+        with tracer.start_as_current_span("a"), tracer.start_as_current_span("b"):
+            tracer.start_span("c").end()
+    ends = memory.get_finished_spans()
+    assert [span.name for span in ends] == ["c", "b", "a"]
+    spill = tmp_path / "left.jsonl"
+    append_rows(spill, [span_row(span, ended=True) for span in ends])
+    assert replay(spill, engine, table=cmb.execution_events) == 3
+    with engine.connect() as connection:
+        inserted = connection.execute(sa.text("select meta from execution_events order by rowid")).scalars().all()
+    assert [json.loads(meta)["span_name"] for meta in inserted] == ["a", "b", "c"]
+    names = {r["id"]: r["meta"]["span_name"] for r in cmb.history(engine, "run-replayed")}
+    assert {r["meta"]["span_name"]: names.get(r["parent_event_id"]) for r in cmb.history(engine, "run-replayed")} \
+        == {"a": None, "b": "a", "c": "b"}
+
+
 def test_rewrites_are_idempotent(tmp_path, tracer_provider, memory_exporter, monkeypatch):
     """The same spans written twice (a retry, a duplicate) leave one row each."""
     monkeypatch.setattr(oc.pipeline.context._TracerSource, "provider", tracer_provider)
